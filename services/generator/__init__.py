@@ -1,0 +1,1 @@
+"""Generator service: samples rollouts with the current student weights."""

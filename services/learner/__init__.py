@@ -1,0 +1,1 @@
+"""Learner service: owns jobs, runs the hybrid objective, checkpoints."""

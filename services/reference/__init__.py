@@ -1,0 +1,1 @@
+"""Reference service: teacher forward passes in FULL, HIDDEN or TOPK encodings."""

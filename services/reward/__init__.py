@@ -1,0 +1,1 @@
+"""Reward service: built-in scorers served through the reward kit."""
