@@ -70,7 +70,7 @@ up: setup ## Start all four services on 127.0.0.1 with tiny models
 	$(VENV)/bin/protege up
 
 k8s-validate: setup ## Render every overlay and validate it offline (--strict)
-	$(PY) -m protege.services.common.k8s_validate k8s
+	VENV=$(VENV) bash k8s/validate.sh
 
 clean: ## Remove the venvs and caches
 	rm -rf $(VENV) $(VLLM_VENV) .protege .pytest_cache .ruff_cache

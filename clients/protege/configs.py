@@ -1,7 +1,9 @@
 """Frozen-dataclass configs that load from a YAML file and from command-line flags.
 
-Every service's `config.py` is one frozen dataclass whose fields carry a `help` string in their metadata.
-`parse_config` turns it into an argparse CLI (`--field-name VALUE`) with `--config FILE.yaml` underneath:
+Every service's `config.py` is one frozen dataclass whose fields carry a `help` string in their
+metadata.
+`parse_config` turns it into an argparse CLI (`--field-name VALUE`) with `--config FILE.yaml`
+underneath:
 flags override YAML, YAML overrides defaults, and `__post_init__` validates the result.
 """
 
@@ -26,7 +28,8 @@ def field(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> An
     """A dataclass field with a help string (shown by --help and in generated docs)."""
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(value)(value),
+                                 metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -34,7 +37,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or a non-mapping is a clear InvalidArgument."""
     p = Path(path)
     if not p.is_file():
-        raise InvalidArgument(f"config file {p} does not exist; pass an existing YAML file to --config")
+        raise InvalidArgument(
+            f"config file {p} does not exist; pass an existing YAML file to --config")
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise InvalidArgument(f"config file {p} must hold a YAML mapping of field: value")
@@ -68,7 +72,8 @@ def _arg_type(tp: Any) -> tuple[Any, dict[str, Any]]:
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field plus --config."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML file with any of the fields below; flags override it")
+    parser.add_argument("--config",
+                        help="YAML file with any of the fields below; flags override it")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         conv, extra = _arg_type(hints[f.name])

@@ -1,6 +1,7 @@
 """One exception hierarchy for Protégé; each class also subclasses the matching built-in type.
 
-Servers map these to gRPC status codes in one interceptor (`protege.serving`), and the SDK maps status
+Servers map these to gRPC status codes in one interceptor (`protege.serving`), and the SDK maps
+status
 codes back to them (`from_rpc_error`), so callers catch the same types on both sides of the wire.
 """
 

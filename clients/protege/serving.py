@@ -2,8 +2,10 @@
 
 It gives every server the same production surface:
 
-- gRPC health checking and reflection, so grpc_health_probe, Kubernetes gRPC probes and grpcurl work;
-- one interceptor that authenticates bearer tokens (scoped per method), maps exceptions to status codes
+- gRPC health checking and reflection, so grpc_health_probe, Kubernetes gRPC probes and grpcurl
+work;
+- one interceptor that authenticates bearer tokens (scoped per method), maps exceptions to status
+codes
   (`protege.errors.status_for`) and records Prometheus request counts, latencies and errors per RPC;
 - message-size limits, TLS and optional mTLS;
 - a Prometheus HTTP endpoint;
@@ -76,11 +78,11 @@ class ServerOptions:
     metrics_port: int = field(9090, help="Prometheus /metrics HTTP port; 0 picks one, -1 disables")
     tls_cert: str | None = field(None, help="PEM server certificate; enables TLS with tls_key")
     tls_key: str | None = field(None, help="PEM private key for tls_cert")
-    tls_client_ca: str | None = field(None, help="PEM CA bundle; when set, clients need certs (mTLS)")
+    tls_client_ca: str | None = field(None, help="PEM CA bundle; clients then need certs (mTLS)")
     tokens_file: str | None = field(None, help="YAML {token: [scopes]}; also $PROTEGE_TOKENS_FILE")
     max_message_mb: int = field(64, help="largest request/response message in MiB")
     grace_s: float = field(10.0, help="seconds in-flight calls get to finish on SIGTERM")
-    ready_file: str | None = field(None, help="write {grpc, metrics} addresses as JSON once serving")
+    ready_file: str | None = field(None, help="write {grpc, metrics} addresses as JSON when up")
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING or ERROR")
     log_format: str = field("text", help="'text' or 'json' (one JSON object per line)")
 
@@ -92,7 +94,8 @@ class ServerOptions:
         if self.max_message_mb < 1:
             raise errors.InvalidArgument(f"max_message_mb must be >= 1, got {self.max_message_mb}")
         if self.log_format not in ("text", "json"):
-            raise errors.InvalidArgument(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+            raise errors.InvalidArgument(
+                f"log_format must be 'text' or 'json', got {self.log_format!r}")
 
 
 def server_options(config: Any) -> ServerOptions:
@@ -172,7 +175,8 @@ def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 def _load_tokens_file(path: str) -> dict[str, frozenset[str]]:
     p = Path(path)
     if not p.is_file():
-        raise errors.InvalidArgument(f"tokens file {p} does not exist (tokens_file / ${TOKENS_FILE_ENV})")
+        raise errors.InvalidArgument(
+            f"tokens file {p} does not exist (tokens_file / ${TOKENS_FILE_ENV})")
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise errors.InvalidArgument(f"tokens file {p} must map token -> list of scopes")
@@ -315,7 +319,8 @@ class RunningServer:
     _metrics_http: Any = None
 
     async def stop(self, grace: float = 5.0) -> None:
-        """NOT_SERVING, refuse new calls, give in-flight ones `grace` seconds, release the engine."""
+        """NOT_SERVING, refuse new calls, give in-flight ones `grace` seconds, release the
+        engine."""
         self.draining.set()
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -335,10 +340,15 @@ async def start_server(
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    auth: TokenAuth | None = None,
 ) -> RunningServer:
-    """Build, bind and start a server; `register(server)` adds the service's servicers."""
+    """Build, bind and start a server; `register(server)` adds the service's servicers.
+
+    `auth` defaults to `TokenAuth.from_env(opts.tokens_file)`; the reward kit passes its own so that
+    an explicit `token=` argument works without touching the environment.
+    """
     draining = asyncio.Event()
-    auth = TokenAuth.from_env(opts.tokens_file)
+    auth = auth if auth is not None else TokenAuth.from_env(opts.tokens_file)
     server = grpc.aio.server(interceptors=[ServingInterceptor(service, auth, draining)],
                              options=grpc_options(opts.max_message_mb))
     register(server)

@@ -1,9 +1,12 @@
 """Tensor codec: torch tensors <-> `protege.v1.Tensor {dtype, shape, bytes}` and chunked streams.
 
 Raw little-endian bytes travel, never repeated floats. bf16 travels as its 2 raw bytes. Encoding a
-contiguous CPU tensor reuses its memory (one copy into the protobuf bytes field, which protobuf needs
-anyway); decoding uses `torch.frombuffer` over the received bytes (zero copy; the result is read-only
-until cloned). Tensors larger than a message limit go out as `TensorChunk` pieces and are reassembled
+contiguous CPU tensor reuses its memory (one copy into the protobuf bytes field, which protobuf
+needs
+anyway); decoding uses `torch.frombuffer` over the received bytes (zero copy; the result is
+read-only
+until cloned). Tensors larger than a message limit go out as `TensorChunk` pieces and are
+reassembled
 with checks on every piece.
 """
 
@@ -27,7 +30,7 @@ DTYPES: dict[int, torch.dtype] = {
 }
 WIRE: dict[torch.dtype, int] = {v: k for k, v in DTYPES.items()}
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
-assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts need a byteswap"
+assert sys.byteorder == "little", "the wire format is little-endian; big-endian needs a byteswap"
 
 
 def wire_dtype(dtype: torch.dtype) -> int:

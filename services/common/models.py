@@ -34,7 +34,8 @@ def parse_device(name: str) -> torch.device:
     except RuntimeError as e:
         raise InvalidArgument(f"unknown device {name!r}; use cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise InvalidArgument(
+            f"device {name!r} requested but CUDA is not available; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise InvalidArgument(f"device type {device.type!r} is not supported; use cpu or cuda")
     return device

@@ -1,7 +1,9 @@
 """Tiny real models that the project builds and saves itself (no hub downloads are possible here).
 
-A character-level tokenizer built with `tokenizers`, and Llama models from a `LlamaConfig`, both saved
-with `save_pretrained`, so they load through the same `from_pretrained(path)` code as real checkpoints.
+A character-level tokenizer built with `tokenizers`, and Llama models from a `LlamaConfig`, both
+saved
+with `save_pretrained`, so they load through the same `from_pretrained(path)` code as real
+checkpoints.
 The tests, `protege up` and the demo all use these builders.
 """
 
@@ -91,7 +93,8 @@ TEACHER_SPEC = TinyLlamaSpec(hidden_size=128, num_layers=2, num_heads=4, num_kv_
 
 
 def ensure_pair(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny student and a larger tiny teacher sharing one tokenizer: `out_dir/{student,teacher}`."""
+    """A tiny student and a larger tiny teacher sharing one tokenizer:
+    `out_dir/{student,teacher}`."""
     out = Path(out_dir)
     student = ensure_tiny_model(out / "student", STUDENT_SPEC, seed=seed)
     teacher = ensure_tiny_model(out / "teacher", TEACHER_SPEC, seed=seed + 1)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     parser = argparse.ArgumentParser(description="Build the tiny default student/teacher pair.")
-    parser.add_argument("--out", required=True, help="directory to write student/ and teacher/ into")
+    parser.add_argument("--out", required=True, help="directory for student/ and teacher/")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     student, teacher = ensure_pair(args.out, args.seed)
