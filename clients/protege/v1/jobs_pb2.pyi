@@ -194,7 +194,7 @@ class JobSpec(_message.Message):
     weight_decay: _builtins.float
     """AdamW weight decay."""
     max_grad_norm: _builtins.float
-    """Gradient-norm clip (0 = none)."""
+    """Gradient-norm clip. 0 (unset) means the learner default 1.0; a negative value disables clipping."""
     baseline: _builtins.str
     """Baseline: "rloo" (default, unbiased), "group_mean" (biased by 1 - 1/n) or "none"."""
     normalize_std: _builtins.bool
@@ -208,7 +208,9 @@ class JobSpec(_message.Message):
     top_k: _builtins.int
     """k for the TOPK encoding."""
     checkpoint_every: _builtins.int
-    """Checkpoint every this many steps (0 = only at the end)."""
+    """Checkpoint every this many steps. 0 (unset) means the learner default 10; a negative value
+    checkpoints only at the end.
+    """
     seed: _builtins.int
     """Random seed (sampling, data order, initialisation of the optimiser state)."""
     reward_failure_policy: _builtins.str

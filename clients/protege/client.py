@@ -1,0 +1,146 @@
+"""The blocking SDK client for the learner's Jobs service: submit, inspect, cancel, watch and wait.
+
+    from protege import Client, JobSpec
+
+    with Client("127.0.0.1:50051") as client:          # token defaults to $PROTEGE_TOKEN
+        job = client.submit("job.yaml")                 # a JobSpec, a dict or a YAML path
+        for event in client.watch(job.id):              # StepEvent | StateEvent | CheckpointEvent
+            print(event)
+        final = client.wait(job.id)
+
+Every gRPC status becomes the matching `protege.errors` exception (NotFound, InvalidArgument,
+Unauthenticated, Unavailable, ...), raised `from` the original grpc.RpcError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protege import errors
+from protege.serving import TLSConfig, make_sync_channel
+from protege.spec import (
+    Event,
+    JobInfo,
+    JobSpec,
+    StateEvent,
+    event_from_proto,
+    state_value,
+)
+from protege.v1 import jobs_pb2, jobs_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+TARGET_ENV = "PROTEGE_TARGET"
+TOKEN_ENV = "PROTEGE_TOKEN"
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def default_target() -> str:
+    """$PROTEGE_TARGET, or the learner's default local address."""
+    return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+def _error(err: grpc.RpcError, target: str) -> errors.ProtegeError:
+    exc = errors.from_rpc_error(err)
+    if isinstance(exc, errors.Unavailable):
+        # The bare gRPC message ("failed to connect to all addresses") does not say where.
+        exc.args = (f"cannot reach the learner at {target}: {exc}",)
+    return exc
+
+
+class Client:
+    """A blocking client for one learner (`target` is host:port or a dns:/// name)."""
+
+    def __init__(self, target: str | None = None, token: str | None = None,
+                 tls: TLSConfig | None = None, timeout: float = 30.0):
+        self.target = target or default_target()
+        self.timeout = timeout
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self._channel = make_sync_channel(self.target, token=token, tls=tls)
+        self._stub = jobs_pb2_grpc.JobsStub(self._channel)
+
+    # ---------------------------------------------------------------------------------- unary
+
+    def submit(self, spec: JobSpec | dict[str, Any] | str | Path) -> JobInfo:
+        """Validate `spec` locally, submit it, and return the queued job."""
+        request = jobs_pb2.SubmitJobRequest(spec=JobSpec.parse(spec).to_proto())
+        return JobInfo.from_proto(self._call(self._stub.SubmitJob, request))
+
+    def get(self, job_id: str) -> JobInfo:
+        """One job by id; NotFound if there is none."""
+        return JobInfo.from_proto(
+            self._call(self._stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+
+    def list(self, states: Iterable[str] | None = None) -> list[JobInfo]:
+        """All jobs, newest first; `states` (e.g. ["running", "queued"]) filters them."""
+        request = jobs_pb2.ListJobsRequest(states=[state_value(s) for s in states or ()])
+        return [JobInfo.from_proto(j) for j in self._call(self._stub.ListJobs, request).jobs]
+
+    def cancel(self, job_id: str) -> JobInfo:
+        """Ask the job to stop after its current step; it ends CANCELLED."""
+        return JobInfo.from_proto(
+            self._call(self._stub.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
+
+    # -------------------------------------------------------------------------------- streams
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
+        """The job's events until it ends: its current state first, then steps, checkpoints and
+        state changes. Closing the iterator cancels the stream."""
+        call = self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), timeout=timeout)
+        return self._events(call)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
+        """Block until the job is SUCCEEDED, FAILED or CANCELLED and return it.
+
+        Raises DeadlineExceeded after `timeout` seconds. A watch stream that ends before the job
+        does (e.g. the learner restarted) is reopened.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise errors.DeadlineExceeded(f"job {job_id} did not finish within {timeout}s")
+            for event in self.watch(job_id, timeout=remaining):
+                if isinstance(event, StateEvent) and event.terminal:
+                    return self.get(job_id)
+            job = self.get(job_id)
+            if job.terminal:
+                return job
+            time.sleep(0.5)
+
+    def _events(self, call: Any) -> Iterator[Event]:
+        try:
+            for message in call:
+                yield event_from_proto(message)
+        except grpc.RpcError as e:
+            raise _error(e, self.target) from e
+        finally:
+            call.cancel()
+
+    # ---------------------------------------------------------------------------------- plumbing
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e, self.target) from e
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(target={self.target!r})"

@@ -1,0 +1,495 @@
+"""Typed, validated job specs and job events for the SDK (pydantic v2 mirrors of `protege.v1`).
+
+`JobSpec` mirrors `protege.v1.JobSpec` field by field. Users write it as YAML or a dict; typos and
+out-of-range values fail here, before anything reaches the learner, with a message that names the
+field. Fields left unset stay unset on the wire (proto3 zero), so the learner fills its own defaults
+(the values quoted in each field's description). Because proto3 scalars have no presence, 0 is the
+same as "unset" on the wire; the two fields where that would silently change meaning
+(`max_grad_norm`, `checkpoint_every`) refuse 0 and take a negative value for "off".
+
+`StepEvent`, `StateEvent` and `CheckpointEvent` are what `Client.watch` yields; `JobInfo` is a job's
+status.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from protege import errors
+from protege.v1 import jobs_pb2
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+STATE_PREFIX = "JOB_STATE_"
+STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that validates the value at `loc` (list indices skipped)."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part) if model else None
+        if info is None:
+            return None
+        model = next((t for t in _types_in(info.annotation) if isinstance(t, type)
+                      and issubclass(t, BaseModel)), None)
+    return model
+
+
+def _types_in(annotation: Any) -> list[Any]:
+    args = typing.get_args(annotation)
+    return [annotation] if not args else [t for a in args for t in _types_in(a)]
+
+
+def _unknown_key_message(root: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    model = _model_at(root, loc[:-1])
+    valid = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    if close:
+        return f"unknown field {loc[-1]!r}; did you mean {close[0]!r}?"
+    return f"unknown field {loc[-1]!r}; valid fields: {', '.join(valid)}"
+
+
+def format_validation_error(err: ValidationError, source: str = "job spec",
+                            root: type[BaseModel] | None = None) -> str:
+    """One line per problem, `field.path: what is wrong (got value)`, without pydantic's noise."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden" and root is not None:
+            msg = _unknown_key_message(root, tuple(e["loc"]))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        shown = e["type"] not in ("value_error", "missing", "extra_forbidden", "model_type")
+        got = f" (got {e['input']!r})" if shown and "input" in e else ""
+        lines.append(f"  {loc}: {msg}{got}")
+    return f"invalid {source}:\n" + "\n".join(lines)
+
+
+def state_name(value: int) -> str:
+    """'RUNNING' for JOB_STATE_RUNNING (the enum's short name)."""
+    return jobs_pb2.JobState.Name(value).removeprefix(STATE_PREFIX)
+
+
+def state_value(name: str | int) -> int:
+    """The JobState enum value for 'running', 'RUNNING', 'JOB_STATE_RUNNING' or an int."""
+    if isinstance(name, int):
+        return name
+    key = str(name).strip().upper().removeprefix(STATE_PREFIX)
+    if key not in STATES:
+        raise errors.InvalidArgument(f"unknown job state {name!r}; valid: {', '.join(STATES)}")
+    return jobs_pb2.JobState.Value(STATE_PREFIX + key)
+
+
+class _Strict(BaseModel):
+    """Refuses unknown keys (typos fail instead of being ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+class InlinePrompt(_Strict):
+    """One prompt listed inline. In YAML a bare string is shorthand for {prompt: ...}."""
+
+    prompt: str = Field(min_length=1, description="Prompt text.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON-serialisable metadata passed to the reward service, e.g. {answer: '42'}.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _json_serialisable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
+        return value
+
+    def to_proto(self) -> jobs_pb2.InlinePrompt:
+        metadata_json = json.dumps(self.metadata) if self.metadata else ""
+        return jobs_pb2.InlinePrompt(prompt=self.prompt, metadata_json=metadata_json)
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.InlinePrompt) -> InlinePrompt:
+        return cls(prompt=msg.prompt, metadata=json.loads(msg.metadata_json or "{}"))
+
+
+class Dataset(_Strict):
+    """Where the job's prompts come from: exactly one of inline, jsonl_path or hf_disk_path."""
+
+    inline: list[InlinePrompt] | None = Field(None, description="Prompts listed inline.")
+    jsonl_path: str | None = Field(
+        None, description="A JSONL file on the learner's filesystem: one object per line with a "
+        "prompt field plus metadata.")
+    hf_disk_path: str | None = Field(
+        None, description="A Hugging Face `datasets` directory written with save_to_disk "
+        "(the learner needs the optional `datasets` package).")
+    prompt_field: str | None = Field(
+        None, description="Column holding the prompt text (learner default 'prompt').")
+
+    @field_validator("inline", mode="before")
+    @classmethod
+    def _bare_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"prompt": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Dataset:
+        sources = [n for n in ("inline", "jsonl_path", "hf_disk_path") if getattr(self, n)]
+        if len(sources) != 1:
+            raise ValueError("dataset needs exactly one source: inline, jsonl_path or "
+                             f"hf_disk_path; got {sources or 'none'}")
+        return self
+
+    def to_proto(self) -> jobs_pb2.Dataset:
+        return jobs_pb2.Dataset(inline=[p.to_proto() for p in self.inline or ()],
+                                jsonl_path=self.jsonl_path or "",
+                                hf_disk_path=self.hf_disk_path or "",
+                                prompt_field=self.prompt_field or "")
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.Dataset, validate: bool = True) -> Dataset:
+        data: dict[str, Any] = {
+            "inline": [InlinePrompt.from_proto(p) for p in msg.inline] or None,
+            "jsonl_path": msg.jsonl_path or None,
+            "hf_disk_path": msg.hf_disk_path or None,
+            "prompt_field": msg.prompt_field or None,
+        }
+        return cls.model_validate(data) if validate else cls.model_construct(**data)
+
+
+# ------------------------------------------------------------------------------------------ JobSpec
+
+
+def _int32(ge: int, description: str) -> Any:
+    return Field(None, ge=ge, le=INT32_MAX, description=description)
+
+
+class JobSpec(_Strict):
+    """A training job: every hyperparameter of the hybrid objective and the loop (DESIGN §1, §3).
+
+    Build it from YAML (`JobSpec.from_yaml`), a dict (`JobSpec.parse`) or keywords. `from_yaml` and
+    `parse` raise `protege.errors.InvalidJobSpec` naming each bad field (unknown keys get a "did you
+    mean" hint); keyword construction raises pydantic's ValidationError (also a ValueError).
+    """
+
+    name: str | None = Field(None, description="Human-readable name.")
+    student_model: str = Field(
+        min_length=1, description="Path (on the learner) of the student model directory, loaded "
+        "with from_pretrained.")
+    generator_targets: list[str] = Field(
+        min_length=1, description="Generator gRPC targets, e.g. 'dns:///gen.ns.svc:50051' or "
+        "'127.0.0.1:50051'.")
+    reference_target: str | None = Field(
+        None, description="Reference gRPC target. Required when beta > 0.")
+    reward_target: str | None = Field(
+        None, description="Reward gRPC target. Unset means R = 0 (pure on-policy distillation).")
+    dataset: Dataset = Field(description="Prompts.")
+    beta: float | None = Field(
+        None, ge=0, description="KL weight beta >= 0; 0 is pure RL (learner default 0).")
+    steps: int | None = _int32(1, "Number of optimiser steps to run (learner default 100).")
+    prompts_per_step: int | None = _int32(1, "Prompts per step (learner default 8).")
+    samples_per_prompt: int | None = _int32(
+        1, "Samples per prompt, the group size n for the baseline (learner default 4; the rloo "
+        "baseline needs >= 2).")
+    max_new_tokens: int | None = _int32(
+        1, "Maximum new tokens per completion (learner default 32).")
+    temperature: float | None = Field(
+        None, gt=0, description="Sampling temperature; 1.0 (the learner default) keeps training "
+        "on-policy and unbiased.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="AdamW learning rate (learner default 1e-4).")
+    weight_decay: float | None = Field(
+        None, ge=0, description="AdamW weight decay (learner default 0).")
+    max_grad_norm: float | None = Field(
+        None, description="Gradient-norm clip; a negative value disables clipping (learner "
+        "default 1.0; 0 is refused because on the wire it means 'unset').")
+    baseline: Literal["rloo", "group_mean", "none"] | None = Field(
+        None, description="Baseline: 'rloo' (default, unbiased), 'group_mean' (biased by 1 - 1/n) "
+        "or 'none'.")
+    normalize_std: bool | None = Field(
+        None, description="Divide advantages by the group's std (GRPO style; biased).")
+    normalization: Literal["sequence", "token"] | None = Field(
+        None, description="Loss normalisation: 'sequence' (default; sum over positions, mean over "
+        "sequences; unbiased) or 'token'.")
+    importance_cap: float | None = Field(
+        None, gt=0, description="Truncated importance-ratio cap C for off-policy rollouts, "
+        "min(pi/pi_behav, C) (learner default 2.0).")
+    reference_encoding: Literal["full", "hidden", "topk"] | None = Field(
+        None, description="Reference encoding: 'full' (default), 'hidden' or 'topk'.")
+    top_k: int | None = _int32(1, "k for the 'topk' reference encoding (learner default 32).")
+    checkpoint_every: int | None = Field(
+        None, ge=-1, le=INT32_MAX, description="Checkpoint every this many steps; -1 checkpoints "
+        "only at the end (learner default 10; 0 is refused because on the wire it means 'unset').")
+    seed: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="Random seed for sampling, data order and the "
+        "optimiser state (learner default 0).")
+    reward_failure_policy: Literal["drop", "fail"] | None = Field(
+        None, description="Samples whose reward failed to score: 'drop' (default) leaves them out "
+        "of the sparse term (they keep the dense term); 'fail' fails the job.")
+    labels: dict[str, str] | None = Field(
+        None, description="Free-form labels (team, experiment, ...) stored with the job.")
+    max_staleness: int | None = Field(
+        None, ge=0, le=INT32_MAX, description="Rollouts may come from weights at most this many "
+        "versions behind the learner; 0 (default) is strictly on-policy, 1 overlaps generation "
+        "with training.")
+
+    @field_validator("generator_targets")
+    @classmethod
+    def _non_empty_targets(cls, value: list[str]) -> list[str]:
+        if not all(t.strip() for t in value):
+            raise ValueError("generator targets must be non-empty addresses such as "
+                             "'127.0.0.1:50051'")
+        return value
+
+    @field_validator("beta", "temperature", "learning_rate", "weight_decay", "max_grad_norm",
+                     "importance_cap")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip_not_zero(cls, value: float | None) -> float | None:
+        if value == 0:
+            raise ValueError("0 means 'unset' on the wire (the learner would clip at its default "
+                             "1.0); use a negative value to disable clipping")
+        return value
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_not_zero(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("0 means 'unset' on the wire (the learner default is every 10 steps); "
+                             "use -1 to checkpoint only at the end")
+        return value
+
+    @model_validator(mode="after")
+    def _reference_when_kl(self) -> JobSpec:
+        if self.beta and not self.reference_target:
+            raise ValueError(f"reference_target is required when beta > 0 (beta={self.beta}): give "
+                             "the reference service's address, or set beta to 0 for pure RL")
+        return self
+
+    # ----------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def parse(cls, obj: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
+        """A JobSpec from a JobSpec, a dict or a YAML file path; InvalidJobSpec on bad input."""
+        if isinstance(obj, JobSpec):
+            return obj
+        if isinstance(obj, (str, Path)):
+            return cls.from_yaml(obj)
+        if not isinstance(obj, dict):
+            raise errors.InvalidJobSpec(
+                f"a job spec must be a JobSpec, a dict or a YAML path, got {type(obj).__name__}")
+        return cls._validate(obj, "job spec")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JobSpec:
+        """Read a YAML mapping of JobSpec fields; errors name the file and each bad field."""
+        p = Path(path)
+        if not p.is_file():
+            raise errors.InvalidJobSpec(f"job spec file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise errors.InvalidJobSpec(f"job spec file {p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise errors.InvalidJobSpec(f"job spec file {p} must hold a YAML mapping of "
+                                        "field: value")
+        return cls._validate(data, f"job spec {p}")
+
+    @classmethod
+    def _validate(cls, data: dict[str, Any], source: str) -> JobSpec:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise errors.InvalidJobSpec(format_validation_error(e, source, cls)) from e
+
+    # ----------------------------------------------------------------------------------- proto
+
+    def to_proto(self) -> jobs_pb2.JobSpec:
+        """The wire message; fields left unset here stay unset (zero) for the learner to fill."""
+        msg = jobs_pb2.JobSpec()
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "dataset":
+                msg.dataset.CopyFrom(value.to_proto())
+            elif name == "labels":
+                msg.labels.update(value)
+            elif name == "generator_targets":
+                msg.generator_targets.extend(value)
+            else:
+                setattr(msg, name, value)
+        return msg
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.JobSpec, validate: bool = True) -> JobSpec:
+        """Back from the wire (zero/empty fields become unset); `validate=False` trusts it."""
+        data: dict[str, Any] = {}
+        for f in msg.DESCRIPTOR.fields:
+            if f.name == "dataset":
+                if msg.HasField("dataset"):
+                    data["dataset"] = Dataset.from_proto(msg.dataset, validate)
+                continue
+            value = getattr(msg, f.name)
+            present = msg.HasField(f.name) if f.has_presence else bool(value)
+            if present:
+                data[f.name] = (dict(value) if f.name == "labels" else
+                                list(value) if f.is_repeated else value)
+        if validate:
+            return cls._validate(data, "job spec from the server")
+        return cls.model_construct(**data)
+
+
+# ------------------------------------------------------------------------------------------- events
+
+
+class StepMetrics(BaseModel):
+    """Metrics of one optimiser step (mirrors `protege.v1.StepMetrics`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: int = Field(0, description="Step number (1-based).")
+    reward_mean: float = Field(0.0, description="Mean task reward over the step's scored samples.")
+    kl_mean: float = Field(0.0, description="Mean per-sequence KL(student || reference).")
+    dense_grad_norm: float = Field(0.0, description="Norm of the dense gradient w.r.t. logits.")
+    sparse_grad_norm: float = Field(0.0, description="Norm of the sparse gradient w.r.t. logits.")
+    grad_norm: float = Field(0.0, description="Parameter gradient norm before clipping.")
+    loss: float = Field(0.0, description="Loss value.")
+    advantage_mean: float = Field(0.0, description="Mean advantage.")
+    tokens_per_s: float = Field(0.0, description="Completion tokens trained on per second.")
+    phase_seconds: dict[str, float] = Field(
+        default_factory=dict, description="Seconds per phase: generate, reward, reference, "
+        "forward_backward, optimizer, weight_sync, total.")
+    staleness: float = Field(0.0, description="Learner minus behaviour policy version, averaged.")
+    reward_failure_rate: float = Field(0.0, description="Fraction of samples whose reward failed.")
+    completion_length_mean: float = Field(0.0, description="Mean completion length in tokens.")
+    ref_tail_mass_mean: float = Field(0.0, description="Reference mass outside the top-k (TOPK).")
+    success_rate: float = Field(0.0, description="Fraction of samples with reward >= 1.")
+    policy_version: int = Field(0, description="Policy version after this step's weight sync.")
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.StepMetrics) -> StepMetrics:
+        data = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+        data["phase_seconds"] = dict(msg.phase_seconds)
+        return cls(**data)
+
+
+class StepEvent(BaseModel):
+    """A step completed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    step: int
+    metrics: StepMetrics
+    phase_seconds: dict[str, float] = Field(default_factory=dict)
+    time: float = 0.0
+
+
+class StateEvent(BaseModel):
+    """The job's state changed (or its current state, replayed when a watch starts)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    state: str = Field(description="QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED.")
+    message: str = ""
+    time: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class CheckpointEvent(BaseModel):
+    """A checkpoint was written at `step`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    step: int
+    time: float = 0.0
+
+
+Event = StepEvent | StateEvent | CheckpointEvent
+
+
+def event_from_proto(msg: jobs_pb2.JobEvent) -> Event:
+    """The typed event for a wire JobEvent."""
+    kind = msg.WhichOneof("event")
+    if kind == "metrics":
+        metrics = StepMetrics.from_proto(msg.metrics)
+        return StepEvent(job_id=msg.job_id, step=metrics.step, metrics=metrics,
+                         phase_seconds=metrics.phase_seconds, time=msg.time)
+    if kind == "state":
+        return StateEvent(job_id=msg.job_id, state=state_name(msg.state), message=msg.message,
+                          time=msg.time)
+    if kind == "checkpoint_step":
+        return CheckpointEvent(job_id=msg.job_id, step=msg.checkpoint_step, time=msg.time)
+    raise errors.Internal(f"job event for {msg.job_id} carries no event; is the SDK older than "
+                          "the learner?")
+
+
+# ------------------------------------------------------------------------------------------ JobInfo
+
+
+class JobInfo(BaseModel):
+    """A job and its progress, as the learner reports it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str = ""
+    state: str = Field(description="QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED.")
+    step: int = Field(0, description="Steps completed.")
+    error: str = Field("", description="Why the job FAILED.")
+    created_at: float = Field(0.0, description="Unix seconds when it was submitted.")
+    updated_at: float = Field(0.0, description="Unix seconds of the last state or step change.")
+    checkpoint_dir: str = ""
+    last_metrics: StepMetrics | None = None
+    spec: JobSpec | None = Field(None, description="The spec, with the learner's defaults filled.")
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_proto(cls, job: jobs_pb2.Job) -> JobInfo:
+        # The server is the authority on a stored job: do not re-validate its spec here.
+        spec = JobSpec.from_proto(job.spec, validate=False) if job.HasField("spec") else None
+        metrics = StepMetrics.from_proto(job.last_metrics) if job.HasField("last_metrics") else None
+        return cls.model_construct(
+            id=job.id, name=job.spec.name, state=state_name(job.state), step=job.step,
+            error=job.error, created_at=job.created_at, updated_at=job.updated_at,
+            checkpoint_dir=job.checkpoint_dir, last_metrics=metrics, spec=spec)

@@ -1,0 +1,132 @@
+"""gRPC servicer of the Reference service: protobuf in, engine calls, RefChunks streamed out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+import prometheus_client
+import torch
+from protege.errors import FailedPrecondition, InvalidArgument
+from protege.services.common.codec import encode, iter_chunks
+from protege.services.reference.engine import ReferenceEngine, SequenceScores
+from protege.v1 import reference_pb2, reference_pb2_grpc, tensor_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = reference_pb2.DESCRIPTOR.services_by_name["Reference"].full_name
+ENCODING_NAMES = {reference_pb2.ENCODING_FULL: "full", reference_pb2.ENCODING_TOPK: "topk",
+                  reference_pb2.ENCODING_HIDDEN: "hidden"}
+PAYLOAD_DTYPES = {tensor_pb2.DTYPE_UNSPECIFIED: torch.float32,
+                  tensor_pb2.DTYPE_FLOAT32: torch.float32,
+                  tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16}
+# Room left in each message for the non-payload fields and protobuf framing.
+MESSAGE_OVERHEAD = 64 * 1024
+LM_HEAD_CHUNK_BYTES = 4 << 20
+
+POSITIONS_SCORED = prometheus_client.Counter(
+    "protege_reference_positions_scored", "positions (next-token distributions) scored")
+POSITIONS_PER_SECOND = prometheus_client.Gauge(
+    "protege_reference_positions_per_second",
+    "positions scored per second in the most recent forward pass")
+BYTES_OUT = prometheus_client.Counter(
+    "protege_reference_bytes_out", "bytes of RefChunk messages streamed, by encoding", ["encoding"])
+
+
+def parse_dtype(wire: int) -> torch.dtype:
+    if wire not in PAYLOAD_DTYPES:
+        name = tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)
+        raise InvalidArgument(
+            f"dtype {name} is not supported for payloads; use FLOAT32 or BFLOAT16")
+    return PAYLOAD_DTYPES[wire]
+
+
+def parse_encoding(wire: int) -> str:
+    if wire not in ENCODING_NAMES:
+        raise InvalidArgument("encoding is unset or unknown: set RefScoreRequest.encoding to "
+                              "ENCODING_FULL, ENCODING_TOPK or ENCODING_HIDDEN")
+    return ENCODING_NAMES[wire]
+
+
+def position_bytes(encoding: str, width: int, top_k: int, itemsize: int) -> int:
+    """Payload bytes of one position: V or d floats, or k ids + k floats + one tail float."""
+    if encoding == "topk":
+        return top_k * (8 + itemsize) + itemsize
+    return width * itemsize
+
+
+def chunk_limit(requested: int, default: int, per_position: int, max_message_bytes: int) -> int:
+    """Positions per chunk: the requested (or default) count, capped so a chunk fits a message."""
+    if requested < 0:
+        raise InvalidArgument(f"chunk_positions must be >= 0 (0 = server default), got {requested}")
+    fit = (max_message_bytes - MESSAGE_OVERHEAD) // per_position
+    if fit < 1:
+        raise FailedPrecondition(
+            f"one position needs {per_position} bytes, more than the {max_message_bytes}-byte "
+            "message limit; raise max_message_mb or use TOPK/HIDDEN")
+    return min(requested or default, fit)
+
+
+def ref_chunks(index: int, scores: SequenceScores, limit: int) -> Iterator[reference_pb2.RefChunk]:
+    """One sequence's result as RefChunks of at most `limit` positions; the last has last=true."""
+    n = scores.length
+    fields = {"logprobs": scores.logprobs_LV, "hidden": scores.hidden_LD,
+              "topk_ids": scores.topk_ids_LK, "topk_logprobs": scores.topk_logprobs_LK,
+              "tail_logprob": scores.tail_L}
+    for start in range(0, n, limit):
+        stop = min(start + limit, n)
+        tensors = {k: encode(v[start:stop]) for k, v in fields.items() if v is not None}
+        yield reference_pb2.RefChunk(index=index, start=start, length=stop - start,
+                                     last=stop == n, **tensors)
+
+
+class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
+    """Thin adapter: every forward pass runs in a worker thread so health checks stay responsive."""
+
+    def __init__(self, engine: ReferenceEngine, chunk_positions: int = 256,
+                 max_message_bytes: int = 64 << 20):
+        self.engine = engine
+        self.chunk_positions = chunk_positions
+        self.max_message_bytes = max_message_bytes
+
+    def register(self, server: grpc.aio.Server) -> None:
+        reference_pb2_grpc.add_ReferenceServicer_to_server(self, server)
+
+    async def Score(self, request, context):
+        encoding, dtype = parse_encoding(request.encoding), parse_dtype(request.dtype)
+        sequences = [list(s.token_ids) for s in request.sequences]
+        score_from = [s.score_from for s in request.sequences]
+        await asyncio.to_thread(self.engine.validate, sequences, score_from, encoding,
+                                request.top_k, dtype)
+        width = self.engine.hidden_size if encoding == "hidden" else self.engine.vocab_size
+        per_position = position_bytes(encoding, width, request.top_k, dtype.itemsize)
+        limit = chunk_limit(request.chunk_positions, self.chunk_positions, per_position,
+                            self.max_message_bytes)
+        bytes_out = BYTES_OUT.labels(encoding)
+        for batch in self.engine.plan(sequences):
+            start = time.perf_counter()
+            scored = await asyncio.to_thread(
+                self.engine.score_batch, [sequences[i] for i in batch],
+                [score_from[i] for i in batch], encoding, request.top_k, dtype)
+            positions = sum(s.length for s in scored)
+            POSITIONS_SCORED.inc(positions)
+            POSITIONS_PER_SECOND.set(positions / max(time.perf_counter() - start, 1e-9))
+            for index, scores in zip(batch, scored, strict=True):
+                for chunk in ref_chunks(index, scores, limit):
+                    bytes_out.inc(chunk.ByteSize())
+                    yield chunk
+
+    async def LmHead(self, request, context):
+        weight, bias = await asyncio.to_thread(self.engine.lm_head, parse_dtype(request.dtype))
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None:
+                for chunk in iter_chunks(name, tensor, LM_HEAD_CHUNK_BYTES):
+                    yield chunk
+
+    async def Info(self, request, context):
+        info = dict(self.engine.info())
+        vocab = tensor_pb2.VocabInfo(**info.pop("vocab"))
+        return reference_pb2.ReferenceInfo(vocab=vocab, **info)

@@ -1,0 +1,206 @@
+"""Fixtures for the SDK tests: an in-process Jobs server with a fake servicer, tokens and TLS files.
+
+The fake servicer stands in for the learner: the real learner's Jobs service is tested in the
+learner's own tests and end to end in tests/integration. Here it only has to exercise the SDK's
+mapping of requests, responses, watch events and status codes, so it keeps jobs in a dict and
+scripts each watch.
+The server around it is the real one (`protege.serving.start_server`: auth, TLS, status mapping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from protege import errors, serving
+from protege.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+class FakeJobs(jobs_pb2_grpc.JobsServicer):
+    """Jobs kept in a dict; WatchJob plays RUNNING, one metrics event per step, a checkpoint at step
+    2, then SUCCEEDED (or FAILED for a job named DOOMED)."""
+
+    STEPS_WHEN_UNSET = 3
+    DOOMED = "doomed"
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, jobs_pb2.Job] = {}
+        self.received: list[jobs_pb2.JobSpec] = []
+
+    def _job(self, job_id: str) -> jobs_pb2.Job:
+        if job_id not in self.jobs:
+            raise errors.NotFound(f"no job with id {job_id!r}; `protege list` shows the jobs")
+        return self.jobs[job_id]
+
+    async def SubmitJob(self, request, context):
+        self.received.append(request.spec)
+        if request.spec.student_model == "/does/not/exist":
+            raise errors.InvalidJobSpec("student_model /does/not/exist does not exist on the "
+                                        "learner")
+        spec = jobs_pb2.JobSpec()
+        spec.CopyFrom(request.spec)
+        spec.steps = spec.steps or self.STEPS_WHEN_UNSET  # "defaults filled in", like the learner
+        job_id = f"job-{len(self.jobs) + 1:04d}"
+        now = time.time()
+        self.jobs[job_id] = jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.JOB_STATE_QUEUED,
+                                         created_at=now, updated_at=now,
+                                         checkpoint_dir=f"/ckpt/{job_id}")
+        return self.jobs[job_id]
+
+    async def GetJob(self, request, context):
+        return self._job(request.job_id)
+
+    async def ListJobs(self, request, context):
+        wanted = set(request.states)
+        jobs = [j for j in reversed(self.jobs.values()) if not wanted or j.state in wanted]
+        return jobs_pb2.ListJobsResponse(jobs=jobs)
+
+    async def CancelJob(self, request, context):
+        job = self._job(request.job_id)
+        job.state = jobs_pb2.JOB_STATE_CANCELLED
+        return job
+
+    async def WatchJob(self, request, context):
+        job = self._job(request.job_id)
+        ev = lambda **kw: jobs_pb2.JobEvent(job_id=job.id, time=time.time(), **kw)
+        job.state = jobs_pb2.JOB_STATE_RUNNING
+        yield ev(state=jobs_pb2.JOB_STATE_RUNNING)
+        for step in range(1, job.spec.steps + 1):
+            metrics = jobs_pb2.StepMetrics(step=step, reward_mean=0.25 * step, kl_mean=0.5,
+                                           success_rate=0.5, policy_version=step,
+                                           phase_seconds={"generate": 0.1, "total": 0.3})
+            job.step = step
+            job.last_metrics.CopyFrom(metrics)
+            yield ev(metrics=metrics)
+            if step == 2:
+                yield ev(checkpoint_step=2)
+        if job.spec.name == self.DOOMED:
+            job.state, job.error = jobs_pb2.JOB_STATE_FAILED, "reward service returned garbage"
+        else:
+            job.state = jobs_pb2.JOB_STATE_SUCCEEDED
+        yield ev(state=job.state, message=job.error)
+
+
+class ServerThread:
+    """A real grpc.aio server, started by the coroutine factory `start`, on its own thread."""
+
+    def __init__(self, start: Callable[[], Awaitable[serving.RunningServer]], servicer=None):
+        self.servicer = servicer
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running = self._run(start())
+        self.address = self.running.address
+
+    @classmethod
+    def jobs(cls, **options) -> ServerThread:
+        """The shared bootstrap serving a FakeJobs; `options` are ServerOptions fields."""
+        servicer = FakeJobs()
+        opts = serving.ServerOptions(host="127.0.0.1", port=0, metrics_port=-1, **options)
+        register = lambda server: jobs_pb2_grpc.add_JobsServicer_to_server(servicer, server)
+        return cls(lambda: serving.start_server("jobs", opts, register, ["protege.v1.Jobs"]),
+                   servicer)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def stop(self) -> None:
+        self._run(self.running.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def no_protege_env(monkeypatch):
+    """Tests decide targets and tokens themselves: drop anything the caller's shell exported."""
+    for name in ("PROTEGE_TOKEN", "PROTEGE_TOKENS_FILE", "PROTEGE_TARGET", "PROTEGE_TLS",
+                 "PROTEGE_TLS_CA", "PROTEGE_TLS_CERT", "PROTEGE_TLS_KEY", "PROTEGE_CLIENT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def start_jobs_server(no_protege_env):
+    """Factory: start a fake Jobs server with ServerOptions overrides; all stop at teardown."""
+    servers: list[ServerThread] = []
+
+    def start(**options) -> ServerThread:
+        servers.append(ServerThread.jobs(**options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def jobs_server(start_jobs_server) -> ServerThread:
+    """A plaintext fake Jobs server without auth."""
+    return start_jobs_server()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    file: Path
+    admin: str = "sdk-test-admin-token"
+    reward_only: str = "sdk-test-reward-token"
+
+
+@pytest.fixture
+def tokens(tmp_path) -> Tokens:
+    """A tokens file with an admin token and one that may only call Reward."""
+    t = Tokens(tmp_path / "tokens.yaml")
+    t.file.write_text(yaml.safe_dump({t.admin: ["admin"], t.reward_only: ["reward"]}))
+    return t
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"openssl {' '.join(args)} failed: {proc.stderr}"
+
+
+def _signed_cert(d: Path, name: str, cn: str, extensions: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    (d / f"{name}.ext").write_text(extensions)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-sha256",
+             "-extfile", f"{name}.ext", cwd=d)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> dict[str, Path]:
+    """A throwaway CA, a server cert for 127.0.0.1/localhost and a client cert, made with openssl
+    (the `cryptography` package is not installed in .venv)."""
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=protege-test-ca",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _signed_cert(d, "server", "localhost", "basicConstraints=CA:FALSE\n"
+                 "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _signed_cert(d, "client", "protege-test-client",
+                 "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    return {name: d / name for name in ("ca.pem", "server.pem", "server.key", "client.pem",
+                                         "client.key")}
+
+
+@pytest.fixture
+def job_yaml(tmp_path) -> Path:
+    """A valid job spec file with a few fields set and the rest left to the learner."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "sdk-test", "student_model": "/models/student",
+        "generator_targets": ["127.0.0.1:50061"], "reference_target": "127.0.0.1:50062",
+        "reward_target": "127.0.0.1:50063", "beta": 0.1, "steps": 4,
+        "dataset": {"inline": ["1+1=", {"prompt": "2+2=", "metadata": {"answer": "4"}}]},
+        "labels": {"team": "sdk"},
+    }))
+    return path
