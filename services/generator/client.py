@@ -99,6 +99,7 @@ class GeneratorClient:
         self._targets, self._token, self._tls = targets, token, tls
         self._channels = [make_channel(t, token, tls) for t in targets]
         self._stubs = [generator_pb2_grpc.GeneratorStub(ch) for ch in self._channels]
+        self._replica_channels: dict[str, grpc.aio.Channel] = {}
 
     async def info(self) -> generator_pb2.GeneratorInfo:
         """Info of the first target."""
@@ -122,25 +123,37 @@ class GeneratorClient:
         sampling = generator_pb2.SamplingParams(
             temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
             stop_strings=list(stop_strings), stop_token_ids=list(stop_token_ids), seed=seed)
-        per = -(-len(protos) // len(self._stubs)) or 1
+        # Shard over every resolved replica (a headless dns:/// name resolves to all of them), so
+        # adding generator replicas splits each step's batch instead of rotating whole steps.
+        addresses = await asyncio.to_thread(self._addresses)
+        per = -(-len(protos) // len(addresses)) or 1
         # An empty list still goes to the server, which answers with a clear INVALID_ARGUMENT.
-        shards = [(i, protos[k:k + per]) for i, k in enumerate(range(0, len(protos), per))] or [
-            (0, [])]
-        requests = [generator_pb2.GenerateRequest(prompts=shard, n=n, sampling=sampling,
-                                                  min_policy_version=min_policy_version)
-                    for _, shard in shards]
-        results = await asyncio.gather(*(self._generate_on(i, r)
-                                         for (i, _), r in zip(shards, requests, strict=True)))
+        shards = [(addresses[i], protos[k:k + per])
+                  for i, k in enumerate(range(0, len(protos), per))] or [(addresses[0], [])]
+        results = await asyncio.gather(*(
+            self._generate_on(address, generator_pb2.GenerateRequest(
+                prompts=shard, n=n, sampling=sampling, min_policy_version=min_policy_version))
+            for address, shard in shards))
         rollouts = [r for shard in results for r in shard]
         rollouts.sort(key=lambda r: (int(r.prompt_id), r.sample_index))
         return rollouts
 
-    async def _generate_on(self, index: int, request: generator_pb2.GenerateRequest
-                           ) -> list[generator_pb2.Rollout]:
+    async def _generate_on(self, address: tuple[str, str | None],
+                           request: generator_pb2.GenerateRequest) -> list[generator_pb2.Rollout]:
+        stub = generator_pb2_grpc.GeneratorStub(self._channel_for(*address))
         try:
-            return [r async for r in self._stubs[index].Generate(request)]
+            return [r async for r in stub.Generate(request)]
         except grpc.aio.AioRpcError as e:
-            raise _error(e, self._targets[index]) from e
+            raise _error(e, address[0]) from e
+
+    def _channel_for(self, address: str, server_name: str | None) -> grpc.aio.Channel:
+        """A cached channel to one resolved replica (TLS checked against the DNS name)."""
+        if address not in self._replica_channels:
+            tls = self._tls
+            if tls is not None and not tls.server_name and server_name:
+                tls = dataclasses.replace(tls, server_name=server_name)
+            self._replica_channels[address] = make_channel(address, self._token, tls)
+        return self._replica_channels[address]
 
     def _addresses(self) -> list[tuple[str, str | None]]:
         """(address, DNS name for TLS checks) of every generator behind the targets."""
@@ -168,22 +181,16 @@ class GeneratorClient:
     async def _push(self, address: str, server_name: str | None,
                     state_dict: Mapping[str, torch.Tensor], version: int, chunk_bytes: int
                     ) -> generator_pb2.LoadWeightsResponse:
-        tls = self._tls
-        if tls is not None and not tls.server_name and server_name:
-            # Connecting to a resolved IP: check the certificate against the DNS name instead.
-            tls = dataclasses.replace(tls, server_name=server_name)
-        channel = make_channel(address, self._token, tls)
         try:
-            stub = generator_pb2_grpc.GeneratorStub(channel)
+            stub = generator_pb2_grpc.GeneratorStub(self._channel_for(address, server_name))
             reply = await stub.LoadWeights(weight_chunks(state_dict, version, chunk_bytes))
             logger.info("pushed version %d to %s: %d tensors, %d bytes in %.2fs", version,
                         address, reply.tensors, reply.bytes, reply.seconds)
             return reply
         except grpc.aio.AioRpcError as e:
             raise _error(e, address) from e
-        finally:
-            await channel.close()
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in [*self._channels, *self._replica_channels.values()]:
             await channel.close()
+        self._replica_channels.clear()
