@@ -69,7 +69,7 @@ demo: setup ## The main job: hybrid vs dense-only vs sparse-only on CPU, report 
 up: setup ## Start all four services on 127.0.0.1 with tiny models
 	$(VENV)/bin/protege up
 
-k8s-validate: setup ## Render every overlay and validate it offline (--strict)
+k8s-validate: setup system-deps ## Render every overlay and validate it offline (--strict)
 	VENV=$(VENV) bash k8s/validate.sh
 
 clean: ## Remove the venvs and caches

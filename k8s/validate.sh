@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Offline validation of everything under k8s/; needs no cluster and no Docker engine.
+#
+#   bash k8s/validate.sh            # what `make k8s-validate` runs
+#
+# For k8s/base and every overlay under k8s/overlays/:
+#   1. render it with `kubectl kustomize`;
+#   2. validate every object against the Kubernetes API schemas with `kubernetes-validate --strict`
+#      (unknown fields are errors), for the oldest and the newest Kubernetes version we support.
+#      CRD kinds (ServiceMonitor) have no bundled schema: kubernetes-validate only warns about them, so
+#      any such warning fails here, except for the kinds k8s/check_manifests.py checks field by field;
+#   3. run k8s/check_manifests.py: references, selectors, security rules, the learner's single replica,
+#      and each service config against the service's config dataclass.
+# Then the Grafana dashboard (JSON, variables, metric names against the code), the example job (the SDK's
+# JobSpec and the learner's checks), the example Prometheus config (promtool) and the models-loader pod.
+#
+# One PASS/FAIL/SKIP line per item; exits 1 if anything failed.
+# Environment: VENV (default .venv: kubernetes-validate and the protege package, from `make setup`),
+# K8S_VERSIONS (default "1.30.0 <newest version kubernetes-validate bundles>").
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+
+VENV=${VENV:-.venv}
+CRD_KINDS="ServiceMonitor" # keep in sync with CRD_KINDS in k8s/check_manifests.py
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+failures=0
+: >"$TMP/notes"
+
+pass() { printf 'PASS %s\n' "$*"; }
+fail() {
+  printf 'FAIL %s\n' "$1"
+  [ -n "${2:-}" ] && printf '%s\n' "$2" | sed 's/^/    /'
+  failures=$((failures + 1))
+}
+skip() { printf 'SKIP %s\n' "$*"; }
+
+# ----------------------------------------------------------------------------------------- tools
+
+find_renderer() {
+  if command -v kubectl >/dev/null; then
+    RENDER=(kubectl kustomize)
+  elif command -v kustomize >/dev/null; then
+    RENDER=(kustomize build)
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "kubectl not found: installing Debian's kubernetes-client. It is kubectl 1.20, whose built-in" \
+      "kustomize predates Components, so overlays using k8s/components will fail to render with it;" \
+      "prefer a current kubectl."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+    command -v kubectl >/dev/null && RENDER=(kubectl kustomize)
+  fi
+  [ -n "${RENDER[*]:-}" ]
+}
+
+find_tools() {
+  if ! find_renderer; then
+    fail "tools: no kubectl or kustomize (install kubectl >= 1.27)"
+    return 1
+  fi
+  KV="$VENV/bin/kubernetes-validate"
+  [ -x "$KV" ] || KV=$(command -v kubernetes-validate || true)
+  if [ -z "$KV" ]; then
+    fail "tools: kubernetes-validate not found in $VENV (run make setup; it is in the dev extra)"
+    return 1
+  fi
+  PY="$VENV/bin/python"
+  [ -x "$PY" ] || PY=$(command -v python3)
+  if [ -z "${K8S_VERSIONS:-}" ]; then
+    newest=$("$KV" --help | sed -n 's/.*Defaults to \([0-9][0-9.]*[0-9]\).*/\1/p')
+    K8S_VERSIONS="1.30.0 ${newest:-1.30.0}"
+  fi
+  echo "renderer: ${RENDER[*]} ($(kubectl version --client 2>/dev/null | head -1 || true));" \
+    "schemas: kubernetes-validate $("$KV" --version) for Kubernetes $K8S_VERSIONS"
+}
+
+# ------------------------------------------------------------------------------------- manifests
+
+# kubernetes-validate on one file. Prints the problems; CRD-kind warnings go to $TMP/crds.
+schema_check() {
+  local file=$1 args=(--strict --quiet) log crd_pattern
+  for v in $K8S_VERSIONS; do args+=(-k "$v"); done
+  log=$("$KV" "${args[@]}" "$file" 2>&1)
+  crd_pattern="Couldn't find schema for kind (${CRD_KINDS// /|}) "
+  printf '%s\n' "$log" | grep -E "^WARN .*$crd_pattern" | sed -E "s/.*kind ([A-Za-z]+) .*/\1/" \
+    | sort -u >"$TMP/crds"
+  # Everything else it printed is a problem: ERROR/FATAL lines, and warnings about kinds or API
+  # versions it does not know (a typo such as autoscaling/v2beta3 would otherwise pass unchecked).
+  printf '%s\n' "$log" | grep -v -E "^WARN .*$crd_pattern" | grep -v '^$' || true
+}
+
+validate_kustomization() {
+  local dir=$1 name=${1#k8s/} out problems checks count crds
+  out="$TMP/$(printf '%s' "$name" | tr / _).yaml"
+  if ! "${RENDER[@]}" "$dir" >"$out" 2>"$TMP/render.err"; then
+    fail "$name: kustomize build failed" "$(tail -5 "$TMP/render.err")"
+    return
+  fi
+  count=$(grep -c '^kind:' "$out")
+  problems=$(schema_check "$out")
+  crds=$(paste -sd, "$TMP/crds")
+  checks=$("$PY" k8s/check_manifests.py manifests "$out" 2>&1)
+  local rc=$?
+  printf '%s\n' "$checks" | grep '^NOTE' >>"$TMP/notes"
+  checks=$(printf '%s\n' "$checks" | grep -v '^NOTE' || true)
+  if [ -n "$problems" ] || [ $rc -ne 0 ]; then
+    fail "$name" "$(printf '%s\n%s' "$problems" "$checks" | grep -v '^$')"
+  else
+    [ -n "$crds" ] && crds="; CRD kinds by field checks: $crds"
+    pass "$name: $count objects, schemas $K8S_VERSIONS --strict, reference checks$crds"
+  fi
+}
+
+check_components_used() {
+  local comp unused=""
+  for comp in k8s/components/*/; do
+    comp=${comp%/}
+    grep -qs -- "components/${comp##*/}\$" k8s/overlays/*/kustomization.yaml || unused="$unused ${comp#k8s/}"
+  done
+  if [ -n "$unused" ]; then
+    fail "components: not rendered by any overlay, so never validated:$unused"
+  else
+    pass "components: each is rendered by an overlay under k8s/overlays"
+  fi
+}
+
+# ------------------------------------------------------------------------------------ the others
+
+check_dashboards() {
+  local f copy out
+  for f in k8s/dashboards/*.json; do
+    if ! out=$("$PY" -m json.tool "$f" 2>&1 >/dev/null); then
+      fail "${f#k8s/}: not valid JSON" "$out"
+      continue
+    fi
+    copy=k8s/components/grafana-dashboard/${f##*/}
+    if [ -f "$copy" ] && ! cmp -s "$f" "$copy"; then
+      fail "${f#k8s/}: differs from ${copy#k8s/} (copy it over: kustomize only reads inside the component)"
+      continue
+    fi
+    out=$("$PY" k8s/check_manifests.py dashboard "$f" 2>&1)
+    local rc=$?
+    printf '%s\n' "$out" | grep '^NOTE' >>"$TMP/notes"
+    if [ $rc -ne 0 ]; then
+      fail "${f#k8s/}" "$(printf '%s\n' "$out" | grep -v '^NOTE')"
+    else
+      pass "${f#k8s/}: valid JSON, datasource and job_id variables, metric names found in the code"
+    fi
+  done
+}
+
+check_example_job() {
+  local out rc
+  out=$("$PY" k8s/check_manifests.py job k8s/examples/job.yaml 2>&1)
+  rc=$?
+  printf '%s\n' "$out" | grep '^NOTE' >>"$TMP/notes"
+  if [ $rc -ne 0 ]; then
+    fail "examples/job.yaml" "$(printf '%s\n' "$out" | grep -v '^NOTE')"
+  else
+    pass "examples/job.yaml: parses as the SDK's JobSpec and passes the learner's static checks"
+  fi
+}
+
+check_example_pods() {
+  local problems
+  problems=$(schema_check k8s/examples/models-loader.yaml)
+  if [ -n "$problems" ]; then
+    fail "examples/models-loader.yaml" "$problems"
+  else
+    pass "examples/models-loader.yaml: schemas $K8S_VERSIONS --strict"
+  fi
+}
+
+check_prometheus_config() {
+  local static=$TMP/prometheus-static.yml out
+  if ! out=$("$PY" k8s/check_manifests.py prometheus k8s/prometheus/prometheus.yml "$static" 2>&1); then
+    fail "prometheus/prometheus.yml" "$out"
+  elif ! command -v promtool >/dev/null; then
+    skip "prometheus/prometheus.yml: promtool not installed (apt-get install prometheus); SD fields checked"
+  elif ! out=$(promtool check config "$static" 2>&1); then
+    fail "prometheus/prometheus.yml: promtool check config" "$out"
+  else
+    # Debian's promtool lacks Kubernetes service discovery, so it checks a copy with static targets.
+    pass "prometheus/prometheus.yml: promtool check config (kubernetes_sd_configs checked by field)"
+  fi
+}
+
+# ------------------------------------------------------------------------------------------- main
+
+if find_tools; then
+  validate_kustomization k8s/base
+  for overlay in k8s/overlays/*/; do
+    validate_kustomization "${overlay%/}"
+  done
+  check_components_used
+  check_dashboards
+  check_example_job
+  check_example_pods
+  check_prometheus_config
+fi
+
+if [ -s "$TMP/notes" ]; then
+  echo "notes:"
+  sort -u "$TMP/notes" | sed 's/^NOTE /    /'
+fi
+if [ "$failures" -ne 0 ]; then
+  echo "k8s validation: $failures failed"
+  exit 1
+fi
+echo "k8s validation: all passed"
