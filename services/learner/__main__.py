@@ -1,0 +1,72 @@
+"""Learner service: owns training jobs, runs the hybrid objective, pushes weights, checkpoints.
+
+    python -m protege.services.learner --db-path .protege/learner/jobs.sqlite \\
+        --checkpoint-root .protege/learner/checkpoints --device cpu --port 50051
+
+Every ServerOptions flag works too (`--host 127.0.0.1 --port 0 --metrics-port 0 --ready-file F`);
+`--help` lists them all. On start, jobs left RUNNING by an earlier learner resume from their
+latest checkpoint. On SIGTERM the learner stops accepting calls, lets running jobs finish their
+current step and checkpoint (within `grace_s`), and exits; those jobs stay RUNNING and resume on
+the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from protege.configs import parse_config
+from protege.services.learner.config import LearnerConfig
+from protege.services.learner.loop import JobManager
+from protege.services.learner.servicer import SERVICE_NAME, JobsServicer
+from protege.serving import RunningServer, configure_logging, server_options, start_server
+
+logger = logging.getLogger(__name__)
+
+
+async def start(config: LearnerConfig) -> tuple[RunningServer, JobManager]:
+    """Start the Jobs server and the job manager (which resumes unfinished jobs)."""
+    manager = JobManager(config)
+
+    async def release() -> None:
+        await manager.shutdown(config.grace_s)
+
+    running = await start_server("learner", server_options(config),
+                                 JobsServicer(manager).register, [SERVICE_NAME], on_stop=release)
+    await manager.start()
+    return running, manager
+
+
+async def serve(config: LearnerConfig) -> None:
+    """Serve until SIGTERM/SIGINT; then refuse new calls, stop jobs at a step boundary, exit."""
+    running, manager = await start(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(running.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        logger.info("signal received: finishing running steps for up to %.1fs", config.grace_s)
+        running.draining.set()  # refuse new calls while the jobs wind down
+        await manager.shutdown(config.grace_s)  # ends watch streams too, so the stop is quick
+        await running.stop(config.grace_s)
+    waiter.cancel()
+    stopper.cancel()
+    manager.store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(LearnerConfig, argv, "Protégé learner (Jobs service).")
+    configure_logging(config.log_level, config.log_format)
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

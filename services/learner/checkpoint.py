@@ -1,0 +1,143 @@
+"""Checkpoints of a job: `<checkpoint_root>/<job_id>/step-<N>/`, written atomically.
+
+A checkpoint directory holds the student as a plain `save_pretrained` directory (safetensors plus
+the tokenizer), so `AutoModelForCausalLM.from_pretrained(dir)` loads it with no Protégé code, and
+next to it what a resume needs: `optimizer.pt` (AdamW state), `rng.pt` (torch and Python RNG
+states) and `state.json` (step, data cursor, policy version). Everything is written into a hidden
+temporary directory that is renamed into place only when complete; then the `latest` pointer file
+is replaced atomically. A crash mid-write leaves a `.tmp-*` directory that readers ignore and the
+next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (torch CPU/CUDA and Python's `random`)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
+         optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    """Write checkpoint `step` of a job atomically and point `latest` at it; returns its path."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(job_dir)
+    tmp = job_dir / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        # state.json last: a directory with it is complete.
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        final = job_dir / step_dir_name(step)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_pointer(job_dir, final.name)
+    return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an older `final` (a step re-run after a resume) is swapped out."""
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _write_pointer(job_dir: Path, name: str) -> None:
+    tmp = job_dir / f".{LATEST}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, job_dir / LATEST)
+
+
+def _remove_stale_temps(job_dir: Path) -> None:
+    for p in job_dir.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file() and (path / "config.json").is_file()
+
+
+def list_checkpoints(job_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a job as (step, path), oldest first; temp dirs are ignored."""
+    job_dir = Path(job_dir)
+    if not job_dir.is_dir():
+        return []
+    found = []
+    for p in job_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and _complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest(job_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer if valid, else the highest step."""
+    job_dir = Path(job_dir)
+    pointer = job_dir / LATEST
+    if pointer.is_file():
+        target = job_dir / pointer.read_text().strip()
+        if _STEP_DIR.match(target.name) and _complete(target):
+            return target
+        logger.warning("checkpoint pointer %s names %s, which is incomplete; scanning", pointer,
+                       target.name)
+    found = list_checkpoints(job_dir)
+    return found[-1][1] if found else None
+
+
+def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+
+
+def load_optimizer(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    state = torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state)
+
+
+def load_rng(ckpt_dir: str | Path) -> None:
+    set_rng_state(torch.load(Path(ckpt_dir) / "rng.pt", map_location="cpu", weights_only=True))

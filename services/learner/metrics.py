@@ -1,0 +1,62 @@
+"""Prometheus metrics of the learner: per-job step metrics and the number of jobs in each state.
+
+Served on the learner's metrics port by `protege.serving`; the Grafana dashboard in k8s/ reads these
+names, so they are part of the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import prometheus_client
+
+_JOB = ["job_id"]
+
+REWARD_MEAN = prometheus_client.Gauge(
+    "protege_learner_reward_mean", "Mean task reward of the latest step", _JOB)
+KL_MEAN = prometheus_client.Gauge(
+    "protege_learner_kl_mean", "Mean per-sequence KL(student || reference), latest step", _JOB)
+TOKENS_PER_SECOND = prometheus_client.Gauge(
+    "protege_learner_tokens_per_second", "Completion tokens trained per second of step time", _JOB)
+PHASE_SECONDS = prometheus_client.Gauge(
+    "protege_learner_phase_seconds", "Seconds spent in each phase of the latest step",
+    ["job_id", "phase"])
+POLICY_VERSION = prometheus_client.Gauge(
+    "protege_learner_policy_version", "Policy version after the latest weight sync", _JOB)
+DENSE_GRAD_NORM = prometheus_client.Gauge(
+    "protege_learner_dense_grad_norm", "Norm of the dense (imitation) gradient w.r.t. logits", _JOB)
+SPARSE_GRAD_NORM = prometheus_client.Gauge(
+    "protege_learner_sparse_grad_norm", "Norm of the sparse (reward) gradient w.r.t. logits", _JOB)
+STALENESS = prometheus_client.Gauge(
+    "protege_learner_staleness", "Learner policy version minus the rollouts' mean version", _JOB)
+GRAD_NORM = prometheus_client.Gauge(
+    "protege_learner_grad_norm", "Parameter gradient norm before clipping", _JOB)
+SUCCESS_RATE = prometheus_client.Gauge(
+    "protege_learner_success_rate", "Fraction of scored samples with reward >= 1", _JOB)
+STEPS = prometheus_client.Counter(
+    "protege_learner_steps", "Optimizer steps completed", _JOB)
+JOBS = prometheus_client.Gauge("protege_learner_jobs", "Jobs in each state", ["state"])
+
+_GAUGES = {
+    "reward_mean": REWARD_MEAN, "kl_mean": KL_MEAN, "tokens_per_s": TOKENS_PER_SECOND,
+    "policy_version": POLICY_VERSION, "dense_grad_norm": DENSE_GRAD_NORM,
+    "sparse_grad_norm": SPARSE_GRAD_NORM, "staleness": STALENESS, "grad_norm": GRAD_NORM,
+    "success_rate": SUCCESS_RATE,
+}
+
+
+def publish_step(job_id: str, metrics: Mapping[str, Any]) -> None:
+    """Export one step's metrics (StepMetrics field names) for `job_id`."""
+    for name, gauge in _GAUGES.items():
+        if name in metrics:
+            gauge.labels(job_id).set(float(metrics[name]))
+    for phase, seconds in (metrics.get("phase_seconds") or {}).items():
+        PHASE_SECONDS.labels(job_id, phase).set(float(seconds))
+    STEPS.labels(job_id).inc()
+
+
+def set_job_counts(counts: Mapping[str, int]) -> None:
+    """Number of jobs per state (QUEUED, RUNNING, ...)."""
+    for state, n in counts.items():
+        JOBS.labels(state).set(n)
