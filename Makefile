@@ -39,7 +39,6 @@ protos-check: protos ## Fail if the committed stubs are stale
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check --diff clients/protege services tests benchmarks >/dev/null || true
 
 test: setup system-deps protos-check lint ## Fast suite (everything but slow and vllm)
 	$(VENV)/bin/pytest -m "not slow and not vllm" $(PYTEST_FLAGS)

@@ -1,1 +1,1 @@
-"""The embedded demo: a synthetic task, a teacher and a student built locally, three jobs compared."""
+"""The embedded demo: a task, a teacher and a student built locally; three training modes compared."""
