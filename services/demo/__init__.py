@@ -1,1 +1,1 @@
-"""The embedded demo: a task, a teacher and a student built locally; three training modes compared."""
+"""The embedded demo: a task, a teacher and a student built locally; three modes compared."""
