@@ -116,8 +116,14 @@ def test_real_prometheus_scrapes_the_suite(suite_with_job, tmp_path):
             result = body["data"]["result"]
         assert result, "Prometheus never returned protege_learner_steps_total for the job"
         assert float(result[0]["value"][1]) == 2.0
-        up = json.loads(_get(f"http://127.0.0.1:{port}/api/v1/query?query=up"))
-        assert len(up["data"]["result"]) == len(endpoints)
+        # Targets are scraped independently: wait until every service has been scraped once.
+        up: list = []
+        while time.monotonic() < deadline and len(up) < len(endpoints):
+            up = json.loads(_get(f"http://127.0.0.1:{port}/api/v1/query?query=up"))
+            up = up["data"]["result"]
+            time.sleep(0.5)
+        assert sorted(u["instance"] for u in up) == sorted(e["metrics"] for e in endpoints.values())
+        assert all(u["value"][1] == "1" for u in up), up
     finally:
         proc.terminate()
         proc.wait(10)
