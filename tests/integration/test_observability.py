@@ -122,7 +122,8 @@ def test_real_prometheus_scrapes_the_suite(suite_with_job, tmp_path):
             up = json.loads(_get(f"http://127.0.0.1:{port}/api/v1/query?query=up"))
             up = up["data"]["result"]
             time.sleep(0.5)
-        assert sorted(u["instance"] for u in up) == sorted(e["metrics"] for e in endpoints.values())
+        scraped = sorted(u["metric"]["instance"] for u in up)
+        assert scraped == sorted(e["metrics"] for e in endpoints.values())
         assert all(u["value"][1] == "1" for u in up), up
     finally:
         proc.terminate()
