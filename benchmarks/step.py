@@ -1,4 +1,5 @@
-"""One training step across the running services vs the same step in one process, phase by phase.
+"""One training step across the running services (on-policy and pipelined) vs the same step in one
+process, phase by phase.
 
     .venv/bin/python benchmarks/step.py [--rounds 4] [--steps 10] [--warmup 2] [--out FILE.json]
 
@@ -10,16 +11,22 @@ character tokenizer, built here with `protege.services.common.tiny`; 8 prompts x
 - **services**: the four services run as child processes on 127.0.0.1 (`protege.launcher.Suite`);
   jobs are submitted through the SDK and the learner's own per-phase timings (StepMetrics) are
   read from the watch stream.
+- **services, pipelined**: the same services and job with `max_staleness=1`: step k+1's rollouts
+  are generated (and scored) while step k trains, and trained one policy version behind with
+  truncated importance ratios (DESIGN §3). Its generate/reward/reference columns are the draw's
+  own durations, overlapped with the previous step, so they are not on the step's critical path.
 - **in-process**: the very same learner `Trainer` (same batch building, `hybrid_loss`, optimizer,
   weight copy) with its three clients replaced by direct calls into the same engines the services
   run (the generator's HFEngine, the reference's ReferenceEngine, the reward's scorers): no gRPC,
   no codec, no processes.
 
-Blocks of in-process steps and service jobs alternate (`--rounds`), so both modes see the same
-machine load; medians are over the kept steps. The difference of the step totals is the gRPC +
-codec + process cost; per phase, services minus in-process is that phase's overhead. In the
-services the reward and the reference run concurrently, in-process one after the other, so the
-phase columns can add up to more than the total. Peak RSS is VmHWM from /proc/<pid>/status: each
+Blocks of in-process steps and service jobs (on-policy, pipelined; their order swaps every round)
+alternate (`--rounds`), so all modes see the same machine load; medians are over the kept steps.
+The machine is shared: the JSON records `os.getloadavg()` before, after and at each block. The
+difference of the on-policy services and in-process step totals is the gRPC + codec + process
+cost; per phase, services minus in-process is that phase's overhead. In the services the reward
+and the reference run concurrently, in-process one after the other, so the phase columns can add
+up to more than the total. Peak RSS is VmHWM from /proc/<pid>/status: each
 service process, and this (in-process) process at the end. Prints a table and writes JSON.
 """
 
@@ -82,8 +89,10 @@ def write_dataset(path: Path, n: int = 64) -> Path:
     return path
 
 
-def job_spec(student: Path, dataset: Path, steps: int, targets: dict[str, str]) -> dict[str, Any]:
-    return {"name": "bench-step", "student_model": str(student), "beta": BETA, "steps": steps,
+def job_spec(student: Path, dataset: Path, steps: int, targets: dict[str, str],
+             max_staleness: int = 0) -> dict[str, Any]:
+    return {"name": f"bench-step-s{max_staleness}", "max_staleness": max_staleness,
+            "student_model": str(student), "beta": BETA, "steps": steps,
             "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": SAMPLES,
             "max_new_tokens": NEW_TOKENS, "learning_rate": 1e-4, "checkpoint_every": -1,
             "reference_encoding": "full", "seed": 1, "dataset": {"jsonl_path": str(dataset)},
@@ -235,27 +244,33 @@ def run_job(client: Client, spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run(student: Path, teacher: Path, dataset: Path, rounds: int, steps: int, warmup: int,
-        workdir: Path) -> tuple[list, list, dict[str, float]]:
-    """Alternate blocks of in-process steps and service jobs so both see the same machine load.
+        workdir: Path) -> tuple[dict[str, list], dict[str, float], list[dict[str, Any]]]:
+    """Alternate blocks of in-process steps and service jobs so all modes see the same load.
 
-    Returns the kept (post-warmup) step metrics of each mode and the peak RSS per process.
+    Returns the kept (post-warmup) step metrics of each mode, the peak RSS per process and the
+    load average at the start of every block.
     """
     local = InProcess(student, teacher, dataset, rounds * steps + warmup, workdir)
     local.steps(warmup)
-    local_kept: list[dict[str, Any]] = []
-    service_kept: list[dict[str, Any]] = []
+    kept: dict[str, list] = {"in_process": [], "services": [], "services_pipelined": []}
+    loads: list[dict[str, Any]] = []
     with Suite(workdir / "suite", student, teacher, start_timeout=300) as suite:
         ends = suite.endpoints
         targets = {name: ends[name]["grpc"] for name in ("generator", "reference", "reward")}
-        spec = job_spec(student, dataset, steps + warmup, targets)
+        specs = {"services": job_spec(student, dataset, steps + warmup, targets, 0),
+                 "services_pipelined": job_spec(student, dataset, steps + warmup, targets, 1)}
         with Client(ends["learner"]["grpc"]) as client:
-            for _ in range(rounds):
-                local_kept += local.steps(steps)
-                service_kept += run_job(client, spec)[warmup:]
+            for i in range(rounds):
+                loads.append({"round": i, "mode": "in_process", "load": os.getloadavg()})
+                kept["in_process"] += local.steps(steps)
+                order = ["services", "services_pipelined"]
+                for mode in order if i % 2 == 0 else order[::-1]:
+                    loads.append({"round": i, "mode": mode, "load": os.getloadavg()})
+                    kept[mode] += run_job(client, specs[mode])[warmup:]
         rss = {name: peak_rss_mib(ends[name]["pid"]) for name in ends}
     local.close()
     rss["in_process"] = peak_rss_mib()
-    return service_kept, local_kept, rss
+    return kept, rss, loads
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -266,23 +281,41 @@ def summarize(kept: list[dict[str, Any]]) -> dict[str, Any]:
     return {"steps_measured": len(kept), "median_phase_seconds": phases,
             "median_step_seconds": phases["total"],
             "median_tokens_per_s": statistics.median(m["tokens_per_s"] for m in kept),
-            "completion_length_mean": statistics.mean(m["completion_length_mean"] for m in kept)}
+            "completion_length_mean": statistics.mean(m["completion_length_mean"] for m in kept),
+            "staleness_mean": statistics.mean(m.get("staleness", 0.0) for m in kept)}
+
+
+MODES = (("services", "services s"), ("services_pipelined", "pipelined s"),
+         ("in_process", "in-process s"))
 
 
 def report(result: dict[str, Any]) -> str:
-    svc, local = result["services"], result["in_process"]
-    lines = [f"{'phase':<18}{'services s':>12}{'in-process s':>14}{'overhead s':>12}"]
+    head = f"{'phase':<18}" + "".join(f"{label:>14}" for _, label in MODES) + f"{'overhead s':>12}"
+    lines = [head]
     for p in PHASES:
-        a, b = svc["median_phase_seconds"][p], local["median_phase_seconds"][p]
-        lines.append(f"{p:<18}{a:>12.4f}{b:>14.4f}{a - b:>12.4f}")
+        values = [result[mode]["median_phase_seconds"][p] for mode, _ in MODES]
+        lines.append(f"{p:<18}" + "".join(f"{v:>14.4f}" for v in values)
+                     + f"{values[0] - values[2]:>12.4f}")
+    lines.append(f"{'tokens/s':<18}" + "".join(
+        f"{result[mode]['median_tokens_per_s']:>14.0f}" for mode, _ in MODES))
+    lines.append(f"{'staleness':<18}" + "".join(
+        f"{result[mode]['staleness_mean']:>14.2f}" for mode, _ in MODES))
+    lines.append(f"{'x in-process':<18}" + "".join(
+        f"{result['ratio_over_in_process'][mode]:>13.2f}x" for mode, _ in MODES))
     lines += [
-        f"{'tokens/s':<18}{svc['median_tokens_per_s']:>12.0f}{local['median_tokens_per_s']:>14.0f}",
         "",
-        f"ratio services / in-process (s/step): {result['ratio_services_over_in_process']:.2f}x",
-        f"gRPC + codec + process share of a services step: {result['overhead_share']:.1%}",
+        "overhead s = services (on-policy) - in-process; pipelined generate/reward/reference run "
+        "during the previous step",
+        f"pipelined speed-up over on-policy services (s/step): "
+        f"{result['speedup_pipelined_over_services']:.2f}x",
+        "gRPC + codec + process share of an on-policy services step: "
+        f"{result['overhead_share']:.1%}",
         "peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()),
         f"params: student {result['params']['student']:,}, teacher {result['params']['teacher']:,}"
         f"; batch {PROMPTS_PER_STEP}x{SAMPLES}, {NEW_TOKENS} new tokens, FULL reverse KL",
+        "load average (1/5/15 min) before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}, on "
+        "{} CPUs".format(*result["load_average_before"], *result["load_average_after"],
+                         result["setup"]["cpu_count"]),
     ]
     return "\n".join(lines)
 
@@ -306,10 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         student, teacher, params = build_models(work / "models")
         dataset = write_dataset(work / "prompts.jsonl")
-        services, local, rss = run(student, teacher, dataset, args.rounds, args.steps,
-                                   args.warmup, work)
-    svc_sum, local_sum = summarize(services), summarize(local)
-    ratio = svc_sum["median_step_seconds"] / local_sum["median_step_seconds"]
+        kept, rss, loads = run(student, teacher, dataset, args.rounds, args.steps, args.warmup,
+                               work)
+    summaries = {mode: summarize(kept[mode]) for mode, _ in MODES}
+    svc_sum, pipe_sum, local_sum = (summaries[m] for m, _ in MODES)
+    ratios = {mode: summaries[mode]["median_step_seconds"] / local_sum["median_step_seconds"]
+              for mode, _ in MODES}
     overhead = svc_sum["median_step_seconds"] - local_sum["median_step_seconds"]
     result = {
         "setup": {"prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": SAMPLES,
@@ -320,12 +355,16 @@ def main(argv: list[str] | None = None) -> None:
                   "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "python": sys.version.split()[0], "torch": torch.__version__},
         "params": params,
-        "services": svc_sum, "in_process": local_sum,
-        "ratio_services_over_in_process": ratio,
+        "services": svc_sum, "services_pipelined": pipe_sum, "in_process": local_sum,
+        "ratio_over_in_process": ratios,
+        "ratio_services_over_in_process": ratios["services"],
+        "speedup_pipelined_over_services": (svc_sum["median_step_seconds"]
+                                            / pipe_sum["median_step_seconds"]),
         "overhead_seconds": overhead, "overhead_share": overhead / svc_sum["median_step_seconds"],
         "peak_rss_mib": rss,
         "wall_seconds": time.perf_counter() - start,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "load_average_per_block": loads,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -397,6 +397,7 @@ class StepMetrics(BaseModel):
     ref_tail_mass_mean: float = Field(0.0, description="Reference mass outside the top-k (TOPK).")
     success_rate: float = Field(0.0, description="Fraction of samples with reward >= 1.")
     policy_version: int = Field(0, description="Policy version after this step's weight sync.")
+    ratio_mean: float = Field(1.0, description="Mean truncated importance ratio (1 on-policy).")
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.StepMetrics) -> StepMetrics:

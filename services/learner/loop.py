@@ -13,12 +13,24 @@ a time:
 5. push the new weights to every generator: the policy version goes up by one;
 6. publish the step's metrics (store, watchers, Prometheus); checkpoint every N steps.
 
+With `max_staleness >= 1` the loop is pipelined one step deep (DESIGN §3, "later, for speed"): as
+soon as step k's rollouts are in, a task draws, generates and scores step k+1's batch on the
+weights the generators serve now, while step k scores and trains. Step k's weights are pushed only
+once that generation is done, so step k+1 always trains on rollouts exactly one version behind
+(deterministic, hence exactly resumable); the objective corrects them with truncated importance
+ratios. Rollouts more than `max_staleness` versions behind are never trained on: the request
+carries `min_policy_version` and returned versions are checked (a stale batch is regenerated). The
+data cursor only advances when a batch is trained; a checkpoint also stores the prefetched
+rollouts, so a resume trains on the very rollouts the interrupted run would have used (without
+them, the prompts are drawn again from the cursor and generated on-policy).
+
 This module reaches the other services only through their clients; it never imports grpc.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import dataclasses
 import logging
@@ -55,7 +67,7 @@ from protege.services.learner.store import (
     JobStore,
 )
 from protege.services.reference.client import ReferenceClient
-from protege.v1 import jobs_pb2, reward_pb2
+from protege.v1 import generator_pb2, jobs_pb2, reward_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +313,72 @@ def timed(phases: dict[str, float], name: str):
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
 
 
+@dataclasses.dataclass
+class Scored:
+    """A step's rollouts with their rewards and reference results (DESIGN §3 steps 2-3)."""
+
+    rollouts: list[Any]
+    rewards_B: torch.Tensor
+    reward_mask_B: torch.Tensor
+    scored: list[float]
+    ref: Any
+
+
+@dataclasses.dataclass
+class Draw:
+    """One step's prompts, generated and then scored by two tasks, possibly ahead of time.
+
+    `step` is the 0-based index of the step that trains on it; `cursor` is the data cursor after
+    its prompts (it becomes the trainer's cursor only once the batch is trained). `phases` collects
+    the draw's own generate/reward/reference seconds, overlapped with training when prefetched.
+    """
+
+    step: int
+    rows: list[PromptRow]
+    cursor: Cursor
+    generation: asyncio.Task  # -> list of rollouts
+    scoring: asyncio.Task  # -> Scored
+    phases: dict[str, float]
+    prefetched: bool
+
+    def generated(self) -> list[Any] | None:
+        """The rollouts when generation finished without error, else None."""
+        task = self.generation
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
+
+    async def drop(self) -> None:
+        """Cancel both tasks and wait for them, so that nothing is left running."""
+        for task in (self.scoring, self.generation):
+            task.cancel()
+        await asyncio.gather(self.scoring, self.generation, return_exceptions=True)
+
+
+async def _ready(rollouts: list[Any]) -> list[Any]:
+    return rollouts
+
+
+def encode_rollouts(rollouts: Sequence[Any]) -> list[str]:
+    """Rollout protos as base64 text, for a checkpoint's state.json."""
+    return [base64.b64encode(r.SerializeToString()).decode("ascii") for r in rollouts]
+
+
+def decode_rollouts(texts: Sequence[str]) -> list[generator_pb2.Rollout]:
+    return [generator_pb2.Rollout.FromString(base64.b64decode(t)) for t in texts]
+
+
+def _prefetch_error(exc: Exception, draw: Draw, max_staleness: int) -> Exception:
+    """A prefetch failure, re-raised at the step that consumes it with what was being done."""
+    # draw.step is the consuming step's 0-based index, i.e. the 1-based number of the step that
+    # was training while the draw ran.
+    message = (f"the rollouts for this step were generated ahead, while step {draw.step} trained "
+               f"(max_staleness {max_staleness}), and that failed: {exc or type(exc).__name__}")
+    if isinstance(exc, errors.ProtegeError):
+        return type(exc)(message)
+    return errors.Internal(message)
+
+
 # ------------------------------------------------------------------------------------ trainer
 
 
@@ -328,21 +406,25 @@ class Trainer:
         self.lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.generator = self.reference = self.reward = None
         self.push_dtype: torch.dtype | None = None
+        self._next: Draw | None = None  # the next step's batch, drawn ahead (max_staleness >= 1)
 
     # --------------------------------------------------------------------------- lifecycle
 
     async def run(self) -> str:
         """Train to `spec.steps`; returns SUCCEEDED, CANCELLED or STOPPED (learner shutdown)."""
         await self.setup()
-        while self.step < self.spec.steps:
-            if self.cancel_requested or self.stop_requested:
-                break
-            await self.train_step()
-            every = self.spec.checkpoint_every
-            if every > 0 and self.step % every == 0:
+        try:
+            while self.step < self.spec.steps:
+                if self.cancel_requested or self.stop_requested:
+                    break
+                await self.train_step()
+                every = self.spec.checkpoint_every
+                if every > 0 and self.step % every == 0:
+                    await self.save_checkpoint()
+            if self.step > 0 and self.last_checkpoint != self.step:
                 await self.save_checkpoint()
-        if self.step > 0 and self.last_checkpoint != self.step:
-            await self.save_checkpoint()
+        finally:
+            await self._drop_next()
         if self.step >= self.spec.steps:
             return SUCCEEDED
         return CANCELLED if self.cancel_requested else STOPPED
@@ -372,6 +454,8 @@ class Trainer:
         served = await self._served_version()
         self.version = max(served, self.version_floor, int(state.get("policy_version", 0))) + 1
         await self.push_weights()
+        if self.spec.max_staleness > 0 and state.get("prefetched"):
+            self._next = self._restore_prefetched(state)
         self.started = True
         self.log.info("started (%s) at policy version %d, %d prompts",
                       f"resumed from {ckpt}" if ckpt else "from scratch", self.version,
@@ -406,7 +490,16 @@ class Trainer:
             self.push_dtype = DTYPES[next(iter(dtypes))]
         return max((int(info.policy_version) for info in infos), default=0)
 
+    def request_cancel(self) -> None:
+        """Stop after the current step; a batch being drawn ahead for the next one is cancelled
+        now (its tasks end; the step finishing awaits them)."""
+        self.cancel_requested = True
+        if self._next is not None:
+            self._next.generation.cancel()
+            self._next.scoring.cancel()
+
     async def close(self) -> None:
+        await self._drop_next()
         for client in (self.generator, self.reference, self.reward):
             if client is not None:
                 await client.close()
@@ -416,31 +509,167 @@ class Trainer:
 
     async def train_step(self) -> dict[str, Any]:
         """One optimizer step (DESIGN §3); returns its metrics."""
+        if self.spec.max_staleness > 0:
+            return await self._pipelined_step()
         spec, phases = self.spec, {}
         start = time.perf_counter()
         rows, cursor = take(self.rows, self.cursor, spec.prompts_per_step)
-        with timed(phases, "generate"):
-            rollouts = await self.generator.generate(
-                [r.prompt for r in rows], n=spec.samples_per_prompt, temperature=spec.temperature,
-                max_new_tokens=spec.max_new_tokens, seed=step_seed(spec.seed, self.step),
-                min_policy_version=max(0, self.version - spec.max_staleness))
-        self._check_rollouts(rollouts)
-        (rewards_B, reward_mask_B, scored), ref = await asyncio.gather(
-            self._rewards(rows, rollouts, phases), self._reference(rollouts, phases))
-        batch = build_batch(rollouts, self._pad_id())
+        rollouts = await self._generate(rows, self.step, self._min_version(0), phases)
+        if self._too_stale(rollouts):
+            rollouts = await self._generate(rows, self.step, self.version, phases)
+            self._require_fresh(rollouts)
+        scored = await self._score(rows, rollouts, phases)
+        return await self._learn(start, phases, cursor, scored)
+
+    async def _pipelined_step(self) -> dict[str, Any]:
+        """A step on the batch drawn ahead during the previous step (or drawn now, on-policy, for
+        the first step); the next step's batch is drawn as soon as this one's rollouts are in."""
+        start = time.perf_counter()
+        draw, self._next = self._next, None
+        if draw is None:
+            draw = self._draw(self.step, self.cursor, self._min_version(0))
+        try:
+            rollouts = await self._consume(draw, draw.generation)
+            if self._too_stale(rollouts):
+                await draw.drop()
+                draw = self._draw(self.step, self.cursor, self.version)
+                rollouts = await draw.generation
+                self._require_fresh(rollouts)
+            if self.step + 1 < self.spec.steps and not self.cancel_requested:
+                self._next = self._draw(self.step + 1, draw.cursor, self._min_version(1))
+            scored = await self._consume(draw, draw.scoring)
+        except BaseException:
+            await draw.drop()  # nothing of this step may keep running, or fail unobserved
+            raise
+        return await self._learn(start, draw.phases, draw.cursor, scored)
+
+    async def _learn(self, start: float, phases: dict[str, float], cursor: Cursor,
+                     scored: Scored) -> dict[str, Any]:
+        """Train on a scored batch, push the new weights, advance the cursor, publish."""
+        batch = build_batch(scored.rollouts, self._pad_id())
         stats, grad_norm = await asyncio.to_thread(
-            self._update, batch, rewards_B, reward_mask_B, ref, phases)
+            self._update, batch, scored.rewards_B, scored.reward_mask_B, scored.ref, phases)
         trained_version = self.version
         self.version += 1
+        await self._await_next_generation()
         with timed(phases, "weight_sync"):
             await self.push_weights()
         phases["total"] = time.perf_counter() - start
         self.step += 1
         self.cursor = cursor
         self.log.extra["step"] = self.step
-        out = self._metrics(stats, grad_norm, rollouts, scored, batch, trained_version, phases)
+        out = self._metrics(stats, grad_norm, scored.rollouts, scored.scored, batch,
+                            trained_version, phases)
         self._publish(out)
         return out
+
+    # ---------------------------------------------------------------- rollouts and pipelining
+
+    def _min_version(self, ahead: int) -> int:
+        """min_policy_version for a batch trained `ahead` steps from now (at version + ahead)."""
+        return max(0, self.version + ahead - self.spec.max_staleness)
+
+    async def _generate(self, rows: list[PromptRow], step: int, min_version: int,
+                        phases: dict[str, float]) -> list[Any]:
+        spec = self.spec
+        with timed(phases, "generate"):
+            rollouts = await self.generator.generate(
+                [r.prompt for r in rows], n=spec.samples_per_prompt, temperature=spec.temperature,
+                max_new_tokens=spec.max_new_tokens, seed=step_seed(spec.seed, step),
+                min_policy_version=min_version)
+        self._check_rollouts(rollouts)
+        return rollouts
+
+    async def _score(self, rows: list[PromptRow], rollouts: list[Any],
+                     phases: dict[str, float]) -> Scored:
+        (rewards_B, reward_mask_B, scored), ref = await asyncio.gather(
+            self._rewards(rows, rollouts, phases), self._reference(rollouts, phases))
+        return Scored(rollouts, rewards_B, reward_mask_B, scored, ref)
+
+    async def _score_generated(self, rows: list[PromptRow], generation: asyncio.Task,
+                               phases: dict[str, float]) -> Scored:
+        return await self._score(rows, await generation, phases)
+
+    def _draw(self, step: int, cursor: Cursor, min_version: int,
+              rollouts: list[Any] | None = None) -> Draw:
+        """Take step `step`'s prompts after `cursor`; generate (unless `rollouts` are given, from
+        a checkpoint) and score them in tasks. A draw for a later step than the current is a
+        prefetch: it runs while the current step trains."""
+        rows, after = take(self.rows, cursor, self.spec.prompts_per_step)
+        phases: dict[str, float] = {}
+        name = f"{self.job_id}-draw-step-{step + 1}"
+        coro = (self._generate(rows, step, min_version, phases) if rollouts is None
+                else _ready(rollouts))
+        generation = asyncio.create_task(coro, name=f"{name}-generate")
+        scoring = asyncio.create_task(self._score_generated(rows, generation, phases),
+                                      name=f"{name}-score")
+        prefetched = step > self.step or rollouts is not None
+        return Draw(step, rows, after, generation, scoring, phases, prefetched)
+
+    async def _consume(self, draw: Draw, task: asyncio.Task) -> Any:
+        """The task's result; a prefetch's failure is raised here, at the step that needed it."""
+        try:
+            return await task
+        except Exception as e:
+            if not draw.prefetched:
+                raise
+            raise _prefetch_error(e, draw, self.spec.max_staleness) from e
+
+    async def _await_next_generation(self) -> None:
+        """Hold the weight push until the next batch is generated, so that all of it comes from
+        the weights it was requested on (one version behind when trained; deterministic). The
+        generators would make the push wait for an in-flight batch anyway. On cancel, drop it."""
+        if self._next is None:
+            return
+        if self.cancel_requested:
+            await self._drop_next()
+            return
+        await asyncio.wait({self._next.generation})
+
+    async def _drop_next(self) -> None:
+        draw, self._next = self._next, None
+        if draw is not None:
+            await draw.drop()
+
+    def _too_stale(self, rollouts: Sequence[Any]) -> bool:
+        """Whether a rollout is more than max_staleness versions behind the learner."""
+        oldest = min(int(r.policy_version) for r in rollouts)
+        if self.version - oldest <= self.spec.max_staleness:
+            return False
+        self.log.warning("rollouts from policy version %d are %d versions behind the learner "
+                         "(max_staleness %d); generating them again", oldest,
+                         self.version - oldest, self.spec.max_staleness)
+        return True
+
+    def _require_fresh(self, rollouts: Sequence[Any]) -> None:
+        oldest = min(int(r.policy_version) for r in rollouts)
+        if self.version - oldest > self.spec.max_staleness:
+            raise errors.FailedPrecondition(
+                f"the generators returned rollouts of policy version {oldest} although version "
+                f"{self.version} was pushed and requested (max_staleness "
+                f"{self.spec.max_staleness}); is another learner pushing to them?")
+
+    def _prefetched_state(self) -> dict[str, Any] | None:
+        """The prefetched rollouts for a checkpoint (None unless generated and saveable)."""
+        draw = self._next
+        rollouts = None if draw is None else draw.generated()
+        if not rollouts or not all(isinstance(r, generator_pb2.Rollout) for r in rollouts):
+            return None
+        return {"step": draw.step, "policy_version": self.version,
+                "rollouts": encode_rollouts(rollouts)}
+
+    def _restore_prefetched(self, state: dict[str, Any]) -> Draw | None:
+        """The checkpoint's prefetched batch as the next draw. Versions are relabelled by their
+        lag behind the checkpointed learner version: the resumed learner serves the same weights
+        under a new version number."""
+        saved = state["prefetched"]
+        if int(saved["step"]) != self.step:
+            return None
+        rollouts = decode_rollouts(saved["rollouts"])
+        for r in rollouts:
+            lag = int(saved["policy_version"]) - int(r.policy_version)
+            r.policy_version = max(0, self.version - lag)
+        return self._draw(self.step, self.cursor, 0, rollouts=rollouts)
 
     def _check_rollouts(self, rollouts: Sequence[Any]) -> None:
         expected = self.spec.prompts_per_step * self.spec.samples_per_prompt
@@ -571,6 +800,7 @@ class Trainer:
             "ref_tail_mass_mean": float(stats.get("tail_mass_mean", 0.0)),
             "success_rate": sum(s >= 1.0 for s in scored) / ok if ok else 0.0,
             "policy_version": self.version,
+            "ratio_mean": float(stats.get("ratio_mean", 1.0)),
         }
 
     def _publish(self, out: dict[str, Any]) -> None:
@@ -585,6 +815,9 @@ class Trainer:
         phases: dict[str, float] = {}
         state = {"cursor": self.cursor.to_dict(), "policy_version": self.version,
                  "job_id": self.job_id}
+        prefetched = self._prefetched_state()
+        if prefetched is not None:
+            state["prefetched"] = prefetched
         with timed(phases, "checkpoint"):
             path = await asyncio.to_thread(checkpoint.save, self.job_dir, self.step, self.model,
                                            self.tokenizer, self.optimizer, state)
@@ -656,7 +889,7 @@ class JobManager:
             return record
         trainer = self._trainers.get(job_id)
         if trainer is not None:
-            trainer.cancel_requested = True
+            trainer.request_cancel()
             JobLog(logger, {"job_id": job_id, "step": trainer.step}).info(
                 "cancel requested: stopping after the current step")
             return record

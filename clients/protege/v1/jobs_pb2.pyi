@@ -219,7 +219,8 @@ class JobSpec(_message.Message):
     """
     max_staleness: _builtins.int
     """Rollouts may come from weights at most this many versions behind the learner (0 = strictly
-    on-policy; 1 overlaps generation of step k+1 with training of step k).
+    on-policy; 1 overlaps generation of step k+1 with training of step k). The pipeline is one
+    step deep, so values above 1 behave like 1.
     """
     @_builtins.property
     def generator_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -371,6 +372,7 @@ class StepMetrics(_message.Message):
     REF_TAIL_MASS_MEAN_FIELD_NUMBER: _builtins.int
     SUCCESS_RATE_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    RATIO_MEAN_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Step number (1-based)."""
     reward_mean: _builtins.float
@@ -401,6 +403,10 @@ class StepMetrics(_message.Message):
     """Fraction of samples with reward >= 1 (task success for 0/1 rewards)."""
     policy_version: _builtins.int
     """Policy version after this step's weight sync."""
+    ratio_mean: _builtins.float
+    """Mean truncated importance ratio min(pi_theta / pi_behaviour, C) over completion tokens
+    (1.0 when strictly on-policy).
+    """
     @_builtins.property
     def phase_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Seconds per phase: generate, reward, reference, forward_backward, optimizer, weight_sync, total."""
@@ -424,10 +430,11 @@ class StepMetrics(_message.Message):
         ref_tail_mass_mean: _builtins.float = ...,
         success_rate: _builtins.float = ...,
         policy_version: _builtins.int = ...,
+        ratio_mean: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantage_mean", b"advantage_mean", "completion_length_mean", b"completion_length_mean", "dense_grad_norm", b"dense_grad_norm", "grad_norm", b"grad_norm", "kl_mean", b"kl_mean", "loss", b"loss", "phase_seconds", b"phase_seconds", "policy_version", b"policy_version", "ref_tail_mass_mean", b"ref_tail_mass_mean", "reward_failure_rate", b"reward_failure_rate", "reward_mean", b"reward_mean", "sparse_grad_norm", b"sparse_grad_norm", "staleness", b"staleness", "step", b"step", "success_rate", b"success_rate", "tokens_per_s", b"tokens_per_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantage_mean", b"advantage_mean", "completion_length_mean", b"completion_length_mean", "dense_grad_norm", b"dense_grad_norm", "grad_norm", b"grad_norm", "kl_mean", b"kl_mean", "loss", b"loss", "phase_seconds", b"phase_seconds", "policy_version", b"policy_version", "ratio_mean", b"ratio_mean", "ref_tail_mass_mean", b"ref_tail_mass_mean", "reward_failure_rate", b"reward_failure_rate", "reward_mean", b"reward_mean", "sparse_grad_norm", b"sparse_grad_norm", "staleness", b"staleness", "step", b"step", "success_rate", b"success_rate", "tokens_per_s", b"tokens_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
