@@ -138,7 +138,8 @@ class Suite:
                  env: Mapping[str, str] | None = None, modules: Mapping[str, str] | None = None,
                  start_timeout: float = 180.0, die_with_parent: bool = True):
         self.workdir = Path(workdir).absolute()
-        self.student, self.teacher = Path(student), Path(teacher)
+        # Children run in `workdir`, so relative model paths must be resolved here.
+        self.student, self.teacher = Path(student).absolute(), Path(teacher).absolute()
         self.reward_scorers = reward_scorers
         self.token = token
         self.extra_args = dict(extra_args or {})

@@ -207,3 +207,13 @@ def test_up_with_the_real_services(tmp_path, tiny_pair):
     student, teacher = tiny_pair
     proc, out, err = _start_up(tmp_path, "--student", str(student), "--teacher", str(teacher))
     _check_up_and_stop(tmp_path, proc, out, err, timeout=55)
+
+
+def test_relative_model_paths_are_resolved_before_children_change_directory(tmp_path,
+                                                                          monkeypatch):
+    # Children run with cwd=workdir, so a relative --model would point inside the workdir.
+    monkeypatch.chdir(tmp_path)
+    suite = Suite(Path("suite"), Path("models/student"), Path("models/teacher"))
+    assert suite.student == tmp_path / "models" / "student"
+    assert suite.teacher == tmp_path / "models" / "teacher"
+    assert suite.workdir == tmp_path / "suite"
