@@ -391,8 +391,13 @@ def _write_ready_file(path: str, running: RunningServer) -> None:
     tmp.replace(path)  # atomic: a watcher never reads half a file
 
 
-async def serve_until_signal(running: RunningServer, grace: float) -> None:
-    """Serve until SIGTERM/SIGINT, then stop gracefully."""
+async def serve_until_signal(running: RunningServer, grace: float,
+                             before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully.
+
+    On a signal, new calls are refused first; `before_stop` (e.g. the learner finishing its running
+    step and checkpointing) then runs before in-flight calls get `grace` seconds to end.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -402,6 +407,9 @@ async def serve_until_signal(running: RunningServer, grace: float) -> None:
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         logger.info("signal received: draining for up to %.1fs", grace)
+        running.draining.set()
+        if before_stop is not None:
+            await before_stop()
         await running.stop(grace)
     waiter.cancel()
     stopper.cancel()

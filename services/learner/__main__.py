@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from protege.configs import parse_config
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.loop import JobManager
 from protege.services.learner.servicer import SERVICE_NAME, JobsServicer
-from protege.serving import RunningServer, configure_logging, server_options, start_server
+from protege.serving import (
+    RunningServer,
+    configure_logging,
+    serve_until_signal,
+    server_options,
+    start_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +46,9 @@ async def start(config: LearnerConfig) -> tuple[RunningServer, JobManager]:
 async def serve(config: LearnerConfig) -> None:
     """Serve until SIGTERM/SIGINT; then refuse new calls, stop jobs at a step boundary, exit."""
     running, manager = await start(config)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.ensure_future(running.wait())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        logger.info("signal received: finishing running steps for up to %.1fs", config.grace_s)
-        running.draining.set()  # refuse new calls while the jobs wind down
-        await manager.shutdown(config.grace_s)  # ends watch streams too, so the stop is quick
-        await running.stop(config.grace_s)
-    waiter.cancel()
-    stopper.cancel()
+    # shutdown() finishes running steps, checkpoints, and ends watch streams so the stop is quick.
+    await serve_until_signal(running, config.grace_s,
+                             before_stop=lambda: manager.shutdown(config.grace_s))
     manager.store.close()
 
 
