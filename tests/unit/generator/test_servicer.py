@@ -5,12 +5,8 @@ point."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -300,31 +296,19 @@ def test_config_validation():
         GeneratorConfig(model="m", max_new_tokens_limit=0)
 
 
-def test_entry_point_serves_and_drains_on_sigterm(tiny_student, tmp_path):
+def test_entry_point_serves_and_drains_on_sigterm(tiny_student, tmp_path, serve_process):
     ready = tmp_path / "ready.json"
     cmd = [sys.executable, "-m", "protege.services.generator", "--model", str(tiny_student),
            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
            "--ready-file", str(ready), "--grace-s", "1", "--max-new-tokens-limit", "16"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.1)
-        address = json.loads(ready.read_text())["grpc"]
+    proc, address = serve_process(cmd, ready)
 
-        async def check(client):
-            rollouts = await client.generate(["1+1="], 2, max_new_tokens=4)
-            with pytest.raises(errors.InvalidArgument, match=r"\[1, 16\]"):
-                await client.generate(["1+1="], 1, max_new_tokens=17)
-            return await client.info(), rollouts
-        info, rollouts = asyncio.run(with_client(address, check))
-        assert info.model == str(tiny_student) and len(rollouts) == 2
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async def check(client):
+        rollouts = await client.generate(["1+1="], 2, max_new_tokens=4)
+        with pytest.raises(errors.InvalidArgument, match=r"\[1, 16\]"):
+            await client.generate(["1+1="], 1, max_new_tokens=17)
+        return await client.info(), rollouts
+    info, rollouts = asyncio.run(with_client(address, check))
+    assert info.model == str(tiny_student) and len(rollouts) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0

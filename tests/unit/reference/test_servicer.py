@@ -4,12 +4,8 @@ payloads, LmHead, status codes for bad input, health, reflection, metrics and th
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -248,32 +244,20 @@ def test_health_reflection_and_metrics(engine):
     assert 'protege_reference_bytes_out_total{encoding="topk"}' in text
 
 
-def test_entry_point_serves_and_drains_on_sigterm(tiny_teacher, tmp_path):
+def test_entry_point_serves_and_drains_on_sigterm(tiny_teacher, tmp_path, serve_process):
     ready = tmp_path / "ready.json"
     cmd = [sys.executable, "-m", "protege.services.reference", "--model", str(tiny_teacher),
            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
            "--ready-file", str(ready), "--grace-s", "1"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.1)
-        address = json.loads(ready.read_text())["grpc"]
+    proc, address = serve_process(cmd, ready)
 
-        async def check():
-            client = ReferenceClient(address)
-            try:
-                return await client.info(), await client.score([[1, 2, 3]], [1], "full")
-            finally:
-                await client.close()
-        info, result = asyncio.run(check())
-        assert info.model == str(tiny_teacher) and result[0].logprobs_LV.shape == (2, 60)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async def check():
+        client = ReferenceClient(address)
+        try:
+            return await client.info(), await client.score([[1, 2, 3]], [1], "full")
+        finally:
+            await client.close()
+    info, result = asyncio.run(check())
+    assert info.model == str(tiny_teacher) and result[0].logprobs_LV.shape == (2, 60)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -144,45 +142,34 @@ def test_an_unreachable_target_fails_cleanly():
     assert failed(results) == ALL - {"scores_finite"}
 
 
-def test_the_builtin_reward_service_passes_from_the_command_line(tmp_path):
+def test_the_builtin_reward_service_passes_from_the_command_line(tmp_path, serve_process):
     ready = tmp_path / "ready.json"
     scorers = json.dumps([{"kind": "numeric"}, {"kind": "length", "target": 3, "coef": 0.1,
                                                  "weight": 0.5}])
     cmd = [sys.executable, "-m", "protege.services.reward", "--scorers", scorers,
            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--max-batch-size", "64",
            "--ready-file", str(ready), "--grace-s", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "reward service did not become ready"
-            time.sleep(0.1)
-        address = json.loads(ready.read_text())["grpc"]
-        results = run_checks(address, timeout=5)
-        assert failed(results) == set(), results
+    proc, address = serve_process(cmd, ready)
+    results = run_checks(address, timeout=5)
+    assert failed(results) == set(), results
 
-        async def score():
-            client = RewardClient(address)
-            try:
-                return await client.info(), await client.score([reward_pb2.Sample(
-                    id="a", completion="12345", metadata_json='{"answer": "12,345"}')])
-            finally:
-                await client.close()
-        info, (result,) = asyncio.run(score())
-        assert info.name == "numeric+length" and info.max_batch_size == 64
-        assert result.status == reward_pb2.SCORE_STATUS_OK
-        assert result.score == pytest.approx(1.0 - 0.5 * 0.2)
-        assert dict(result.components) == pytest.approx({"numeric": 1.0, "length": -0.2})
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async def score():
+        client = RewardClient(address)
+        try:
+            return await client.info(), await client.score([reward_pb2.Sample(
+                id="a", completion="12345", metadata_json='{"answer": "12,345"}')])
+        finally:
+            await client.close()
+    info, (result,) = asyncio.run(score())
+    assert info.name == "numeric+length" and info.max_batch_size == 64
+    assert result.status == reward_pb2.SCORE_STATUS_OK
+    assert result.score == pytest.approx(1.0 - 0.5 * 0.2)
+    assert dict(result.components) == pytest.approx({"numeric": 1.0, "length": -0.2})
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
 
 
-def test_a_user_reward_file_serves_with_serve(tmp_path):
+def test_a_user_reward_file_serves_with_serve(tmp_path, serve_process):
     ready = tmp_path / "ready.json"
     script = tmp_path / "my_reward.py"
     script.write_text(
@@ -193,20 +180,8 @@ def test_a_user_reward_file_serves_with_serve(tmp_path):
         "if __name__ == '__main__':\n"
         "    protege.reward.serve(score, host='127.0.0.1', port=0, metrics_port=-1,\n"
         "                         ready_file=sys.argv[1], name='mine')\n")
-    proc = subprocess.Popen([sys.executable, str(script), str(ready)],
-                            env={**os.environ, "PROTEGE_TOKEN": "t0k"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "user reward did not become ready"
-            time.sleep(0.1)
-        address = json.loads(ready.read_text())["grpc"]
-        assert failed(run_checks(address, token="t0k", timeout=5)) == set()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc, address = serve_process([sys.executable, str(script), str(ready)], ready,
+                                  env={"PROTEGE_TOKEN": "t0k"})
+    assert failed(run_checks(address, token="t0k", timeout=5)) == set()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
