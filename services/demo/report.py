@@ -77,6 +77,12 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def noise_margin(p1: float, p2: float, n: int) -> float:
+    """Two standard errors of the difference of two success rates measured on `n` prompts each
+    (binomial): a gap smaller than this is within evaluation noise."""
+    return 2 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / max(n, 1))
+
+
 def verdict(metrics: dict[str, Any]) -> str:
     """One honest sentence comparing hybrid with the other modes on final held-out success."""
     modes = metrics["modes"]
@@ -86,14 +92,20 @@ def verdict(metrics: dict[str, Any]) -> str:
     others = {k: v.get("final_success") for k, v in modes.items() if k != "hybrid"}
     if hybrid is None or any(v is None for v in others.values()):
         return "At least one mode has no final evaluation (see its state), so no verdict."
-    beaten = [k for k, v in others.items() if hybrid > v]
-    not_beaten = [k for k in others if k not in beaten]
-    if not not_beaten:
-        margins = ", ".join(f"{k} by {hybrid - v:+.1%}" for k, v in others.items())
-        return f"Hybrid ends with the highest held-out success ({hybrid:.1%}): it beats {margins}."
-    margins = ", ".join(f"{k} {others[k]:.1%}" for k in not_beaten)
-    return (f"Hybrid ({hybrid:.1%}) does NOT beat every other mode on final held-out success in "
-            f"this run: {margins}.")
+    n = int(metrics.get("world", {}).get("n_eval") or 0)
+    wins, ties, losses = [], [], []
+    for k, v in others.items():
+        margin = noise_margin(hybrid, v, n) if n else 0.0
+        gap = f"{k} {v:.1%} ({hybrid - v:+.1%}, noise ±{margin:.1%})"
+        (wins if hybrid - v > margin else losses if v - hybrid > margin else ties).append(gap)
+    parts = [f"Hybrid ends at {hybrid:.1%} held-out success."]
+    if wins:
+        parts.append(f"It beats {', '.join(wins)}.")
+    if ties:
+        parts.append(f"It is level, within evaluation noise, with {', '.join(ties)}.")
+    if losses:
+        parts.append(f"It does NOT beat {', '.join(losses)}.")
+    return " ".join(parts)
 
 
 def plot_curves(path: str | Path, metrics: dict[str, Any]) -> Path:
