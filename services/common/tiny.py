@@ -52,9 +52,8 @@ def build_char_tokenizer(out_dir: str | Path, charset: str = DEFAULT_CHARSET):
     return tokenizer
 
 
-def build_tiny_llama(out_dir: str | Path, tokenizer, spec: TinyLlamaSpec = TinyLlamaSpec(),
-                     seed: int = 0):
-    """A randomly initialised LlamaForCausalLM sized by `spec`, saved with the tokenizer."""
+def new_tiny_llama(tokenizer, spec: TinyLlamaSpec = TinyLlamaSpec(), seed: int = 0):
+    """A randomly initialised LlamaForCausalLM sized by `spec` for `tokenizer` (not saved)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -68,6 +67,13 @@ def build_tiny_llama(out_dir: str | Path, tokenizer, spec: TinyLlamaSpec = TinyL
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_tiny_llama(out_dir: str | Path, tokenizer, spec: TinyLlamaSpec = TinyLlamaSpec(),
+                     seed: int = 0):
+    """`new_tiny_llama`, saved with the tokenizer to `out_dir`."""
+    model = new_tiny_llama(tokenizer, spec, seed)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return model

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from protege.services.common.tiny import TinyLlamaSpec, build_char_tokenizer
+from protege.services.common.tiny import TinyLlamaSpec, build_char_tokenizer, new_tiny_llama
 from protege.services.demo import task
 
 logger = logging.getLogger(__name__)
@@ -170,24 +170,6 @@ def sampled_kl(student: Any, teacher: Any, tokenizer: Any, problems: Sequence[ta
 # ----------------------------------------------------------------------------------------- training
 
 
-def new_model(tokenizer: Any, spec: TinyLlamaSpec, seed: int) -> Any:
-    """A randomly initialised LlamaForCausalLM for the demo's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=spec.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
 def sft_until(model: Any, tokenizer: Any, train: Sequence[task.Problem],
               held_out: Sequence[task.Problem], *, target: float, max_steps: int, lr: float,
               batch: int, eval_every: int, seed: int, max_s: float = float("inf"),
@@ -241,7 +223,7 @@ def _train_and_save(name: str, tokenizer: Any, spec: TinyLlamaSpec, out: Path, *
                     max_steps: int, seed: int, config: WorldConfig, train: Sequence[task.Problem],
                     held_out: Sequence[task.Problem],
                     on_eval: Callable[[str, int, float], None] | None) -> dict[str, Any]:
-    model = new_model(tokenizer, spec, seed)
+    model = new_tiny_llama(tokenizer, spec, seed)
     result = sft_until(
         model, tokenizer, train, held_out, target=target, max_steps=max_steps,
         max_s=config.max_seconds, lr=config.sft_lr,
