@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from protege.services.common.tiny import TinyLlamaSpec, build_char_tokenizer
+from protege.services.common.tiny import TinyLlamaSpec, build_char_tokenizer, new_tiny_llama
 from protege.services.demo import task, world
 
 TINY = TinyLlamaSpec(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1,
@@ -83,7 +83,7 @@ def test_world_is_built_once_and_reused(tmp_path):
 
 
 def test_sft_stops_at_the_step_cap(tokenizer):
-    model = world.new_model(tokenizer, TINY, seed=0)
+    model = new_tiny_llama(tokenizer, TINY, seed=0)
     train, held = task.split_problems(50, seed=0)
     out = world.sft_until(model, tokenizer, train, held, target=1.1, max_steps=3, lr=1e-3,
                           batch=8, eval_every=1, seed=0)
