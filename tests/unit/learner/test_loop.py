@@ -241,22 +241,27 @@ def test_jobs_sharing_a_generator_never_run_together(backend, tmp_path):
     assert second_events[-1].state == SUCCEEDED and second_start >= first_done
 
 
+async def stop_after_first_metrics(cfg: LearnerConfig, spec: jobs_pb2.JobSpec) -> str:
+    """Submit `spec`, shut the learner down after the first step's metrics; return the job id.
+
+    The shutdown finishes the step in flight and checkpoints it; the job stays RUNNING.
+    """
+    manager = JobManager(cfg)
+    await manager.start()
+    record = await manager.submit(spec)
+    async for event in manager.watch(record.id):
+        if event.kind == "metrics":
+            break
+    await manager.shutdown(30.0)
+    manager.store.close()
+    return record.id
+
+
 def test_resume_after_shutdown_matches_an_uninterrupted_run(backend, tmp_path):
     spec = job_spec(backend, steps=4, checkpoint_every=-1, seed=7)
     _, _, straight = asyncio.run(run_job(config(tmp_path / "straight"), spec))
 
     cfg = config(tmp_path / "resumed")
-
-    async def first_half():
-        manager = JobManager(cfg)
-        await manager.start()
-        record = await manager.submit(spec)
-        async for event in manager.watch(record.id):
-            if event.kind == "metrics":
-                break
-        await manager.shutdown(30.0)  # finishes the step in flight, checkpoints, stays RUNNING
-        manager.store.close()
-        return record.id
 
     async def second_half(job_id):
         manager = JobManager(cfg)
@@ -269,7 +274,7 @@ def test_resume_after_shutdown_matches_an_uninterrupted_run(backend, tmp_path):
         await manager.shutdown(5.0)
         return out
 
-    job_id = asyncio.run(first_half())
+    job_id = asyncio.run(stop_after_first_metrics(cfg, spec))
     record, resumed, stopped_at, events = asyncio.run(second_half(job_id))
     assert record.state == SUCCEEDED and 1 <= stopped_at < 4
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]

@@ -20,7 +20,14 @@ from protege.services.learner import checkpoint
 from protege.services.learner.loop import Clients, JobManager
 from protege.services.learner.store import CANCELLED, FAILED, RUNNING, SUCCEEDED
 
-from .test_loop import PROMPTS, assert_finite, config, job_spec, run_job
+from .test_loop import (
+    PROMPTS,
+    assert_finite,
+    config,
+    job_spec,
+    run_job,
+    stop_after_first_metrics,
+)
 
 
 class Recorder:
@@ -153,17 +160,6 @@ def test_resume_with_max_staleness_1_matches_an_uninterrupted_run(backend, tmp_p
 
     cfg = config(tmp_path / "resumed")
 
-    async def first_half():
-        manager = JobManager(cfg)
-        await manager.start()
-        record = await manager.submit(spec)
-        async for event in manager.watch(record.id):
-            if event.kind == "metrics":
-                break
-        await manager.shutdown(30.0)  # finishes the step in flight, checkpoints, stays RUNNING
-        manager.store.close()
-        return record.id
-
     async def second_half(job_id):
         manager = JobManager(cfg)
         record = manager.get(job_id)
@@ -176,7 +172,7 @@ def test_resume_with_max_staleness_1_matches_an_uninterrupted_run(backend, tmp_p
         await manager.shutdown(5.0)
         return out
 
-    job_id = asyncio.run(first_half())
+    job_id = asyncio.run(stop_after_first_metrics(cfg, spec))
     record, resumed, stopped_at, saved = asyncio.run(second_half(job_id))
     assert record.state == SUCCEEDED and 1 <= stopped_at < 4
     assert consumed(saved["cursor"]) == 2 * stopped_at  # trained batches only
