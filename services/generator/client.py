@@ -149,11 +149,15 @@ class GeneratorClient:
     def _channel_for(self, address: str, server_name: str | None) -> grpc.aio.Channel:
         """A cached channel to one resolved replica (TLS checked against the DNS name)."""
         if address not in self._replica_channels:
-            tls = self._tls
-            if tls is not None and not tls.server_name and server_name:
-                tls = dataclasses.replace(tls, server_name=server_name)
-            self._replica_channels[address] = make_channel(address, self._token, tls)
+            self._replica_channels[address] = make_channel(address, self._token,
+                                                           self._tls_for(server_name))
         return self._replica_channels[address]
+
+    def _tls_for(self, server_name: str | None) -> TLSConfig | None:
+        """Client TLS for a resolved IP: check the certificate against the DNS name."""
+        if self._tls is not None and not self._tls.server_name and server_name:
+            return dataclasses.replace(self._tls, server_name=server_name)
+        return self._tls
 
     def _addresses(self) -> list[tuple[str, str | None]]:
         """(address, DNS name for TLS checks) of every generator behind the targets."""
@@ -181,14 +185,20 @@ class GeneratorClient:
     async def _push(self, address: str, server_name: str | None,
                     state_dict: Mapping[str, torch.Tensor], version: int, chunk_bytes: int
                     ) -> generator_pb2.LoadWeightsResponse:
+        # A push gets its own connection: when the server refuses an upload mid-stream (e.g. a
+        # stale version) while chunks are still in flight, grpc may tear the connection down, and
+        # on the shared Generate channel that turned the refusal into INTERNAL (seen in tests).
+        channel = make_channel(address, self._token, self._tls_for(server_name))
         try:
-            stub = generator_pb2_grpc.GeneratorStub(self._channel_for(address, server_name))
+            stub = generator_pb2_grpc.GeneratorStub(channel)
             reply = await stub.LoadWeights(weight_chunks(state_dict, version, chunk_bytes))
             logger.info("pushed version %d to %s: %d tensors, %d bytes in %.2fs", version,
                         address, reply.tensors, reply.bytes, reply.seconds)
             return reply
         except grpc.aio.AioRpcError as e:
             raise _error(e, address) from e
+        finally:
+            await channel.close()
 
     async def close(self) -> None:
         for channel in [*self._channels, *self._replica_channels.values()]:
