@@ -39,6 +39,46 @@ STATE_PREFIX = "JOB_STATE_"
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
+# Allowed values of the JobSpec's string choices, and the value each field takes on the learner
+# when it is left unset (proto3 zero). This is the one place they are written: the learner fills
+# unset fields from `JOB_DEFAULTS` and checks choices against `JOB_CHOICES`, the field
+# descriptions below quote them, and a test checks the comments of protos/protege/v1/jobs.proto.
+ENCODINGS = ("full", "hidden", "topk")
+BASELINES = ("rloo", "group_mean", "none")
+NORMALIZATIONS = ("sequence", "token")
+FAILURE_POLICIES = ("drop", "fail")
+JOB_CHOICES: dict[str, tuple[str, ...]] = {
+    "reference_encoding": ENCODINGS,
+    "baseline": BASELINES,
+    "normalization": NORMALIZATIONS,
+    "reward_failure_policy": FAILURE_POLICIES,
+}
+JOB_DEFAULTS: dict[str, Any] = {
+    "beta": 0.0,  # pure RL unless asked
+    "steps": 100,
+    "prompts_per_step": 8,
+    "samples_per_prompt": 4,
+    "max_new_tokens": 32,
+    "temperature": 1.0,  # the behaviour policy is the student itself (DESIGN §1)
+    "learning_rate": 1e-4,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "baseline": "rloo",  # leave-one-out: unbiased
+    "normalize_std": False,
+    "normalization": "sequence",  # sum over positions, mean over sequences: unbiased
+    "importance_cap": 2.0,
+    "reference_encoding": "full",
+    "top_k": 32,
+    "checkpoint_every": 10,
+    "seed": 0,
+    "reward_failure_policy": "drop",
+    "max_staleness": 0,
+}
+DEFAULT_PROMPT_FIELD = "prompt"  # Dataset.prompt_field
+# Phases of a step, as reported in StepMetrics.phase_seconds (0 for a phase the job skips).
+PHASES = ("generate", "reward", "reference", "forward_backward", "optimizer", "weight_sync",
+          "total")
+
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -148,7 +188,8 @@ class Dataset(_Strict):
         None, description="A Hugging Face `datasets` directory written with save_to_disk "
         "(the learner needs the optional `datasets` package).")
     prompt_field: str | None = Field(
-        None, description="Column holding the prompt text (learner default 'prompt').")
+        None, description=f"Column holding the prompt text. Learner default: "
+        f"{DEFAULT_PROMPT_FIELD!r}.")
 
     @field_validator("inline", mode="before")
     @classmethod
@@ -185,8 +226,15 @@ class Dataset(_Strict):
 # ------------------------------------------------------------------------------------------ JobSpec
 
 
-def _int32(ge: int, description: str) -> Any:
-    return Field(None, ge=ge, le=INT32_MAX, description=description)
+def _optional(name: str, description: str, **constraints: Any) -> Any:
+    """A JobSpec field left unset (None) unless given; its description quotes the learner's
+    default from `JOB_DEFAULTS`."""
+    return Field(None, description=f"{description} Learner default: {JOB_DEFAULTS[name]!r}.",
+                 **constraints)
+
+
+def _int32(name: str, ge: int, description: str) -> Any:
+    return _optional(name, description, ge=ge, le=INT32_MAX)
 
 
 class JobSpec(_Strict):
@@ -209,54 +257,49 @@ class JobSpec(_Strict):
     reward_target: str | None = Field(
         None, description="Reward gRPC target. Unset means R = 0 (pure on-policy distillation).")
     dataset: Dataset = Field(description="Prompts.")
-    beta: float | None = Field(
-        None, ge=0, description="KL weight beta >= 0; 0 is pure RL (learner default 0).")
-    steps: int | None = _int32(1, "Number of optimiser steps to run (learner default 100).")
-    prompts_per_step: int | None = _int32(1, "Prompts per step (learner default 8).")
+    beta: float | None = _optional("beta", "KL weight beta >= 0; 0 is pure RL.", ge=0)
+    steps: int | None = _int32("steps", 1, "Number of optimiser steps to run.")
+    prompts_per_step: int | None = _int32("prompts_per_step", 1, "Prompts per step.")
     samples_per_prompt: int | None = _int32(
-        1, "Samples per prompt, the group size n for the baseline (learner default 4; the rloo "
+        "samples_per_prompt", 1, "Samples per prompt, the group size n for the baseline (the rloo "
         "baseline needs >= 2).")
     max_new_tokens: int | None = _int32(
-        1, "Maximum new tokens per completion (learner default 32).")
-    temperature: float | None = Field(
-        None, gt=0, description="Sampling temperature; 1.0 (the learner default) keeps training "
-        "on-policy and unbiased.")
-    learning_rate: float | None = Field(
-        None, gt=0, description="AdamW learning rate (learner default 1e-4).")
-    weight_decay: float | None = Field(
-        None, ge=0, description="AdamW weight decay (learner default 0).")
-    max_grad_norm: float | None = Field(
-        None, description="Gradient-norm clip; a negative value disables clipping (learner "
-        "default 1.0; 0 is refused because on the wire it means 'unset').")
-    baseline: Literal["rloo", "group_mean", "none"] | None = Field(
-        None, description="Baseline: 'rloo' (default, unbiased), 'group_mean' (biased by 1 - 1/n) "
-        "or 'none'.")
-    normalize_std: bool | None = Field(
-        None, description="Divide advantages by the group's std (GRPO style; biased).")
-    normalization: Literal["sequence", "token"] | None = Field(
-        None, description="Loss normalisation: 'sequence' (default; sum over positions, mean over "
+        "max_new_tokens", 1, "Maximum new tokens per completion.")
+    temperature: float | None = _optional(
+        "temperature", "Sampling temperature; 1.0 keeps training on-policy and unbiased.", gt=0)
+    learning_rate: float | None = _optional("learning_rate", "AdamW learning rate.", gt=0)
+    weight_decay: float | None = _optional("weight_decay", "AdamW weight decay.", ge=0)
+    max_grad_norm: float | None = _optional(
+        "max_grad_norm", "Gradient-norm clip; a negative value disables clipping (0 is refused "
+        "because on the wire it means 'unset').")
+    baseline: Literal[BASELINES] | None = _optional(
+        "baseline", "Baseline: 'rloo' (unbiased), 'group_mean' (biased by 1 - 1/n) or 'none'.")
+    normalize_std: bool | None = _optional(
+        "normalize_std", "Divide advantages by the group's std (GRPO style; biased).")
+    normalization: Literal[NORMALIZATIONS] | None = _optional(
+        "normalization", "Loss normalisation: 'sequence' (sum over positions, mean over "
         "sequences; unbiased) or 'token'.")
-    importance_cap: float | None = Field(
-        None, gt=0, description="Truncated importance-ratio cap C for off-policy rollouts, "
-        "min(pi/pi_behav, C) (learner default 2.0).")
-    reference_encoding: Literal["full", "hidden", "topk"] | None = Field(
-        None, description="Reference encoding: 'full' (default), 'hidden' or 'topk'.")
-    top_k: int | None = _int32(1, "k for the 'topk' reference encoding (learner default 32).")
-    checkpoint_every: int | None = Field(
-        None, ge=-1, le=INT32_MAX, description="Checkpoint every this many steps; -1 checkpoints "
-        "only at the end (learner default 10; 0 is refused because on the wire it means 'unset').")
-    seed: int | None = Field(
-        None, ge=0, le=INT64_MAX, description="Random seed for sampling, data order and the "
-        "optimiser state (learner default 0).")
-    reward_failure_policy: Literal["drop", "fail"] | None = Field(
-        None, description="Samples whose reward failed to score: 'drop' (default) leaves them out "
-        "of the sparse term (they keep the dense term); 'fail' fails the job.")
+    importance_cap: float | None = _optional(
+        "importance_cap", "Truncated importance-ratio cap C for off-policy rollouts, "
+        "min(pi/pi_behav, C).", gt=0)
+    reference_encoding: Literal[ENCODINGS] | None = _optional(
+        "reference_encoding", "Reference encoding: 'full', 'hidden' or 'topk'.")
+    top_k: int | None = _int32("top_k", 1, "k for the 'topk' reference encoding.")
+    checkpoint_every: int | None = _optional(
+        "checkpoint_every", "Checkpoint every this many steps; -1 checkpoints only at the end (0 "
+        "is refused because on the wire it means 'unset').", ge=-1, le=INT32_MAX)
+    seed: int | None = _optional(
+        "seed", "Random seed for sampling, data order and the optimiser state.", ge=0,
+        le=INT64_MAX)
+    reward_failure_policy: Literal[FAILURE_POLICIES] | None = _optional(
+        "reward_failure_policy", "Samples whose reward failed to score: 'drop' leaves them out of "
+        "the sparse term (they keep the dense term); 'fail' fails the job.")
     labels: dict[str, str] | None = Field(
         None, description="Free-form labels (team, experiment, ...) stored with the job.")
-    max_staleness: int | None = Field(
-        None, ge=0, le=INT32_MAX, description="Rollouts may come from weights at most this many "
-        "versions behind the learner; 0 (default) is strictly on-policy, 1 overlaps generation "
-        "with training.")
+    max_staleness: int | None = _optional(
+        "max_staleness", "Rollouts may come from weights at most this many versions behind the "
+        "learner; 0 is strictly on-policy, 1 overlaps generation with training.", ge=0,
+        le=INT32_MAX)
 
     @field_validator("generator_targets")
     @classmethod
@@ -279,15 +322,17 @@ class JobSpec(_Strict):
     def _clip_not_zero(cls, value: float | None) -> float | None:
         if value == 0:
             raise ValueError("0 means 'unset' on the wire (the learner would clip at its default "
-                             "1.0); use a negative value to disable clipping")
+                             f"{JOB_DEFAULTS['max_grad_norm']}); use a negative value to disable "
+                             "clipping")
         return value
 
     @field_validator("checkpoint_every")
     @classmethod
     def _checkpoint_not_zero(cls, value: int | None) -> int | None:
         if value == 0:
-            raise ValueError("0 means 'unset' on the wire (the learner default is every 10 steps); "
-                             "use -1 to checkpoint only at the end")
+            raise ValueError("0 means 'unset' on the wire (the learner default is every "
+                             f"{JOB_DEFAULTS['checkpoint_every']} steps); use -1 to checkpoint "
+                             "only at the end")
         return value
 
     @model_validator(mode="after")
@@ -375,35 +420,42 @@ class JobSpec(_Strict):
 
 
 class StepMetrics(BaseModel):
-    """Metrics of one optimiser step (mirrors `protege.v1.StepMetrics`)."""
+    """Metrics of one optimiser step: the one record of them (mirrors `protege.v1.StepMetrics`).
 
-    model_config = ConfigDict(frozen=True)
+    The learner builds it, the job store keeps it as JSON, the Prometheus gauges, the watch stream
+    and the SDK read its fields by name. Every field is required: a value left out is a
+    ValidationError, never a silent 0.
+    """
 
-    step: int = Field(0, description="Step number (1-based).")
-    reward_mean: float = Field(0.0, description="Mean task reward over the step's scored samples.")
-    kl_mean: float = Field(0.0, description="Mean per-sequence KL(student || reference).")
-    dense_grad_norm: float = Field(0.0, description="Norm of the dense gradient w.r.t. logits.")
-    sparse_grad_norm: float = Field(0.0, description="Norm of the sparse gradient w.r.t. logits.")
-    grad_norm: float = Field(0.0, description="Parameter gradient norm before clipping.")
-    loss: float = Field(0.0, description="Loss value.")
-    advantage_mean: float = Field(0.0, description="Mean advantage.")
-    tokens_per_s: float = Field(0.0, description="Completion tokens trained on per second.")
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int = Field(description="Step number (1-based).")
+    reward_mean: float = Field(description="Mean task reward over the step's scored samples.")
+    kl_mean: float = Field(description="Mean per-sequence KL(student || reference).")
+    dense_grad_norm: float = Field(description="Norm of the dense gradient w.r.t. logits.")
+    sparse_grad_norm: float = Field(description="Norm of the sparse gradient w.r.t. logits.")
+    grad_norm: float = Field(description="Parameter gradient norm before clipping.")
+    loss: float = Field(description="Loss value.")
+    advantage_mean: float = Field(description="Mean advantage.")
+    tokens_per_s: float = Field(description="Completion tokens trained on per second.")
     phase_seconds: dict[str, float] = Field(
-        default_factory=dict, description="Seconds per phase: generate, reward, reference, "
-        "forward_backward, optimizer, weight_sync, total.")
-    staleness: float = Field(0.0, description="Learner minus behaviour policy version, averaged.")
-    reward_failure_rate: float = Field(0.0, description="Fraction of samples whose reward failed.")
-    completion_length_mean: float = Field(0.0, description="Mean completion length in tokens.")
-    ref_tail_mass_mean: float = Field(0.0, description="Reference mass outside the top-k (TOPK).")
-    success_rate: float = Field(0.0, description="Fraction of samples with reward >= 1.")
-    policy_version: int = Field(0, description="Policy version after this step's weight sync.")
-    ratio_mean: float = Field(1.0, description="Mean truncated importance ratio (1 on-policy).")
+        description=f"Seconds per phase: {', '.join(PHASES)}.")
+    staleness: float = Field(description="Learner minus behaviour policy version, averaged.")
+    reward_failure_rate: float = Field(description="Fraction of samples whose reward failed.")
+    completion_length_mean: float = Field(description="Mean completion length in tokens.")
+    ref_tail_mass_mean: float = Field(description="Reference mass outside the top-k (TOPK).")
+    success_rate: float = Field(description="Fraction of samples with reward >= 1.")
+    policy_version: int = Field(description="Policy version after this step's weight sync.")
+    ratio_mean: float = Field(description="Mean truncated importance ratio (1 on-policy).")
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.StepMetrics) -> StepMetrics:
         data = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
         data["phase_seconds"] = dict(msg.phase_seconds)
         return cls(**data)
+
+    def to_proto(self) -> jobs_pb2.StepMetrics:
+        return jobs_pb2.StepMetrics(**self.model_dump())
 
 
 class StepEvent(BaseModel):

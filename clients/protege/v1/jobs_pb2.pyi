@@ -70,7 +70,7 @@ class Dataset(_message.Message):
     hf_disk_path: _builtins.str
     """A Hugging Face `datasets` directory written with save_to_disk (needs the optional `datasets` package)."""
     prompt_field: _builtins.str
-    """Column holding the prompt text (default "prompt")."""
+    """Column holding the prompt text. Default: "prompt"."""
     @_builtins.property
     def inline(self) -> _containers.RepeatedCompositeFieldContainer[Global___InlinePrompt]:
         """Prompts listed inline."""
@@ -178,49 +178,51 @@ class JobSpec(_message.Message):
     reward_target: _builtins.str
     """Reward gRPC target. Empty means R = 0 (pure on-policy distillation)."""
     beta: _builtins.float
-    """KL weight beta >= 0. 0 is pure RL."""
+    """KL weight beta >= 0; 0 is pure RL. Default: 0."""
     steps: _builtins.int
-    """Number of optimiser steps to run."""
+    """Number of optimiser steps to run. Default: 100."""
     prompts_per_step: _builtins.int
-    """Prompts per step."""
+    """Prompts per step. Default: 8."""
     samples_per_prompt: _builtins.int
-    """Samples per prompt (group size n for the baseline)."""
+    """Samples per prompt (group size n for the baseline). Default: 4."""
     max_new_tokens: _builtins.int
-    """Maximum new tokens per completion."""
+    """Maximum new tokens per completion. Default: 32."""
     temperature: _builtins.float
-    """Sampling temperature (1.0 for unbiased on-policy training)."""
+    """Sampling temperature (1.0 for unbiased on-policy training). Default: 1.0."""
     learning_rate: _builtins.float
-    """AdamW learning rate."""
+    """AdamW learning rate. Default: 1e-4."""
     weight_decay: _builtins.float
-    """AdamW weight decay."""
+    """AdamW weight decay. Default: 0."""
     max_grad_norm: _builtins.float
-    """Gradient-norm clip. 0 (unset) means the learner default 1.0; a negative value disables clipping."""
+    """Gradient-norm clip; a negative value disables clipping (0 means unset). Default: 1.0."""
     baseline: _builtins.str
-    """Baseline: "rloo" (default, unbiased), "group_mean" (biased by 1 - 1/n) or "none"."""
+    """Baseline: "rloo" (unbiased), "group_mean" (biased by 1 - 1/n) or "none". Default: "rloo"."""
     normalize_std: _builtins.bool
-    """Divide advantages by the group's std (GRPO style; biased)."""
+    """Divide advantages by the group's std (GRPO style; biased). Default: false."""
     normalization: _builtins.str
-    """Loss normalisation: "sequence" (sum over positions, mean over sequences; unbiased) or "token"."""
+    """Loss normalisation: "sequence" (sum over positions, mean over sequences; unbiased) or "token".
+    Default: "sequence".
+    """
     importance_cap: _builtins.float
-    """Truncated importance-ratio cap C for off-policy rollouts (min(pi/pi_behav, C))."""
+    """Truncated importance-ratio cap C for off-policy rollouts (min(pi/pi_behav, C)). Default: 2.0."""
     reference_encoding: _builtins.str
-    """Reference encoding: "full", "hidden" or "topk"."""
+    """Reference encoding: "full", "hidden" or "topk". Default: "full"."""
     top_k: _builtins.int
-    """k for the TOPK encoding."""
+    """k for the TOPK encoding. Default: 32."""
     checkpoint_every: _builtins.int
-    """Checkpoint every this many steps. 0 (unset) means the learner default 10; a negative value
-    checkpoints only at the end.
+    """Checkpoint every this many steps; a negative value checkpoints only at the end (0 means
+    unset). Default: 10.
     """
     seed: _builtins.int
-    """Random seed (sampling, data order, initialisation of the optimiser state)."""
+    """Random seed (sampling, data order, initialisation of the optimiser state). Default: 0."""
     reward_failure_policy: _builtins.str
     """What to do with samples whose reward failed to score: "drop" leaves them out of the sparse term
-    (they still get the dense term), "fail" fails the job.
+    (they still get the dense term), "fail" fails the job. Default: "drop".
     """
     max_staleness: _builtins.int
     """Rollouts may come from weights at most this many versions behind the learner (0 = strictly
     on-policy; 1 overlaps generation of step k+1 with training of step k). The pipeline is one
-    step deep, so values above 1 behave like 1.
+    step deep, so values above 1 behave like 1. Default: 0.
     """
     @_builtins.property
     def generator_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
