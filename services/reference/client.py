@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -10,6 +9,7 @@ import grpc
 import torch
 from protege import errors
 from protege.services.common.codec import ChunkAssembler, decode
+from protege.services.reference.engine import SequenceScores
 from protege.serving import TLSConfig, make_channel
 from protege.v1 import reference_pb2, reference_pb2_grpc, tensor_pb2
 
@@ -19,21 +19,6 @@ ENCODINGS = {"full": reference_pb2.ENCODING_FULL, "topk": reference_pb2.ENCODING
              "hidden": reference_pb2.ENCODING_HIDDEN}
 DTYPES = {"float32": tensor_pb2.DTYPE_FLOAT32, "bfloat16": tensor_pb2.DTYPE_BFLOAT16}
 FIELDS = ("logprobs", "hidden", "topk_ids", "topk_logprobs", "tail_logprob")
-
-
-@dataclasses.dataclass
-class RefResult:
-    """One sequence's reference result: float32 CPU tensors, L = len(seq) - score_from rows.
-
-    Row p is the teacher's next-token distribution predicting `seq[score_from + p]`. Only the
-    fields of the requested encoding are set; `topk_ids_LK` is int64.
-    """
-
-    logprobs_LV: torch.Tensor | None = None
-    hidden_LD: torch.Tensor | None = None
-    topk_ids_LK: torch.Tensor | None = None
-    topk_logprobs_LK: torch.Tensor | None = None
-    tail_L: torch.Tensor | None = None
 
 
 class _Sequence:
@@ -64,13 +49,14 @@ class _Sequence:
                                       f"expected {self.length}")
             self.done = True
 
-    def result(self) -> RefResult:
+    def result(self) -> SequenceScores:
+        """The sequence's scores as float32 CPU tensors (`topk_ids_LK` stays int64)."""
         def cat(name: str) -> torch.Tensor | None:
             if name not in self.parts:
                 return None
             t = torch.cat(self.parts[name])
             return t if name == "topk_ids" else t.float()
-        return RefResult(cat("logprobs"), cat("hidden"), cat("topk_ids"), cat("topk_logprobs"),
+        return SequenceScores(cat("logprobs"), cat("hidden"), cat("topk_ids"), cat("topk_logprobs"),
                          cat("tail_logprob"))
 
 
@@ -92,7 +78,7 @@ class ReferenceClient:
 
     async def score(self, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
                     encoding: str = "full", top_k: int = 0, dtype: str = "float32",
-                    chunk_positions: int = 0) -> list[RefResult]:
+                    chunk_positions: int = 0) -> list[SequenceScores]:
         """Result i holds the distributions predicting sequences[i][score_from[i]:]."""
         if len(score_from) != len(sequences):
             raise errors.InvalidArgument(
