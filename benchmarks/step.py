@@ -51,9 +51,12 @@ from protege import Client
 from protege.launcher import Suite
 from protege.services.common.tiny import TinyLlamaSpec, ensure_tiny_model
 from protege.services.generator.engine import HFEngine, SamplingParams
-from protege.services.learner.config import LearnerConfig, with_defaults
-from protege.services.learner.loop import Clients, EventHub, Trainer
+from protege.services.learner.admission import with_defaults
+from protege.services.learner.clients import Clients
+from protege.services.learner.config import LearnerConfig
+from protege.services.learner.events import EventHub
 from protege.services.learner.store import JobStore
+from protege.services.learner.trainer import Trainer
 from protege.services.reference.engine import ReferenceEngine
 from protege.services.reward.scorers import build_scorer
 from protege.spec import StepEvent
@@ -219,7 +222,8 @@ class InProcess:
         self.loop.run_until_complete(self.trainer.setup())
 
     def steps(self, n: int) -> list[dict[str, Any]]:
-        return [self.loop.run_until_complete(self.trainer.train_step()) for _ in range(n)]
+        return [self.loop.run_until_complete(self.trainer.train_step()).model_dump()
+                for _ in range(n)]
 
     def close(self) -> None:
         self.loop.close()

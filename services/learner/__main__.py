@@ -17,7 +17,7 @@ import logging
 
 from protege.configs import parse_config
 from protege.services.learner.config import LearnerConfig
-from protege.services.learner.loop import JobManager
+from protege.services.learner.jobs import JobManager
 from protege.services.learner.servicer import SERVICE_NAME, JobsServicer
 from protege.serving import (
     RunningServer,

@@ -7,9 +7,9 @@ names, so they are part of the contract.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import prometheus_client
+from protege.spec import StepMetrics
 
 _JOB = ["job_id"]
 
@@ -38,20 +38,23 @@ STEPS = prometheus_client.Counter(
     "protege_learner_steps", "Optimizer steps completed", _JOB)
 JOBS = prometheus_client.Gauge("protege_learner_jobs", "Jobs in each state", ["state"])
 
+# StepMetrics field -> its gauge. Checked at import: a field name that StepMetrics lacks fails here.
 _GAUGES = {
     "reward_mean": REWARD_MEAN, "kl_mean": KL_MEAN, "tokens_per_s": TOKENS_PER_SECOND,
     "policy_version": POLICY_VERSION, "dense_grad_norm": DENSE_GRAD_NORM,
     "sparse_grad_norm": SPARSE_GRAD_NORM, "staleness": STALENESS, "grad_norm": GRAD_NORM,
     "success_rate": SUCCESS_RATE,
 }
+_unknown = set(_GAUGES) - set(StepMetrics.model_fields)
+if _unknown:
+    raise TypeError(f"learner gauges for fields StepMetrics does not have: {sorted(_unknown)}")
 
 
-def publish_step(job_id: str, metrics: Mapping[str, Any]) -> None:
-    """Export one step's metrics (StepMetrics field names) for `job_id`."""
+def publish_step(job_id: str, metrics: StepMetrics) -> None:
+    """Export one step's metrics for `job_id`."""
     for name, gauge in _GAUGES.items():
-        if name in metrics:
-            gauge.labels(job_id).set(float(metrics[name]))
-    for phase, seconds in (metrics.get("phase_seconds") or {}).items():
+        gauge.labels(job_id).set(float(getattr(metrics, name)))
+    for phase, seconds in metrics.phase_seconds.items():
         PHASE_SECONDS.labels(job_id, phase).set(float(seconds))
     STEPS.labels(job_id).inc()
 

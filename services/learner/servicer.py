@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
-from protege.services.learner.loop import Event, JobManager
+from protege.services.learner.events import Event
+from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import JobRecord
 from protege.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -26,15 +26,14 @@ def state_from_proto(value: int) -> str:
     return jobs_pb2.JobState.Name(value).removeprefix(_PREFIX)
 
 
-def metrics_to_proto(data: dict[str, Any] | None) -> jobs_pb2.StepMetrics:
-    return json_format.ParseDict(data or {}, jobs_pb2.StepMetrics(), ignore_unknown_fields=True)
-
-
 def job_to_proto(record: JobRecord) -> jobs_pb2.Job:
-    return jobs_pb2.Job(
+    job = jobs_pb2.Job(
         id=record.id, spec=record.spec, state=state_to_proto(record.state), step=record.step,
         error=record.error, created_at=record.created_at, updated_at=record.updated_at,
-        checkpoint_dir=record.checkpoint_dir, last_metrics=metrics_to_proto(record.last_metrics))
+        checkpoint_dir=record.checkpoint_dir)
+    if record.last_metrics is not None:
+        job.last_metrics.CopyFrom(record.last_metrics.to_proto())
+    return job
 
 
 def event_to_proto(event: Event) -> jobs_pb2.JobEvent:
@@ -42,7 +41,7 @@ def event_to_proto(event: Event) -> jobs_pb2.JobEvent:
     if event.kind == "state":
         out.state = state_to_proto(event.state)
     elif event.kind == "metrics":
-        out.metrics.CopyFrom(metrics_to_proto(event.metrics))
+        out.metrics.CopyFrom(event.metrics.to_proto())
     else:
         out.checkpoint_step = event.checkpoint_step
     return out

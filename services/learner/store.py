@@ -10,7 +10,6 @@ lock guards the connection.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sqlite3
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from protege.errors import FailedPrecondition, NotFound
+from protege.spec import StepMetrics
 from protege.v1 import jobs_pb2
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS step_metrics (
 
 @dataclasses.dataclass(frozen=True)
 class JobRecord:
-    """One job as stored. `last_metrics` uses the StepMetrics field names."""
+    """One job as stored; `last_metrics` is None until its first step."""
 
     id: str
     spec: jobs_pb2.JobSpec
@@ -74,7 +74,7 @@ class JobRecord:
     created_at: float
     updated_at: float
     checkpoint_dir: str
-    last_metrics: dict[str, Any]
+    last_metrics: StepMetrics | None
 
     @property
     def done(self) -> bool:
@@ -138,13 +138,13 @@ class JobStore:
         out.update({r[0]: r[1] for r in rows})
         return out
 
-    def metrics_history(self, job_id: str) -> list[dict[str, Any]]:
+    def metrics_history(self, job_id: str) -> list[StepMetrics]:
         """Every stored step's metrics, in step order."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT metrics FROM step_metrics WHERE job_id = ? ORDER BY step", (job_id,)
             ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [StepMetrics.model_validate_json(r[0]) for r in rows]
 
     # ------------------------------------------------------------------------------------- writes
 
@@ -174,9 +174,9 @@ class JobStore:
                        (state, error, time.time(), job_id))
         return self.get(job_id)
 
-    def record_step(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
-        """Store one step's metrics and advance the job's step, in one transaction."""
-        text = json.dumps(metrics)
+    def record_step(self, job_id: str, metrics: StepMetrics) -> None:
+        """Store one step's metrics and advance the job to `metrics.step`, in one transaction."""
+        step, text = metrics.step, metrics.model_dump_json()
         now = time.time()
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO step_metrics (job_id, step, metrics, time) "
@@ -227,4 +227,9 @@ def _record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(id=row["id"], spec=spec_from_json(row["spec"]), state=row["state"],
                      step=row["step"], error=row["error"], created_at=row["created_at"],
                      updated_at=row["updated_at"], checkpoint_dir=row["checkpoint_dir"],
-                     last_metrics=json.loads(row["last_metrics"] or "{}"))
+                     last_metrics=_metrics(row["last_metrics"]))
+
+
+def _metrics(text: str) -> StepMetrics | None:
+    """A stored metrics record; '{}' (or empty) means no step yet."""
+    return None if not text or text == "{}" else StepMetrics.model_validate_json(text)

@@ -20,9 +20,11 @@ import torch
 from protege.services.common.models import load_causal_lm
 from protege.services.generator.client import GeneratorClient
 from protege.services.learner import checkpoint
+from protege.services.learner.batch import build_batch
 from protege.services.learner.config import LearnerConfig
-from protege.services.learner.loop import JobManager, build_batch
+from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from protege.spec import StepMetrics
 from protege.v1 import generator_pb2, jobs_pb2
 
 PROMPTS = ["1+1=", "2+3=", "10+1=", "7+7=", "11+0=", "3+9="]
@@ -73,7 +75,9 @@ async def served_version(target: str) -> int:
         await client.close()
 
 
-def assert_finite(metrics: dict) -> None:
+def assert_finite(metrics: StepMetrics | dict) -> None:
+    if isinstance(metrics, StepMetrics):
+        metrics = metrics.model_dump()
     for key, value in metrics.items():
         if isinstance(value, dict):
             assert_finite(value)
@@ -82,23 +86,23 @@ def assert_finite(metrics: dict) -> None:
 
 
 def test_hybrid_job_with_reward(backend, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="protege.services.learner.loop")
+    caplog.set_level(logging.INFO, logger="protege.services.learner")
     spec = job_spec(backend)
     record, events, history = asyncio.run(run_job(config(tmp_path), spec))
 
     assert record.state == SUCCEEDED, record.error
-    assert record.step == 3 and [m["step"] for m in history] == [1, 2, 3]
+    assert record.step == 3 and [m.step for m in history] == [1, 2, 3]
     for m in history:
         assert_finite(m)
-        assert m["kl_mean"] >= 0 and m["dense_grad_norm"] > 0 and m["grad_norm"] > 0
-        assert m["staleness"] == 0 and m["reward_failure_rate"] == 0
-        assert 1 <= m["completion_length_mean"] <= 8
-        assert 0 <= m["success_rate"] <= 1 and m["tokens_per_s"] > 0
-        assert set(m["phase_seconds"]) >= {"generate", "reward", "reference",
+        assert m.kl_mean >= 0 and m.dense_grad_norm > 0 and m.grad_norm > 0
+        assert m.staleness == 0 and m.reward_failure_rate == 0
+        assert 1 <= m.completion_length_mean <= 8
+        assert 0 <= m.success_rate <= 1 and m.tokens_per_s > 0
+        assert set(m.phase_seconds) >= {"generate", "reward", "reference",
                                            "forward_backward", "optimizer", "weight_sync",
                                            "total"}
-    assert max(m["reward_mean"] for m in history) > 0
-    versions = [m["policy_version"] for m in history]
+    assert max(m.reward_mean for m in history) > 0
+    versions = [m.policy_version for m in history]
     assert versions == list(range(versions[0], versions[0] + 3))
     assert asyncio.run(served_version(backend.generator)) == versions[-1]
     assert record.last_metrics == history[-1]
@@ -113,7 +117,7 @@ def test_hybrid_job_with_reward(backend, tmp_path, caplog):
     original = load_causal_lm(backend.student)
     assert not torch.equal(trained.model.embed_tokens.weight, original.model.embed_tokens.weight)
 
-    kinds = [(e.kind, e.state or e.checkpoint_step or e.metrics["step"]) for e in events]
+    kinds = [(e.kind, e.state or e.checkpoint_step or e.metrics.step) for e in events]
     assert kinds[0][0] == "state"
     assert ("checkpoint", 2) in kinds and ("checkpoint", 3) in kinds
     assert kinds[-1] == ("state", SUCCEEDED)
@@ -136,8 +140,8 @@ def test_pure_rl_beta_zero_skips_the_reference(backend, tmp_path):
     assert record.state == SUCCEEDED, record.error
     for m in history:
         assert_finite(m)
-        assert m["kl_mean"] == 0 and m["dense_grad_norm"] == 0
-        assert m["phase_seconds"]["reference"] == 0
+        assert m.kl_mean == 0 and m.dense_grad_norm == 0
+        assert m.phase_seconds["reference"] == 0
 
 
 def test_distillation_r0_in_every_encoding(backend, tmp_path):
@@ -151,13 +155,13 @@ def test_distillation_r0_in_every_encoding(backend, tmp_path):
         assert record.state == SUCCEEDED, record.error
         m = history[0]
         assert_finite(m)
-        assert m["reward_mean"] == 0 and m["kl_mean"] > 0
+        assert m.reward_mean == 0 and m.kl_mean > 0
         first[encoding] = m
-    assert first["full"]["completion_length_mean"] == first["hidden"]["completion_length_mean"]
-    assert first["hidden"]["kl_mean"] == pytest.approx(first["full"]["kl_mean"], rel=1e-4)
-    assert first["full"]["ref_tail_mass_mean"] == 0
-    assert 0 < first["topk"]["ref_tail_mass_mean"] < 1
-    assert first["topk"]["kl_mean"] == pytest.approx(first["full"]["kl_mean"], rel=0.5)
+    assert first["full"].completion_length_mean == first["hidden"].completion_length_mean
+    assert first["hidden"].kl_mean == pytest.approx(first["full"].kl_mean, rel=1e-4)
+    assert first["full"].ref_tail_mass_mean == 0
+    assert 0 < first["topk"].ref_tail_mass_mean < 1
+    assert first["topk"].kl_mean == pytest.approx(first["full"].kl_mean, rel=0.5)
 
 
 def test_reward_failures_drop_or_fail(backend, tmp_path):
@@ -167,7 +171,7 @@ def test_reward_failures_drop_or_fail(backend, tmp_path):
     dropped, _, history = asyncio.run(run_job(
         config(tmp_path / "drop"), job_spec(backend, dataset=ds, prompts=[], steps=1)))
     assert dropped.state == SUCCEEDED, dropped.error
-    assert history[0]["reward_failure_rate"] == 0.5
+    assert history[0].reward_failure_rate == 0.5
 
     failed, events, _ = asyncio.run(run_job(
         config(tmp_path / "fail"),
@@ -218,7 +222,7 @@ def test_queue_failure_isolation_and_monotone_versions(backend, tmp_path):
     bad, good = asyncio.run(main())
     assert bad.state == FAILED and bad.error.startswith("step 1:") and "max_new_tokens" in bad.error
     assert good.state == SUCCEEDED, good.error
-    assert good.last_metrics["policy_version"] > before
+    assert good.last_metrics.policy_version > before
 
 
 def test_jobs_sharing_a_generator_never_run_together(backend, tmp_path):
@@ -277,13 +281,14 @@ def test_resume_after_shutdown_matches_an_uninterrupted_run(backend, tmp_path):
     job_id = asyncio.run(stop_after_first_metrics(cfg, spec))
     record, resumed, stopped_at, events = asyncio.run(second_half(job_id))
     assert record.state == SUCCEEDED and 1 <= stopped_at < 4
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    assert [e.metrics["step"] for e in events if e.kind == "metrics"] == list(
+    assert [m.step for m in resumed] == [1, 2, 3, 4]
+    assert [e.metrics.step for e in events if e.kind == "metrics"] == list(
         range(stopped_at + 1, 5))
     for a, b in zip(straight, resumed, strict=True):
-        assert a["completion_length_mean"] == b["completion_length_mean"]
+        assert a.completion_length_mean == b.completion_length_mean
         for key in ("loss", "kl_mean", "reward_mean", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-4, abs=1e-6), (
+                a.step, key)
 
 
 def test_build_batch_aligns_logits_with_completion_tokens(tiny_student):

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from protege import errors
 from protege.services.learner import checkpoint
-from protege.services.learner.loop import Clients, JobManager
+from protege.services.learner.clients import Clients
+from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import CANCELLED, FAILED, RUNNING, SUCCEEDED
 
 from .test_loop import (
@@ -115,22 +116,22 @@ def test_pipelined_job_trains_one_version_behind(backend, tmp_path):
     record, history = asyncio.run(run_recorded(config(tmp_path), spec, rec))
 
     assert record.state == SUCCEEDED, record.error
-    assert [m["step"] for m in history] == [1, 2, 3, 4]
-    versions = [m["policy_version"] for m in history]
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    versions = [m.policy_version for m in history]
     assert versions == list(range(versions[0], versions[0] + 4))
     for m in history:
         assert_finite(m)
-        assert 0 <= m["staleness"] <= 1 and m["grad_norm"] > 0
+        assert 0 <= m.staleness <= 1 and m.grad_norm > 0
     # Step 1 has nothing prefetched (on-policy); every later step trains on rollouts generated
     # during the previous step, on the weights from before that step's update.
-    assert [m["staleness"] for m in history] == [0, 1, 1, 1]
+    assert [m.staleness for m in history] == [0, 1, 1, 1]
     # The overlap itself: step k+1's Generate is issued before step k's weights are pushed (the
     # setup push comes first; the last step prefetches nothing).
     assert rec.generates_before_each_push() == [0, 2, 3, 4, 4]
     pushed = [v for kind, v in rec.calls if kind == "push"]
     assert pushed[1:] == versions
     # Stale rollouts get importance ratios pi_theta / pi_behav != 1 (the weights moved since).
-    assert all(abs(m["ratio_mean"] - 1) > 1e-6 for m in history[1:])
+    assert all(abs(m.ratio_mean - 1) > 1e-6 for m in history[1:])
     # The cursor counts trained batches only; the prefetched batch travels with the checkpoint.
     state = checkpoint.read_state(Path(record.checkpoint_dir) / "step-2")
     assert consumed(state["cursor"]) == 4
@@ -144,13 +145,13 @@ def test_max_staleness_zero_stays_strictly_on_policy(backend, tmp_path):
     spec = job_spec(backend, steps=3, max_staleness=0)
     record, history = asyncio.run(run_recorded(config(tmp_path), spec, rec))
     assert record.state == SUCCEEDED, record.error
-    assert [m["staleness"] for m in history] == [0, 0, 0]
+    assert [m.staleness for m in history] == [0, 0, 0]
     assert rec.generates_before_each_push() == [0, 1, 2, 3]  # generate, push, generate, push ...
     pushes = [v for kind, v in rec.calls if kind == "push"]
     mins = [v for kind, v in rec.calls if kind == "generate"]
     assert mins == pushes[:3]  # each Generate requires the version pushed just before it
     for m in history:
-        assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # same weights, two forwards
+        assert m.ratio_mean == pytest.approx(1.0, abs=1e-3)  # same weights, two forwards
 
 
 def test_resume_with_max_staleness_1_matches_an_uninterrupted_run(backend, tmp_path):
@@ -177,12 +178,13 @@ def test_resume_with_max_staleness_1_matches_an_uninterrupted_run(backend, tmp_p
     assert record.state == SUCCEEDED and 1 <= stopped_at < 4
     assert consumed(saved["cursor"]) == 2 * stopped_at  # trained batches only
     assert saved["prefetched"]["step"] == stopped_at  # the batch drawn ahead, not yet trained
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m.step for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed, strict=True):
-        assert a["staleness"] == b["staleness"]
-        assert a["completion_length_mean"] == b["completion_length_mean"]
+        assert a.staleness == b.staleness
+        assert a.completion_length_mean == b.completion_length_mean
         for key in ("loss", "kl_mean", "reward_mean", "grad_norm", "ratio_mean"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-4, abs=1e-6), (
+                a.step, key)
 
 
 def test_cancel_during_prefetch_leaves_no_task_behind(backend, tmp_path):
@@ -247,7 +249,7 @@ def test_rollouts_beyond_max_staleness_are_regenerated(backend, tmp_path):
     spec = job_spec(backend, steps=2, max_staleness=1)
     record, history = asyncio.run(run_recorded(config(tmp_path), spec, rec))
     assert record.state == SUCCEEDED, record.error
-    assert [m["staleness"] for m in history] == [0, 0]
+    assert [m.staleness for m in history] == [0, 0]
     gens = [v for kind, v in rec.calls if kind == "generate"]
-    assert len(gens) == 3 and gens[2] == history[1]["policy_version"] - 1  # on-policy retry
-    assert all(math.isfinite(m["loss"]) for m in history)
+    assert len(gens) == 3 and gens[2] == history[1].policy_version - 1  # on-policy retry
+    assert all(math.isfinite(m.loss) for m in history)

@@ -26,7 +26,8 @@ import pytest
 from protege.errors import InvalidJobSpec
 from protege.services.common.models import load_tokenizer, tokenizer_fingerprint
 from protege.services.learner.__main__ import start
-from protege.services.learner.config import LearnerConfig, check_spec, with_defaults
+from protege.services.learner.admission import check_spec, with_defaults
+from protege.services.learner.config import LearnerConfig
 from protege.v1 import jobs_pb2, jobs_pb2_grpc
 
 JobState = jobs_pb2.JobState
@@ -181,7 +182,7 @@ def test_hidden_refused_when_the_reference_cannot_serve_it(learner, backend):
 
 
 def test_rloo_with_one_sample_is_accepted_with_a_warning(learner, backend, caplog):
-    caplog.set_level(logging.WARNING, logger="protege.services.learner.config")
+    caplog.set_level(logging.WARNING, logger="protege.services.learner.admission")
     job = learner.SubmitJob(jobs_pb2.SubmitJobRequest(
         spec=spec(backend, samples_per_prompt=1, steps=1)))
     assert any("samples_per_prompt=1" in r.getMessage() for r in caplog.records)

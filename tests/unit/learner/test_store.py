@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pydantic
 import pytest
 from protege.errors import FailedPrecondition, NotFound
 from protege.services.learner.store import (
@@ -14,6 +15,7 @@ from protege.services.learner.store import (
     SUCCEEDED,
     JobStore,
 )
+from protege.spec import PHASES, StepMetrics
 from protege.v1 import jobs_pb2
 
 
@@ -23,6 +25,14 @@ def _spec(name: str = "j") -> jobs_pb2.JobSpec:
     spec.labels["team"] = "rl"
     spec.dataset.inline.add(prompt="1+1=", metadata_json='{"answer": "2"}')
     return spec
+
+
+def _metrics(step: int, **values: float) -> StepMetrics:
+    """A complete StepMetrics record: every field given (zeros unless set)."""
+    fields = dict.fromkeys(StepMetrics.model_fields, 0.0)
+    fields.update(step=step, policy_version=step, ratio_mean=1.0,
+                  phase_seconds=dict.fromkeys(PHASES, 0.5), **values)
+    return StepMetrics(**fields)
 
 
 def test_create_get_list(tmp_path):
@@ -63,22 +73,40 @@ def test_persists_across_reopen_with_metrics_history(tmp_path):
     job = store.create(_spec())
     store.transition(job.id, RUNNING)
     for step in (1, 2, 3):
-        store.record_step(job.id, step, {"step": step, "loss": 1.0 / step,
-                                         "phase_seconds": {"total": 0.5}})
+        store.record_step(job.id, _metrics(step, loss=1.0 / step))
     store.close()
 
     store = JobStore(path)
     again = store.get(job.id)
     assert again.state == RUNNING and again.step == 3
-    assert again.last_metrics["loss"] == pytest.approx(1 / 3)
-    assert [m["step"] for m in store.metrics_history(job.id)] == [1, 2, 3]
+    assert again.last_metrics.loss == pytest.approx(1 / 3)
+    assert [m.step for m in store.metrics_history(job.id)] == [1, 2, 3]
     # A resume from the step-2 checkpoint forgets step 3.
     store.rewind(job.id, 2)
     assert store.get(job.id).step == 2
-    assert store.get(job.id).last_metrics["step"] == 2
-    assert [m["step"] for m in store.metrics_history(job.id)] == [1, 2]
-    store.record_step(job.id, 3, {"step": 3, "loss": 9.0})
-    assert store.metrics_history(job.id)[-1]["loss"] == 9.0
+    assert store.get(job.id).last_metrics.step == 2
+    assert [m.step for m in store.metrics_history(job.id)] == [1, 2]
+    store.record_step(job.id, _metrics(3, loss=9.0))
+    assert store.metrics_history(job.id)[-1].loss == 9.0
+    store.close()
+
+
+def test_metrics_are_one_typed_record(tmp_path):
+    """What the store gives back is the record that went in; a missing or misspelt field is an
+    error when the record is built, never a silent zero."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create(_spec())
+    assert store.get(job.id).last_metrics is None  # no step yet
+    sent = _metrics(1, loss=0.25, kl_mean=0.5)
+    store.record_step(job.id, sent)
+    assert store.get(job.id).last_metrics == sent == store.metrics_history(job.id)[0]
+    complete = sent.model_dump()
+    with pytest.raises(pydantic.ValidationError, match="kl_mean"):
+        StepMetrics(**{k: v for k, v in complete.items() if k != "kl_mean"})
+    with pytest.raises(pydantic.ValidationError, match="kl_maen"):
+        StepMetrics(**complete, kl_maen=1.0)
+    with pytest.raises(pydantic.ValidationError):
+        sent.loss = 1.0  # frozen
     store.close()
 
 

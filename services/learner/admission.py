@@ -1,0 +1,207 @@
+"""Submit-time checks of a JobSpec: defaults filled, static checks, then the world it names.
+
+`validate_spec` is what SubmitJob runs before a job is stored: unset fields take the learner's
+defaults (`protege.spec.JOB_DEFAULTS`, the one source of them), `check_spec` refuses what can
+never run, naming the field and the fix, and then the student's tokenizer, the dataset, the
+reachability of every endpoint and the tokenizer agreement between student, generators and
+reference are checked. A refused job leaves no trace in the store.
+
+proto3 scalars carry no presence, so "unset" means 0 / "". Two fields therefore read a negative
+value as "off": `max_grad_norm < 0` disables clipping and `checkpoint_every < 0` checkpoints only
+at the end (0 means "unset" and takes the default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from protege import errors
+from protege.services.common.models import check_model_dir, load_tokenizer, vocab_info
+from protege.services.learner.clients import Clients
+from protege.services.learner.config import LearnerConfig
+from protege.services.learner.data import load_rows
+from protege.spec import DEFAULT_PROMPT_FIELD, JOB_CHOICES, JOB_DEFAULTS
+from protege.v1 import jobs_pb2
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------- static checks
+
+
+def with_defaults(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
+    """A copy of `spec` with every unset field given its `JOB_DEFAULTS` value."""
+    out = jobs_pb2.JobSpec()
+    out.CopyFrom(spec)
+    for name, value in JOB_DEFAULTS.items():
+        if not getattr(out, name):
+            setattr(out, name, value)
+    if not out.dataset.prompt_field:
+        out.dataset.prompt_field = DEFAULT_PROMPT_FIELD
+    return out
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise errors.InvalidJobSpec(message)
+
+
+def _check_counts(spec: jobs_pb2.JobSpec) -> None:
+    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
+        value = getattr(spec, name)
+        _require(value >= 1, f"{name} must be >= 1, got {value}; set JobSpec.{name} to a positive "
+                 f"integer or leave it unset for {JOB_DEFAULTS[name]}")
+    _require(spec.max_staleness >= 0,
+             f"max_staleness must be >= 0, got {spec.max_staleness}; 0 is strictly on-policy")
+    if spec.baseline == "rloo" and spec.samples_per_prompt == 1:
+        logger.warning("samples_per_prompt=1 with the rloo baseline: there are no other samples to "
+                       "form a baseline; use samples_per_prompt >= 2")
+
+
+def _check_reals(spec: jobs_pb2.JobSpec) -> None:
+    _require(spec.beta >= 0, f"beta must be >= 0, got {spec.beta}; 0 is pure RL")
+    _require(spec.temperature > 0, f"temperature must be > 0, got {spec.temperature}; use 1.0 for "
+             "unbiased on-policy training")
+    _require(spec.learning_rate > 0, f"learning_rate must be > 0, got {spec.learning_rate}")
+    _require(spec.weight_decay >= 0, f"weight_decay must be >= 0, got {spec.weight_decay}")
+    _require(spec.importance_cap > 0, f"importance_cap must be > 0, got {spec.importance_cap}")
+
+
+def _check_choices(spec: jobs_pb2.JobSpec) -> None:
+    for name, choices in JOB_CHOICES.items():
+        value = getattr(spec, name)
+        _require(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+    _require(spec.top_k >= 1, f"top_k must be >= 1, got {spec.top_k}")
+
+
+def _check_endpoints(spec: jobs_pb2.JobSpec) -> None:
+    _require(len(spec.generator_targets) > 0 and all(spec.generator_targets),
+             "generator_targets is empty: give at least one generator address, e.g. "
+             "'127.0.0.1:50051' or 'dns:///generator.ns.svc:50051'")
+    _require(spec.beta == 0 or bool(spec.reference_target),
+             f"reference_target is required when beta > 0 (beta={spec.beta}): give the reference "
+             "service's address, or set beta to 0 for pure RL")
+    _require(bool(spec.student_model), "student_model is required: the path (on the learner) of a "
+             "save_pretrained directory")
+
+
+def _check_dataset_sources(spec: jobs_pb2.JobSpec) -> None:
+    ds = spec.dataset
+    given = (("inline", len(ds.inline) > 0), ("jsonl_path", ds.jsonl_path),
+             ("hf_disk_path", ds.hf_disk_path))
+    sources = [name for name, set_ in given if set_]
+    _require(len(sources) == 1, f"dataset must have exactly one source (inline, jsonl_path or "
+             f"hf_disk_path); got {sources or 'none'}")
+
+
+def check_model_root(path: str, allowed_roots: Sequence[str]) -> None:
+    """Refuse a student path outside `allowed_roots` (when any are configured)."""
+    if not allowed_roots:
+        return
+    resolved = Path(path).resolve()
+    for root in allowed_roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return
+    raise errors.InvalidJobSpec(f"student_model {path} is outside the learner's allowed model "
+                                f"roots {list(allowed_roots)}; put the model under one of them")
+
+
+def check_spec(spec: jobs_pb2.JobSpec, allowed_roots: Sequence[str] = ()) -> None:
+    """Refuse a spec (defaults already filled) that can never run; no I/O beyond path resolution."""
+    _check_counts(spec)
+    _check_reals(spec)
+    _check_choices(spec)
+    _check_endpoints(spec)
+    _check_dataset_sources(spec)
+    check_model_root(spec.student_model, list(allowed_roots))
+
+
+# ---------------------------------------------------------------------------- the world it names
+
+
+def student_vocab(path: str) -> dict[str, Any]:
+    """VocabInfo fields of the student (tokenizer + config only; the weights are not loaded)."""
+    from transformers import AutoConfig
+
+    model_dir = check_model_dir(path)
+    tokenizer = load_tokenizer(model_dir)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    return vocab_info(tokenizer, config)
+
+
+def _endpoint_error(what: str, target: str, exc: BaseException, timeout: float) -> Exception:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return errors.Unavailable(f"{what} at {target} did not answer within {timeout:g}s; check "
+                                  "the address and that the service is running")
+    if not isinstance(exc, errors.ProtegeError) and hasattr(exc, "code"):
+        exc = errors.from_rpc_error(exc)  # a raw grpc error from a client
+    if isinstance(exc, (errors.Unavailable, errors.DeadlineExceeded)) or not isinstance(
+            exc, errors.ProtegeError):
+        return errors.Unavailable(f"{what} at {target} is unreachable: {exc}; check the address "
+                                  "and that the service is running")
+    return type(exc)(f"{what} at {target}: {exc}")
+
+
+async def probe(what: str, target: str, client: Any, timeout: float) -> Any:
+    """`client.info()` within `timeout`, turning failures into errors that name the endpoint."""
+    try:
+        return await asyncio.wait_for(client.info(), timeout)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a clear, typed error
+        raise _endpoint_error(what, target, e, timeout) from e
+    finally:
+        await client.close()
+
+
+def check_vocab(student: dict[str, Any], what: str, target: str, vocab: Any) -> None:
+    """Refuse a generator/reference whose vocabulary or tokenizer differs from the student's."""
+    if vocab.tokenizer_fingerprint != student["tokenizer_fingerprint"]:
+        raise errors.InvalidJobSpec(
+            f"tokenizer mismatch: student {student['tokenizer_fingerprint']} vs {what} "
+            f"{vocab.tokenizer_fingerprint} ({target}); all three (student, generator, reference) "
+            "must use the same tokenizer")
+    if vocab.vocab_size != student["vocab_size"]:
+        raise errors.InvalidJobSpec(
+            f"vocab size mismatch: student {student['vocab_size']} vs {what} {vocab.vocab_size} "
+            f"({target}); all three must have the same logit dimension (tokenizer fingerprint "
+            f"{student['tokenizer_fingerprint']})")
+
+
+async def check_endpoints(spec: jobs_pb2.JobSpec, student: dict[str, Any], clients: Clients,
+                          timeout: float) -> None:
+    """Every endpoint answers Info in time; generators/reference share the student's tokenizer."""
+    probes = [probe("generator", t, clients.generator([t]), timeout)
+              for t in spec.generator_targets]
+    if spec.beta > 0:
+        probes.append(probe("reference", spec.reference_target,
+                            clients.reference(spec.reference_target), timeout))
+    if spec.reward_target:
+        probes.append(probe("reward", spec.reward_target, clients.reward(spec.reward_target),
+                            timeout))
+    infos = await asyncio.gather(*probes)
+    for target, info in zip(spec.generator_targets, infos, strict=False):
+        check_vocab(student, "generator", target, info.vocab)
+    if spec.beta > 0:
+        info = infos[len(spec.generator_targets)]
+        check_vocab(student, "reference", spec.reference_target, info.vocab)
+        if spec.reference_encoding == "hidden" and not info.hidden_supported:
+            raise errors.InvalidJobSpec(
+                f"reference_encoding 'hidden' is not exact for the reference at "
+                f"{spec.reference_target}: {info.hidden_unsupported_reason or 'not supported'}; "
+                "use 'full' or 'topk'")
+
+
+async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
+                        clients: Clients) -> jobs_pb2.JobSpec:
+    """The spec with defaults filled, or a typed error naming the field and the fix."""
+    spec = with_defaults(spec)
+    check_spec(spec, config.allowed_model_roots)
+    student = await asyncio.to_thread(student_vocab, spec.student_model)
+    if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student["vocab_size"]:
+        raise errors.InvalidJobSpec(f"top_k must be in [1, {student['vocab_size']}] (the vocab "
+                                    f"size) for the topk encoding, got {spec.top_k}")
+    await asyncio.to_thread(load_rows, spec.dataset)
+    await check_endpoints(spec, student, clients, config.submit_timeout_s)
+    return spec

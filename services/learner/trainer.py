@@ -1,0 +1,271 @@
+"""One job's training run: setup (or resume), steps, checkpoints (DESIGN §3).
+
+Each step:
+
+1. take the step's batch from `Rollouts` (drawn ahead during the previous step when
+   `max_staleness >= 1`, else drawn now); the data cursor only advances once it is trained;
+2. with `max_staleness >= 1`, start drawing the next step's batch, to overlap with this step;
+3. wait for this batch's rewards and reference results;
+4. student forward on the padded batch, `hybrid_loss`, one backward, clip, AdamW step;
+5. push the new weights to every generator (after the next batch is generated): the policy
+   version goes up by one;
+6. publish the step's `StepMetrics` (store, watchers, Prometheus); checkpoint every N steps.
+
+Strictly on-policy training is `max_staleness = 0` of this same path. No grpc here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from protege import errors
+from protege.services.common.models import load_causal_lm, load_tokenizer
+from protege.services.learner import checkpoint, metrics
+from protege.services.learner.batch import Batch, build_batch, reference_tensors, reference_to
+from protege.services.learner.clients import Clients
+from protege.services.learner.config import LearnerConfig
+from protege.services.learner.data import Cursor, load_rows
+from protege.services.learner.events import Event, EventHub, JobLog
+from protege.services.learner.objective import hybrid_loss
+from protege.services.learner.rollouts import Rollouts, Scored, timed
+from protege.services.learner.store import CANCELLED, SUCCEEDED, JobRecord, JobStore
+from protege.services.learner.weight_sync import WeightSync
+from protege.spec import PHASES, StepMetrics
+
+logger = logging.getLogger(__name__)
+
+STOPPED = "STOPPED"  # a trainer's outcome on learner shutdown: the job stays RUNNING for a resume
+
+
+def step_metrics(step: int, stats: dict[str, Any], grad_norm: float, scored: Scored,
+                 batch: Batch, trained_version: int, policy_version: int, has_reward: bool,
+                 phases: dict[str, float]) -> StepMetrics:
+    """The step's one metrics record, from the objective's stats and the batch it trained on."""
+    B = len(scored.rollouts)
+    ok = len(scored.scored) if has_reward else 0
+    behaviour_version = sum(int(r.policy_version) for r in scored.rollouts) / B
+    return StepMetrics(
+        step=step,
+        reward_mean=sum(scored.scored) / ok if ok else 0.0,
+        kl_mean=float(stats["kl_mean"]),
+        dense_grad_norm=float(stats["dense_grad_norm"]),
+        sparse_grad_norm=float(stats["sparse_grad_norm"]),
+        grad_norm=grad_norm,
+        loss=float(stats["loss"]),
+        advantage_mean=float(stats["advantage_mean"]),
+        tokens_per_s=batch.tokens / phases["total"] if phases["total"] > 0 else 0.0,
+        phase_seconds={k: float(phases.get(k, 0.0)) for k in PHASES},
+        staleness=trained_version - behaviour_version,
+        reward_failure_rate=(B - ok) / B if has_reward else 0.0,
+        completion_length_mean=batch.tokens / B,
+        ref_tail_mass_mean=float(stats.get("tail_mass_mean", 0.0)),  # TOPK only: else no tail
+        success_rate=sum(s >= 1.0 for s in scored.scored) / ok if ok else 0.0,
+        policy_version=policy_version,
+        ratio_mean=float(stats["ratio_mean"]),
+    )
+
+
+class Trainer:
+    """Runs one job: setup (or resume), steps, checkpoints. One instance per job run."""
+
+    def __init__(self, record: JobRecord, config: LearnerConfig, store: JobStore, hub: EventHub,
+                 clients: Clients, version_floor: int = 0):
+        self.job_id, self.spec = record.id, record.spec
+        self.config, self.store, self.hub, self.clients = config, store, hub, clients
+        self.job_dir = Path(record.checkpoint_dir or Path(config.checkpoint_root) / record.id)
+        self.log = JobLog(logger, record.id, record.step)
+        self.version_floor = version_floor
+        self.cancel_requested = self.stop_requested = self.started = False
+        self.step = 0  # steps trained
+        self.version = 0  # policy version the generators serve (the learner's current weights)
+        self.cursor = Cursor(seed=int(self.spec.seed))
+        self.last_checkpoint = -1
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # HIDDEN only
+        self.rollouts: Rollouts | None = None
+        self.weights: WeightSync | None = None
+
+    # --------------------------------------------------------------------------- lifecycle
+
+    async def run(self) -> str:
+        """Train to `spec.steps`; returns SUCCEEDED, CANCELLED or STOPPED (learner shutdown)."""
+        await self.setup()
+        try:
+            while self.step < self.spec.steps:
+                if self.cancel_requested or self.stop_requested:
+                    break
+                await self.train_step()
+                every = self.spec.checkpoint_every
+                if every > 0 and self.step % every == 0:
+                    await self.save_checkpoint()
+            if self.step > 0 and self.last_checkpoint != self.step:
+                await self.save_checkpoint()
+        finally:
+            await self.rollouts.drop_next()
+        if self.step >= self.spec.steps:
+            return SUCCEEDED
+        return CANCELLED if self.cancel_requested else STOPPED
+
+    async def setup(self) -> None:
+        """Load the dataset, the student (from the latest checkpoint if any) and the clients, then
+        push the student to every generator so generation uses this job's weights."""
+        spec = self.spec
+        rows = await asyncio.to_thread(load_rows, spec.dataset)
+        ckpt = checkpoint.latest(self.job_dir)
+        state = await asyncio.to_thread(self._load_student, ckpt)
+        self.step = int(state.get("step", 0))
+        self.last_checkpoint = self.step if ckpt else -1
+        if "cursor" in state:
+            self.cursor = Cursor.from_dict(state["cursor"])
+        self.store.rewind(self.job_id, self.step)
+        self.log.at_step(self.step)
+        generator = self.clients.generator(spec.generator_targets)
+        reference = self.clients.reference(spec.reference_target) if spec.beta > 0 else None
+        reward = self.clients.reward(spec.reward_target) if spec.reward_target else None
+        self.rollouts = Rollouts(self.job_id, spec, rows, generator, reference, reward, self.log)
+        self.weights = WeightSync(generator, self.clients, spec.generator_targets,
+                                  self.config.weight_chunk_mb << 20)
+        if reference is not None and spec.reference_encoding == "hidden":
+            weight, bias = await reference.lm_head()
+            device = self.model.device
+            self.lm_head = (weight.float().to(device),
+                            None if bias is None else bias.float().to(device))
+        served = await self.weights.served_version()
+        self.version = max(served, self.version_floor, int(state.get("policy_version", 0))) + 1
+        await self.weights.push(self.model, self.version)
+        if spec.max_staleness > 0 and state.get("prefetched"):
+            self.rollouts.restore_prefetched(state["prefetched"], self.step, self.cursor,
+                                             self.version)
+        self.started = True
+        self.log.info("started (%s) at policy version %d, %d prompts",
+                      f"resumed from {ckpt}" if ckpt else "from scratch", self.version, len(rows))
+
+    def _load_student(self, ckpt: Path | None) -> dict[str, Any]:
+        """Model, tokenizer and AdamW; restored (with RNG states) from `ckpt` when given."""
+        source = ckpt or self.spec.student_model
+        self.tokenizer = load_tokenizer(self.spec.student_model)
+        self.model = load_causal_lm(source, self.config.device, self.config.dtype).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.spec.learning_rate,
+                                           weight_decay=self.spec.weight_decay)
+        if ckpt is None:
+            torch.manual_seed(self.spec.seed)
+            return {}
+        checkpoint.load_optimizer(ckpt, self.optimizer)
+        checkpoint.load_rng(ckpt)
+        return checkpoint.read_state(ckpt)
+
+    def request_cancel(self) -> None:
+        """Stop after the current step; a batch being drawn ahead for the next one is cancelled
+        now (its tasks end; the step finishing awaits them)."""
+        self.cancel_requested = True
+        if self.rollouts is not None:
+            self.rollouts.cancel_next()
+
+    async def close(self) -> None:
+        if self.rollouts is not None:
+            await self.rollouts.close()
+        self.rollouts = self.weights = None
+
+    # ------------------------------------------------------------------------------ a step
+
+    async def train_step(self) -> StepMetrics:
+        """One optimizer step (DESIGN §3); returns its metrics."""
+        start = time.perf_counter()
+        draw = await self.rollouts.take(self.step, self.cursor, self.version)
+        if (self.spec.max_staleness > 0 and self.step + 1 < self.spec.steps
+                and not self.cancel_requested):
+            self.rollouts.prefetch(self.step + 1, draw.cursor, self.version)
+        scored = await self.rollouts.scored(draw)
+        phases = draw.phases
+        batch = build_batch(scored.rollouts, self._pad_id())
+        stats, grad_norm = await asyncio.to_thread(self._update, batch, scored, phases)
+        trained_version = self.version
+        self.version += 1
+        if self.cancel_requested:
+            await self.rollouts.drop_next()
+        # Hold the push until the next batch is generated, so that all of it comes from the
+        # weights it was requested on (one version behind when trained; deterministic).
+        await self.rollouts.next_generated()
+        with timed(phases, "weight_sync"):
+            await self.weights.push(self.model, self.version)
+        phases["total"] = time.perf_counter() - start
+        self.step += 1
+        self.cursor = draw.cursor
+        self.log.at_step(self.step)
+        out = step_metrics(self.step, stats, grad_norm, scored, batch, trained_version,
+                           self.version, self.rollouts.reward is not None, phases)
+        self._publish(out)
+        return out
+
+    def _update(self, batch: Batch, scored: Scored,
+                phases: dict[str, float]) -> tuple[dict[str, Any], float]:
+        """Forward, hybrid loss, backward, clip, AdamW step (runs in a worker thread)."""
+        spec, model = self.spec, self.model
+        device = next(model.parameters()).device
+        T = batch.tokens_BT.shape[1]
+        with timed(phases, "forward_backward"):
+            model.train()
+            out = model(input_ids=batch.input_ids_BL.to(device),
+                        attention_mask=batch.attention_mask_BL.to(device),
+                        position_ids=batch.position_ids_BL.to(device), logits_to_keep=T + 1)
+            logits_BTV = out.logits[:, :-1].float()  # position P-1+t predicts completion token t
+            V = logits_BTV.shape[-1]
+            ref = None if scored.ref is None else reference_to(
+                reference_tensors(scored.ref, spec.reference_encoding, T, V, self.lm_head),
+                device)
+            loss, stats = hybrid_loss(
+                logits_BTV, batch.tokens_BT.to(device), batch.mask_BT.to(device), ref,
+                scored.rewards_B.to(device), spec.beta, baseline=spec.baseline,
+                group_size=spec.samples_per_prompt, normalization=spec.normalization,
+                normalize_std=spec.normalize_std,
+                behaviour_logprobs_BT=batch.behaviour_BT.to(device),
+                importance_cap=spec.importance_cap,
+                reward_mask_B=scored.reward_mask_B.to(device))
+            loss.backward()
+        with timed(phases, "optimizer"):
+            max_norm = spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            if not math.isfinite(grad_norm):
+                raise errors.FailedPrecondition(
+                    f"gradient norm is {grad_norm}; the step was skipped. Lower learning_rate or "
+                    "check the rewards and the reference")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return stats, grad_norm
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    # ---------------------------------------------------------------------- bookkeeping
+
+    def _publish(self, out: StepMetrics) -> None:
+        self.store.record_step(self.job_id, out)
+        metrics.publish_step(self.job_id, out)
+        self.hub.publish(Event.step(self.job_id, out))
+        self.log.info("reward %.4f kl %.4f loss %.4f grad %.3f version %d %.2fs",
+                      out.reward_mean, out.kl_mean, out.loss, out.grad_norm, out.policy_version,
+                      out.phase_seconds["total"])
+
+    async def save_checkpoint(self) -> Path:
+        phases: dict[str, float] = {}
+        state = {"cursor": self.cursor.to_dict(), "policy_version": self.version,
+                 "job_id": self.job_id}
+        prefetched = self.rollouts.prefetched_state(self.version)
+        if prefetched is not None:
+            state["prefetched"] = prefetched
+        with timed(phases, "checkpoint"):
+            path = await asyncio.to_thread(checkpoint.save, self.job_dir, self.step, self.model,
+                                           self.tokenizer, self.optimizer, state)
+        self.last_checkpoint = self.step
+        self.hub.publish(Event.checkpoint(self.job_id, self.step, str(path)))
+        self.log.info("checkpoint %s (%.2fs)", path, phases["checkpoint"])
+        return path
