@@ -36,7 +36,7 @@ from rich.table import Table
 from protege import errors
 from protege.client import DEFAULT_TARGET, TARGET_ENV, TOKEN_ENV, Client
 from protege.serving import TLSConfig
-from protege.spec import CheckpointEvent, JobInfo, StateEvent, StepEvent
+from protege.spec import CheckpointEvent, JobInfo, NoticeEvent, StateEvent, StepEvent
 
 app = typer.Typer(name="protege", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -250,6 +250,8 @@ def _show(progress: Progress, task: Any, event: Any) -> None:
         progress.update(task, description=f"{event.job_id} {event.state}")
     elif isinstance(event, CheckpointEvent):
         progress.console.print(f"checkpoint written at step {event.step}", highlight=False)
+    elif isinstance(event, NoticeEvent):
+        progress.console.print(f"note: {event.message}", markup=False, highlight=False)
 
 
 def _exit_for(job: JobInfo) -> None:

@@ -495,7 +495,18 @@ class CheckpointEvent(BaseModel):
     time: float = 0.0
 
 
-Event = StepEvent | StateEvent | CheckpointEvent
+class NoticeEvent(BaseModel):
+    """Something the job's owner should know that does not change its state (a padded teacher
+    vocabulary, a dependency being retried, samples whose rewards failed)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    message: str
+    time: float = 0.0
+
+
+Event = StepEvent | StateEvent | CheckpointEvent | NoticeEvent
 
 
 def event_from_proto(msg: jobs_pb2.JobEvent) -> Event:
@@ -510,6 +521,8 @@ def event_from_proto(msg: jobs_pb2.JobEvent) -> Event:
                           time=msg.time)
     if kind == "checkpoint_step":
         return CheckpointEvent(job_id=msg.job_id, step=msg.checkpoint_step, time=msg.time)
+    if kind == "notice":
+        return NoticeEvent(job_id=msg.job_id, message=msg.notice, time=msg.time)
     raise errors.Internal(f"job event for {msg.job_id} carries no event; is the SDK older than "
                           "the learner?")
 

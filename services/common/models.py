@@ -67,27 +67,87 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32"
     return model.to(parse_device(device)).eval()
 
 
+# Text a tokenizer must split into the same ids on both sides of a distillation pair: letters,
+# digits, punctuation, whitespace runs, non-Latin scripts and an emoji (byte fallback).
+PROBE_TEXT = ("The quick brown fox jumps over 13 lazy dogs; 2+2=4, isn't it?\n\tdef f(x): return "
+              "x ** 2  # ok\nÉtoile, naïve café — 東京, Москва, مرحبا, 🚀 ... <|end|>")
+
+
+VOCAB_BLOCK = 256  # ids per block digest: a vocabulary mismatch is located to 256 ids
+
+
+def _digest(pairs: list[tuple[str, int]]) -> str:
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+def text_config(config: Any) -> Any:
+    """The text decoder's config: `config.get_text_config()` for a nested (multimodal) config such
+    as Gemma-3 4B+, whose `vocab_size` lives only in `text_config`; else `config` itself."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def tokenizer_summary(tokenizer: Any) -> dict[str, Any]:
+    """What decides the ids a model receives: the vocabulary (token -> id, as a digest and a
+    size), the special tokens, and the ids of `PROBE_TEXT`. Pipeline classes are left out: two
+    byte-identical tokenizers loaded as different classes must agree."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    digest = _digest(vocab)
+    blocks = [_digest([kv for kv in vocab if start <= kv[1] < start + VOCAB_BLOCK])[:12]
+              for start in range(0, (vocab[-1][1] + 1) if vocab else 0, VOCAB_BLOCK)]
+    special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())
+               if isinstance(value, str)}
+    return {
+        "tokenizer_size": len(tokenizer),
+        "vocab_digest": digest,
+        "vocab_block_digests": blocks,
+        "special_tokens": special,
+        "probe_token_ids": list(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)),
+    }
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's canonical JSON: vocab, merges, normaliser and special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None)
-        state.pop("padding", None)
-    else:
-        state = {"vocab": sorted(tokenizer.get_vocab().items())}
-    state["special"] = sorted(map(str, tokenizer.all_special_tokens))
-    blob = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+    """sha256 of `tokenizer_summary`: equal exactly when two tokenizers agree on what matters."""
+    blob = json.dumps(tokenizer_summary(tokenizer), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def tokenizer_difference(a: Any, b: Any) -> str:
+    """What differs between two VocabInfo-like records ('' when their tokenizers agree): the first
+    differing special token, probe id, or the vocabularies themselves."""
+    if a.tokenizer_size != b.tokenizer_size:
+        return f"the tokenizers have {a.tokenizer_size} and {b.tokenizer_size} tokens"
+    special_a, special_b = dict(a.special_tokens), dict(b.special_tokens)
+    for name in sorted(set(special_a) | set(special_b)):
+        if special_a.get(name) != special_b.get(name):
+            return (f"special token {name} is {special_a.get(name)!r} vs "
+                    f"{special_b.get(name)!r}")
+    ids_a, ids_b = list(a.probe_token_ids), list(b.probe_token_ids)
+    for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)):
+        if x != y:
+            return f"the probe text tokenizes differently at position {i}: id {x} vs id {y}"
+    if len(ids_a) != len(ids_b):
+        return f"the probe text tokenizes into {len(ids_a)} vs {len(ids_b)} ids"
+    blocks = zip(a.vocab_block_digests, b.vocab_block_digests, strict=False)
+    for i, (x, y) in enumerate(blocks):
+        if x != y:
+            return (f"the vocabularies map tokens to different ids within ids "
+                    f"[{i * VOCAB_BLOCK}, {(i + 1) * VOCAB_BLOCK})")
+    if a.vocab_digest != b.vocab_digest:
+        return "the vocabularies map some token to a different id"
+    return ""
 
 
 def vocab_info(tokenizer: Any, model_config: Any) -> dict[str, Any]:
-    """The fields of `protege.v1.VocabInfo` for a tokenizer and a model config."""
+    """The fields of `protege.v1.VocabInfo` for a tokenizer and a model config (nested or not)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
+    summary = tokenizer_summary(tokenizer)
     return {
-        "vocab_size": int(model_config.vocab_size),
+        "vocab_size": int(text_config(model_config).vocab_size),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "eos_token_id": -1 if eos is None else int(eos),
         "pad_token_id": -1 if pad is None else int(pad),
+        **summary,
     }

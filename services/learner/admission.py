@@ -20,12 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from protege import errors
-from protege.services.common.models import check_model_dir, load_tokenizer, vocab_info
+from protege.services.common.models import (
+    check_model_dir,
+    load_tokenizer,
+    tokenizer_difference,
+    vocab_info,
+)
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.data import load_rows
 from protege.spec import DEFAULT_PROMPT_FIELD, JOB_CHOICES, JOB_DEFAULTS
-from protege.v1 import jobs_pb2
+from protege.v1 import jobs_pb2, tensor_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +127,14 @@ def check_spec(spec: jobs_pb2.JobSpec, allowed_roots: Sequence[str] = ()) -> Non
 # ---------------------------------------------------------------------------- the world it names
 
 
-def student_vocab(path: str) -> dict[str, Any]:
-    """VocabInfo fields of the student (tokenizer + config only; the weights are not loaded)."""
+def student_vocab(path: str) -> tensor_pb2.VocabInfo:
+    """VocabInfo of the student (tokenizer + config only; the weights are not loaded)."""
     from transformers import AutoConfig
 
     model_dir = check_model_dir(path)
     tokenizer = load_tokenizer(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    return vocab_info(tokenizer, config)
+    return tensor_pb2.VocabInfo(**vocab_info(tokenizer, config))
 
 
 def _endpoint_error(what: str, target: str, exc: BaseException, timeout: float) -> Exception:
@@ -142,6 +147,12 @@ def _endpoint_error(what: str, target: str, exc: BaseException, timeout: float) 
             exc, errors.ProtegeError):
         return errors.Unavailable(f"{what} at {target} is unreachable: {exc}; check the address "
                                   "and that the service is running")
+    if isinstance(exc, errors.Internal):
+        # The dependency's bug, not ours: an INTERNAL here would be hidden behind the learner's
+        # generic message, so it travels as FAILED_PRECONDITION naming the service.
+        return errors.FailedPrecondition(
+            f"{what} at {target} failed with an internal error ({exc}); its own log has the "
+            "traceback")
     return type(exc)(f"{what} at {target}: {exc}")
 
 
@@ -155,22 +166,36 @@ async def probe(what: str, target: str, client: Any, timeout: float) -> Any:
         await client.close()
 
 
-def check_vocab(student: dict[str, Any], what: str, target: str, vocab: Any) -> None:
-    """Refuse a generator/reference whose vocabulary or tokenizer differs from the student's."""
-    if vocab.tokenizer_fingerprint != student["tokenizer_fingerprint"]:
+def check_vocab(student: tensor_pb2.VocabInfo, what: str, target: str,
+                vocab: tensor_pb2.VocabInfo, padded_ok: bool = False) -> None:
+    """Refuse a generator/reference whose tokenizer or logit dimension differs from the student's.
+
+    Tokenizers agree when their vocabularies, special tokens and probe-text ids do (see
+    `models.tokenizer_summary`); the error says what differs. A reference (`padded_ok`) may have
+    more logit rows than the student when the rows past the student's hold no tokenizer id: the
+    learner then uses the first V_student rows (a padded teacher such as Qwen2.5-7B+).
+    """
+    if vocab.tokenizer_fingerprint != student.tokenizer_fingerprint:
+        difference = tokenizer_difference(student, vocab) or (
+            f"fingerprints {student.tokenizer_fingerprint[:12]} vs "
+            f"{vocab.tokenizer_fingerprint[:12]}; is the {what} running an older Protégé?")
         raise errors.InvalidJobSpec(
-            f"tokenizer mismatch: student {student['tokenizer_fingerprint']} vs {what} "
-            f"{vocab.tokenizer_fingerprint} ({target}); all three (student, generator, reference) "
-            "must use the same tokenizer")
-    if vocab.vocab_size != student["vocab_size"]:
+            f"tokenizer mismatch between the student and the {what} at {target}: {difference}; "
+            "the student, generators and reference must tokenize text into the same ids")
+    if vocab.vocab_size == student.vocab_size:
+        return
+    padded = (padded_ok and vocab.vocab_size > student.vocab_size
+              and student.tokenizer_size <= student.vocab_size)
+    if not padded:
         raise errors.InvalidJobSpec(
-            f"vocab size mismatch: student {student['vocab_size']} vs {what} {vocab.vocab_size} "
-            f"({target}); all three must have the same logit dimension (tokenizer fingerprint "
-            f"{student['tokenizer_fingerprint']})")
+            f"vocab size mismatch: the student has {student.vocab_size} logit rows but the {what} "
+            f"at {target} has {vocab.vocab_size}; "
+            + ("a generator must serve the student's own architecture" if what == "generator"
+               else "a reference may only have more rows than the student (a padded vocabulary)"))
 
 
-async def check_endpoints(spec: jobs_pb2.JobSpec, student: dict[str, Any], clients: Clients,
-                          timeout: float) -> None:
+async def check_endpoints(spec: jobs_pb2.JobSpec, student: tensor_pb2.VocabInfo,
+                          clients: Clients, timeout: float) -> None:
     """Every endpoint answers Info in time; generators/reference share the student's tokenizer."""
     probes = [probe("generator", t, clients.generator([t]), timeout)
               for t in spec.generator_targets]
@@ -185,7 +210,7 @@ async def check_endpoints(spec: jobs_pb2.JobSpec, student: dict[str, Any], clien
         check_vocab(student, "generator", target, info.vocab)
     if spec.beta > 0:
         info = infos[len(spec.generator_targets)]
-        check_vocab(student, "reference", spec.reference_target, info.vocab)
+        check_vocab(student, "reference", spec.reference_target, info.vocab, padded_ok=True)
         if spec.reference_encoding == "hidden" and not info.hidden_supported:
             raise errors.InvalidJobSpec(
                 f"reference_encoding 'hidden' is not exact for the reference at "
@@ -199,8 +224,8 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
     spec = with_defaults(spec)
     check_spec(spec, config.allowed_model_roots)
     student = await asyncio.to_thread(student_vocab, spec.student_model)
-    if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student["vocab_size"]:
-        raise errors.InvalidJobSpec(f"top_k must be in [1, {student['vocab_size']}] (the vocab "
+    if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student.vocab_size:
+        raise errors.InvalidJobSpec(f"top_k must be in [1, {student.vocab_size}] (the vocab "
                                     f"size) for the topk encoding, got {spec.top_k}")
     await asyncio.to_thread(load_rows, spec.dataset)
     await check_endpoints(spec, student, clients, config.submit_timeout_s)

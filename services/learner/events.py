@@ -16,15 +16,16 @@ from typing import Any, Literal
 
 from protege.spec import StepMetrics
 
-EventKind = Literal["state", "metrics", "checkpoint"]
+EventKind = Literal["state", "metrics", "checkpoint", "notice"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """Something that happened to a job: a state change, a step's metrics or a checkpoint.
+    """Something that happened to a job: a state change, a step's metrics, a checkpoint or a
+    notice.
 
-    `state` is set for "state" events, `metrics` for "metrics" events and `checkpoint_step` (with
-    the checkpoint's path as `message`) for "checkpoint" events.
+    `state` is set for "state" events, `metrics` for "metrics" events, `checkpoint_step` (with
+    the checkpoint's path as `message`) for "checkpoint" events and `message` for "notice" events.
     """
 
     job_id: str
@@ -46,6 +47,10 @@ class Event:
     @classmethod
     def checkpoint(cls, job_id: str, step: int, path: str) -> Event:
         return cls(job_id, "checkpoint", checkpoint_step=step, message=path)
+
+    @classmethod
+    def notice(cls, job_id: str, message: str) -> Event:
+        return cls(job_id, "notice", message=message)
 
 
 class JobLog(logging.LoggerAdapter):

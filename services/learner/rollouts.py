@@ -128,9 +128,11 @@ class Rollouts:
     """Draws, generates and scores a job's batches; holds the one drawn ahead (`next`)."""
 
     def __init__(self, job_id: str, spec: jobs_pb2.JobSpec, rows: list[PromptRow],
-                 generator: Any, reference: Any | None, reward: Any | None, log: Any):
+                 generator: Any, reference: Any | None, reward: Any | None, log: Any,
+                 vocab_size: int = 0):
         self.job_id, self.spec, self.rows, self.log = job_id, spec, rows, log
         self.generator, self.reference, self.reward = generator, reference, reward
+        self.vocab_size = vocab_size  # the student's logit rows: a padded teacher's are cut to it
         self.next: Draw | None = None
 
     # -------------------------------------------------------------------------- the pipeline
@@ -310,7 +312,8 @@ class Rollouts:
         with timed(phases, "reference"):
             return await self.reference.score(
                 seqs, score_from, encoding=self.spec.reference_encoding,
-                top_k=self.spec.top_k if self.spec.reference_encoding == "topk" else 0)
+                top_k=self.spec.top_k if self.spec.reference_encoding == "topk" else 0,
+                vocab_size=self.vocab_size)
 
     async def close(self) -> None:
         """Drop the batch drawn ahead and close the job's clients."""

@@ -42,6 +42,8 @@ def event_to_proto(event: Event) -> jobs_pb2.JobEvent:
         out.state = state_to_proto(event.state)
     elif event.kind == "metrics":
         out.metrics.CopyFrom(event.metrics.to_proto())
+    elif event.kind == "notice":
+        out.notice = event.message
     else:
         out.checkpoint_step = event.checkpoint_step
     return out

@@ -6,7 +6,9 @@ Each step:
    `max_staleness >= 1`, else drawn now); the data cursor only advances once it is trained;
 2. with `max_staleness >= 1`, start drawing the next step's batch, to overlap with this step;
 3. wait for this batch's rewards and reference results;
-4. student forward on the padded batch, `hybrid_loss`, one backward, clip, AdamW step;
+4. student forward on the padded batch, `hybrid_loss`, one backward, clip, AdamW step. The
+   forward runs in eval mode (dropout off), as the generator samples: the KL, its gradient and
+   the importance ratios are those of the policy that produced the rollouts;
 5. push the new weights to every generator (after the next batch is generated): the policy
    version goes up by one;
 6. publish the step's `StepMetrics` (store, watchers, Prometheus); checkpoint every N steps.
@@ -130,14 +132,13 @@ class Trainer:
         generator = self.clients.generator(spec.generator_targets)
         reference = self.clients.reference(spec.reference_target) if spec.beta > 0 else None
         reward = self.clients.reward(spec.reward_target) if spec.reward_target else None
-        self.rollouts = Rollouts(self.job_id, spec, rows, generator, reference, reward, self.log)
+        V = int(self.model.get_output_embeddings().weight.shape[0])
+        self.rollouts = Rollouts(self.job_id, spec, rows, generator, reference, reward, self.log,
+                                 vocab_size=V)
         self.weights = WeightSync(generator, self.clients, spec.generator_targets,
                                   self.config.weight_chunk_mb << 20)
-        if reference is not None and spec.reference_encoding == "hidden":
-            weight, bias = await reference.lm_head()
-            device = self.model.device
-            self.lm_head = (weight.float().to(device),
-                            None if bias is None else bias.float().to(device))
+        if reference is not None:
+            await self._teacher_head(reference, V)
         served = await self.weights.served_version()
         self.version = max(served, self.version_floor, int(state.get("policy_version", 0))) + 1
         await self.weights.push(self.model, self.version)
@@ -148,11 +149,29 @@ class Trainer:
         self.log.info("started (%s) at policy version %d, %d prompts",
                       f"resumed from {ckpt}" if ckpt else "from scratch", self.version, len(rows))
 
+    async def _teacher_head(self, reference: Any, V: int) -> None:
+        """Say so when the teacher's vocabulary is padded past the student's V rows (only its
+        first V rows are used); fetch its LM head for HIDDEN, cut to those rows."""
+        vocab = (await reference.info()).vocab
+        if vocab.vocab_size > V:
+            message = (f"the reference at {self.spec.reference_target} has a padded vocabulary: "
+                       f"{vocab.vocab_size} logit rows for a {vocab.tokenizer_size}-token "
+                       f"tokenizer; rows past {V} hold no token, so the job uses its first {V} "
+                       "rows (the student's), renormalised")
+            self.log.info("%s", message)
+            self.hub.publish(Event.notice(self.job_id, message))
+        if self.spec.reference_encoding == "hidden":
+            weight, bias = await reference.lm_head()
+            device = self.model.device
+            self.lm_head = (weight[:V].float().to(device),
+                            None if bias is None else bias[:V].float().to(device))
+
     def _load_student(self, ckpt: Path | None) -> dict[str, Any]:
         """Model, tokenizer and AdamW; restored (with RNG states) from `ckpt` when given."""
         source = ckpt or self.spec.student_model
         self.tokenizer = load_tokenizer(self.spec.student_model)
-        self.model = load_causal_lm(source, self.config.device, self.config.dtype).train()
+        # Eval mode, as returned: dropout stays off while training (see step 4 above).
+        self.model = load_causal_lm(source, self.config.device, self.config.dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.spec.learning_rate,
                                            weight_decay=self.spec.weight_decay)
         if ckpt is None:
@@ -212,7 +231,7 @@ class Trainer:
         device = next(model.parameters()).device
         T = batch.tokens_BT.shape[1]
         with timed(phases, "forward_backward"):
-            model.train()
+            model.eval()  # no dropout: the policy that sampled the batch (step 4 above)
             out = model(input_ids=batch.input_ids_BL.to(device),
                         attention_mask=batch.attention_mask_BL.to(device),
                         position_ids=batch.position_ids_BL.to(device), logits_to_keep=T + 1)

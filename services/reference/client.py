@@ -78,8 +78,9 @@ class ReferenceClient:
 
     async def score(self, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
                     encoding: str = "full", top_k: int = 0, dtype: str = "float32",
-                    chunk_positions: int = 0) -> list[SequenceScores]:
-        """Result i holds the distributions predicting sequences[i][score_from[i]:]."""
+                    chunk_positions: int = 0, vocab_size: int = 0) -> list[SequenceScores]:
+        """Result i holds the distributions predicting sequences[i][score_from[i]:]; FULL/TOPK over
+        the first `vocab_size` logit rows only when it is > 0 (a padded teacher)."""
         if len(score_from) != len(sequences):
             raise errors.InvalidArgument(
                 f"{len(score_from)} score_from values for {len(sequences)} sequences")
@@ -87,7 +88,8 @@ class ReferenceClient:
             sequences=[reference_pb2.Sequence(token_ids=list(s), score_from=int(f))
                        for s, f in zip(sequences, score_from, strict=True)],
             encoding=_choice(ENCODINGS, encoding, "encoding"), top_k=top_k,
-            dtype=_choice(DTYPES, dtype, "dtype"), chunk_positions=chunk_positions)
+            dtype=_choice(DTYPES, dtype, "dtype"), chunk_positions=chunk_positions,
+            vocab_size=vocab_size)
         pending = [_Sequence(i, len(s) - int(f))
                    for i, (s, f) in enumerate(zip(sequences, score_from, strict=True))]
         try:

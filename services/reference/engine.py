@@ -26,7 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from protege.errors import FailedPrecondition, InvalidArgument
-from protege.services.common.models import load_causal_lm, load_tokenizer, vocab_info
+from protege.services.common.models import (
+    load_causal_lm,
+    load_tokenizer,
+    text_config,
+    vocab_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +91,8 @@ def topk_encode(logits_LV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 def _config_reason(config: Any) -> str:
     """Why the config says logits are not `h · Wᵀ + b` ('' when nothing says so)."""
     configs = [config]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else None
-    if text is not None and text is not config:
+    text = text_config(config)
+    if text is not config:
         configs.append(text)
     for cfg in configs:
         for attr in SOFTCAP_ATTRS:
@@ -161,9 +166,7 @@ class ReferenceEngine:
         head = model.get_output_embeddings()
         self.vocab_size, self.hidden_size = (int(n) for n in head.weight.shape)
         self.input_vocab = int(model.get_input_embeddings().num_embeddings)
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
-        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+        self.max_positions = getattr(text_config(model.config), "max_position_embeddings", None)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
             tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
@@ -202,7 +205,8 @@ class ReferenceEngine:
     # ----------------------------------------------------------------------------- validation
 
     def validate(self, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
-                 encoding: str, top_k: int = 0, out_dtype: torch.dtype = torch.float32) -> None:
+                 encoding: str, top_k: int = 0, out_dtype: torch.dtype = torch.float32,
+                 vocab_size: int = 0) -> None:
         """Raise InvalidArgument / FailedPrecondition with a clear message for a bad request."""
         if not sequences:
             raise InvalidArgument("no sequences: send at least one Sequence")
@@ -213,8 +217,12 @@ class ReferenceEngine:
             raise InvalidArgument(f"unknown encoding {encoding!r}; use one of {ENCODINGS}")
         if out_dtype not in OUT_DTYPES:
             raise InvalidArgument(f"dtype {out_dtype} is not supported; use float32 or bfloat16")
-        if encoding == "topk" and not 1 <= top_k <= self.vocab_size:
-            raise InvalidArgument(f"top_k must be in [1, {self.vocab_size}] for TOPK, got {top_k}")
+        if not 0 <= vocab_size <= self.vocab_size:
+            raise InvalidArgument(f"vocab_size must be in [0, {self.vocab_size}] (0 = every logit "
+                                  f"row of this reference), got {vocab_size}")
+        rows = vocab_size or self.vocab_size
+        if encoding == "topk" and not 1 <= top_k <= rows:
+            raise InvalidArgument(f"top_k must be in [1, {rows}] for TOPK, got {top_k}")
         if encoding == "hidden" and not self.hidden.supported:
             raise FailedPrecondition(f"HIDDEN is not available for this reference: "
                                      f"{self.hidden.reason}")
@@ -244,20 +252,22 @@ class ReferenceEngine:
 
     def score(self, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
               encoding: str = "full", top_k: int = 0,
-              out_dtype: torch.dtype = torch.float32) -> list[SequenceScores]:
-        """Validate, then score every sequence (results in request order)."""
-        self.validate(sequences, score_from, encoding, top_k, out_dtype)
+              out_dtype: torch.dtype = torch.float32, vocab_size: int = 0) -> list[SequenceScores]:
+        """Validate, then score every sequence (results in request order). `vocab_size` > 0
+        scores FULL/TOPK over the first `vocab_size` logit rows only (a padded teacher)."""
+        self.validate(sequences, score_from, encoding, top_k, out_dtype, vocab_size)
         results: list[SequenceScores | None] = [None] * len(sequences)
         for batch in self.plan(sequences):
             scored = self.score_batch([sequences[i] for i in batch],
-                                      [score_from[i] for i in batch], encoding, top_k, out_dtype)
+                                      [score_from[i] for i in batch], encoding, top_k, out_dtype,
+                                      vocab_size)
             for i, r in zip(batch, scored, strict=True):
                 results[i] = r
         return results  # type: ignore[return-value]
 
     def score_batch(self, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
-                    encoding: str, top_k: int = 0,
-                    out_dtype: torch.dtype = torch.float32) -> list[SequenceScores]:
+                    encoding: str, top_k: int = 0, out_dtype: torch.dtype = torch.float32,
+                    vocab_size: int = 0) -> list[SequenceScores]:
         """One forward pass over already validated sequences."""
         lengths = [len(s) for s in sequences]
         ids_BT = torch.full((len(sequences), max(lengths)), self.pad_id, dtype=torch.long)
@@ -270,6 +280,8 @@ class ReferenceEngine:
         with self._lock, torch.inference_mode():
             out_BTX = self._forward(ids_BT.to(self.device), mask_BT.to(self.device), encoding,
                                     ids_BT.shape[1] - offset)
+            if encoding != "hidden" and vocab_size:
+                out_BTX = out_BTX[..., :vocab_size]  # a padded teacher: the student's rows only
             return [self._encode(out_BTX[b, start - 1 - offset:n - 1 - offset], encoding, top_k,
                                  out_dtype)
                     for b, (start, n) in enumerate(zip(score_from, lengths, strict=True))]

@@ -100,8 +100,9 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
         sequences = [list(s.token_ids) for s in request.sequences]
         score_from = [s.score_from for s in request.sequences]
         await asyncio.to_thread(self.engine.validate, sequences, score_from, encoding,
-                                request.top_k, dtype)
-        width = self.engine.hidden_size if encoding == "hidden" else self.engine.vocab_size
+                                request.top_k, dtype, request.vocab_size)
+        width = (self.engine.hidden_size if encoding == "hidden"
+                 else request.vocab_size or self.engine.vocab_size)
         per_position = position_bytes(encoding, width, request.top_k, dtype.itemsize)
         limit = chunk_limit(request.chunk_positions, self.chunk_positions, per_position,
                             self.max_message_bytes)
@@ -110,7 +111,8 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
             start = time.perf_counter()
             scored = await asyncio.to_thread(
                 self.engine.score_batch, [sequences[i] for i in batch],
-                [score_from[i] for i in batch], encoding, request.top_k, dtype)
+                [score_from[i] for i in batch], encoding, request.top_k, dtype,
+                request.vocab_size)
             positions = sum(s.length for s in scored)
             POSITIONS_SCORED.inc(positions)
             POSITIONS_PER_SECOND.set(positions / max(time.perf_counter() - start, 1e-9))

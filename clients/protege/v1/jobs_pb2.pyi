@@ -452,6 +452,7 @@ class JobEvent(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
@@ -460,6 +461,10 @@ class JobEvent(_message.Message):
     """The job's state changed (or the current state, when a watch starts)."""
     checkpoint_step: _builtins.int
     """A checkpoint was written at `step`."""
+    notice: _builtins.str
+    """Something the job's owner should know that does not change its state: a teacher with a
+    padded vocabulary, a dependency being retried, samples whose rewards failed.
+    """
     message: _builtins.str
     """Message for state changes (e.g. the error for FAILED)."""
     time: _builtins.float
@@ -475,14 +480,15 @@ class JobEvent(_message.Message):
         metrics: Global___StepMetrics | None = ...,
         state: Global___JobState.ValueType = ...,
         checkpoint_step: _builtins.int = ...,
+        notice: _builtins.str = ...,
         message: _builtins.str = ...,
         time: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "event", b"event", "metrics", b"metrics", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "event", b"event", "metrics", b"metrics", "notice", b"notice", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "event", b"event", "job_id", b"job_id", "message", b"message", "metrics", b"metrics", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "event", b"event", "job_id", b"job_id", "message", b"message", "metrics", b"metrics", "notice", b"notice", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["metrics", "state", "checkpoint_step"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["metrics", "state", "checkpoint_step", "notice"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

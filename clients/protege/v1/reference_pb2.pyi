@@ -89,6 +89,7 @@ class RefScoreRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     CHUNK_POSITIONS_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     encoding: Global___Encoding.ValueType
     """Encoding of the result."""
     top_k: _builtins.int
@@ -97,6 +98,11 @@ class RefScoreRequest(_message.Message):
     """dtype for float payloads: FLOAT32 (default when unset) or BFLOAT16."""
     chunk_positions: _builtins.int
     """Maximum positions per streamed chunk (0 = server default)."""
+    vocab_size: _builtins.int
+    """FULL/TOPK over the first vocab_size logit rows only, renormalised over them: a teacher whose
+    vocabulary is padded past its tokenizer (e.g. Qwen2.5-7B+) scored for a student with
+    vocab_size rows. 0 = all rows. HIDDEN ignores it (the caller slices the LM head).
+    """
     @_builtins.property
     def sequences(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sequence]:
         """Sequences to score."""
@@ -109,10 +115,11 @@ class RefScoreRequest(_message.Message):
         top_k: _builtins.int = ...,
         dtype: _tensor_pb2.DType.ValueType = ...,
         chunk_positions: _builtins.int = ...,
+        vocab_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_positions", b"chunk_positions", "dtype", b"dtype", "encoding", b"encoding", "sequences", b"sequences", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_positions", b"chunk_positions", "dtype", b"dtype", "encoding", b"encoding", "sequences", b"sequences", "top_k", b"top_k", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

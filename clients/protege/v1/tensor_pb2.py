@@ -24,19 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protege/v1/tensor.proto\x12\nprotege.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.protege.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"x\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.protege.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\"j\n\tVocabInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x03\x12\x14\n\x0cpad_token_id\x18\x04 \x01(\x03*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protege/v1/tensor.proto\x12\nprotege.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.protege.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"x\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.protege.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\"\xc6\x02\n\tVocabInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x03\x12\x14\n\x0cpad_token_id\x18\x04 \x01(\x03\x12\x16\n\x0etokenizer_size\x18\x05 \x01(\x03\x12\x14\n\x0cvocab_digest\x18\x06 \x01(\t\x12@\n\x0especial_tokens\x18\x07 \x03(\x0b\x32(.protege.v1.VocabInfo.SpecialTokensEntry\x12\x17\n\x0fprobe_token_ids\x18\x08 \x03(\x03\x12\x1b\n\x13vocab_block_digests\x18\t \x03(\t\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protege.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=343
-  _globals['_DTYPE']._serialized_end=484
+  _globals['_VOCABINFO_SPECIALTOKENSENTRY']._loaded_options = None
+  _globals['_VOCABINFO_SPECIALTOKENSENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=564
+  _globals['_DTYPE']._serialized_end=705
   _globals['_TENSOR']._serialized_start=39
   _globals['_TENSOR']._serialized_end=110
   _globals['_TENSORCHUNK']._serialized_start=112
   _globals['_TENSORCHUNK']._serialized_end=232
-  _globals['_VOCABINFO']._serialized_start=234
-  _globals['_VOCABINFO']._serialized_end=340
+  _globals['_VOCABINFO']._serialized_start=235
+  _globals['_VOCABINFO']._serialized_end=561
+  _globals['_VOCABINFO_SPECIALTOKENSENTRY']._serialized_start=509
+  _globals['_VOCABINFO_SPECIALTOKENSENTRY']._serialized_end=561
 # @@protoc_insertion_point(module_scope)

@@ -143,18 +143,65 @@ class VocabInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SpecialTokensEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     EOS_TOKEN_ID_FIELD_NUMBER: _builtins.int
     PAD_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TOKENIZER_SIZE_FIELD_NUMBER: _builtins.int
+    VOCAB_DIGEST_FIELD_NUMBER: _builtins.int
+    SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    PROBE_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    VOCAB_BLOCK_DIGESTS_FIELD_NUMBER: _builtins.int
     vocab_size: _builtins.int
     """Number of rows of the model's embedding / LM head (the logit dimension)."""
     tokenizer_fingerprint: _builtins.str
-    """sha256 hex digest of the tokenizer's canonical JSON (vocab, merges, normaliser, special tokens)."""
+    """sha256 hex digest of what decides the ids: tokenizer_size, vocab_digest, special_tokens and
+    probe_token_ids below (not the tokenizer's pipeline class). Equal fingerprints = same ids.
+    """
     eos_token_id: _builtins.int
     """Id of the end-of-sequence token, or -1 when the tokenizer has none."""
     pad_token_id: _builtins.int
     """Id of the padding token, or -1 when the tokenizer has none."""
+    tokenizer_size: _builtins.int
+    """Number of ids the tokenizer can produce (len(tokenizer)); at most vocab_size. Rows of a padded
+    vocabulary at or above it hold no token.
+    """
+    vocab_digest: _builtins.str
+    """sha256 hex digest of the vocabulary (token -> id pairs, sorted by id)."""
+    @_builtins.property
+    def special_tokens(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Special tokens by role (bos_token, eos_token, pad_token, unk_token, ...) -> their text."""
+
+    @_builtins.property
+    def probe_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of a fixed probe text (protege.services.common.models.PROBE_TEXT), no special tokens added."""
+
+    @_builtins.property
+    def vocab_block_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """First 12 hex digits of the sha256 of each block of 256 ids of the vocabulary, in id order:
+        where two vocabularies differ.
+        """
+
     def __init__(
         self,
         *,
@@ -162,10 +209,15 @@ class VocabInfo(_message.Message):
         tokenizer_fingerprint: _builtins.str = ...,
         eos_token_id: _builtins.int = ...,
         pad_token_id: _builtins.int = ...,
+        tokenizer_size: _builtins.int = ...,
+        vocab_digest: _builtins.str = ...,
+        special_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        probe_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        vocab_block_digests: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eos_token_id", b"eos_token_id", "pad_token_id", b"pad_token_id", "tokenizer_fingerprint", b"tokenizer_fingerprint", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eos_token_id", b"eos_token_id", "pad_token_id", b"pad_token_id", "probe_token_ids", b"probe_token_ids", "special_tokens", b"special_tokens", "tokenizer_fingerprint", b"tokenizer_fingerprint", "tokenizer_size", b"tokenizer_size", "vocab_block_digests", b"vocab_block_digests", "vocab_digest", b"vocab_digest", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
