@@ -9,7 +9,12 @@
         final = client.wait(job.id)
 
 Every gRPC status becomes the matching `protege.errors` exception (NotFound, InvalidArgument,
-Unauthenticated, Unavailable, ...), raised `from` the original grpc.RpcError.
+Unauthenticated, Unavailable, WrongEndpoint, ...), raised `from` the original grpc.RpcError.
+
+A learner that restarts is waited for: each call first waits (within its timeout) for the channel
+to connect, so a call made while the channel is in reconnect backoff does not fail at once, and
+reads are retried on UNAVAILABLE by the channel's retry policy (`protege.serving`). `wait()` reopens
+a watch stream that a learner restart broke.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protege import errors
-from protege.serving import TLSConfig, make_sync_channel
+from protege.serving import TLSConfig, make_sync_channel, served_services_sync, what_is_served
 from protege.spec import (
     Event,
     JobInfo,
@@ -40,6 +46,9 @@ logger = logging.getLogger(__name__)
 TARGET_ENV = "PROTEGE_TARGET"
 TOKEN_ENV = "PROTEGE_TOKEN"
 DEFAULT_TARGET = "127.0.0.1:50051"
+JOBS_SERVICE = "protege.v1.Jobs"
+# Seconds wait() pauses before reopening a watch stream that broke.
+REWATCH_PAUSE_S = 0.5
 
 
 def default_target() -> str:
@@ -47,12 +56,20 @@ def default_target() -> str:
     return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
 
 
-def _error(err: grpc.RpcError, target: str) -> errors.ProtegeError:
-    exc = errors.from_rpc_error(err)
-    if isinstance(exc, errors.Unavailable):
-        # The bare gRPC message ("failed to connect to all addresses") does not say where.
-        exc.args = (f"cannot reach the learner at {target}: {exc}",)
-    return exc
+def _connect_error(channel: grpc.Channel) -> str | None:
+    """Why the server cannot be reached, from one call that neither waits for a connection nor
+    is retried; None if it answers."""
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([request]), timeout=2.0, wait_for_ready=False)
+    try:
+        next(iter(call), None)
+    except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return str(e.details())
+    finally:
+        call.cancel()
+    return None
 
 
 class Client:
@@ -71,28 +88,30 @@ class Client:
     def submit(self, spec: JobSpec | dict[str, Any] | str | Path) -> JobInfo:
         """Validate `spec` locally, submit it, and return the queued job."""
         request = jobs_pb2.SubmitJobRequest(spec=JobSpec.parse(spec).to_proto())
-        return JobInfo.from_proto(self._call(self._stub.SubmitJob, request))
+        return JobInfo.from_proto(self._call("SubmitJob", request))
 
     def get(self, job_id: str) -> JobInfo:
         """One job by id; NotFound if there is none."""
-        return JobInfo.from_proto(
-            self._call(self._stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+        return JobInfo.from_proto(self._call("GetJob", jobs_pb2.GetJobRequest(job_id=job_id)))
 
     def list(self, states: Iterable[str] | None = None) -> list[JobInfo]:
         """All jobs, newest first; `states` (e.g. ["running", "queued"]) filters them."""
         request = jobs_pb2.ListJobsRequest(states=[state_value(s) for s in states or ()])
-        return [JobInfo.from_proto(j) for j in self._call(self._stub.ListJobs, request).jobs]
+        return [JobInfo.from_proto(j) for j in self._call("ListJobs", request).jobs]
 
     def cancel(self, job_id: str) -> JobInfo:
         """Ask the job to stop after its current step; it ends CANCELLED."""
         return JobInfo.from_proto(
-            self._call(self._stub.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)))
+            self._call("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id)))
 
     # -------------------------------------------------------------------------------- streams
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
         """The job's events until it ends: its current state first, then steps, checkpoints and
         state changes. Closing the iterator cancels the stream."""
+        # GetJob first: it waits for a restarting learner (within the client's timeout), which a
+        # stream without a deadline could not, and refuses an unknown job at once.
+        self.get(job_id)
         call = self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), timeout=timeout)
         return self._events(call)
 
@@ -100,37 +119,64 @@ class Client:
         """Block until the job is SUCCEEDED, FAILED or CANCELLED and return it.
 
         Raises DeadlineExceeded after `timeout` seconds. A watch stream that ends before the job
-        does (e.g. the learner restarted) is reopened.
+        does, or breaks because the learner restarted, is reopened once the learner is back;
+        Unavailable if it is not back within the client's `timeout`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise errors.DeadlineExceeded(f"job {job_id} did not finish within {timeout}s")
-            for event in self.watch(job_id, timeout=remaining):
-                if isinstance(event, StateEvent) and event.terminal:
-                    return self.get(job_id)
+            events = self.watch(job_id, timeout=remaining)
+            try:
+                for event in events:
+                    if isinstance(event, StateEvent) and event.terminal:
+                        return self.get(job_id)
+            except errors.Unavailable as e:
+                logger.warning("watch of job %s broke (%s); reopening it", job_id, e)
+                time.sleep(REWATCH_PAUSE_S)
+                continue
             job = self.get(job_id)
             if job.terminal:
                 return job
-            time.sleep(0.5)
+            time.sleep(REWATCH_PAUSE_S)
 
     def _events(self, call: Any) -> Iterator[Event]:
         try:
             for message in call:
                 yield event_from_proto(message)
         except grpc.RpcError as e:
-            raise _error(e, self.target) from e
+            raise self._error(e, "WatchJob") from e
         finally:
             call.cancel()
 
     # ---------------------------------------------------------------------------------- plumbing
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, name: str, request: Any) -> Any:
+        # wait_for_ready: right after a learner restart the channel sits in reconnect backoff,
+        # and a call made then would fail at once instead of waiting for the learner.
         try:
-            return method(request, timeout=self.timeout)
+            return getattr(self._stub, name)(request, timeout=self.timeout, wait_for_ready=True)
         except grpc.RpcError as e:
-            raise _error(e, self.target) from e
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                why = _connect_error(self._channel)
+                if why is not None:
+                    raise errors.Unavailable(
+                        f"cannot reach the learner at {self.target} within {self.timeout:g}s: "
+                        f"{why}; check the address, that the learner runs and that TLS settings "
+                        "match [UNAVAILABLE]") from e
+            raise self._error(e, name) from e
+
+    def _error(self, err: grpc.RpcError, method: str) -> errors.ProtegeError:
+        exc = errors.from_rpc_error(err)
+        if isinstance(exc, errors.Unavailable):
+            # The bare gRPC message ("failed to connect to all addresses") does not say where.
+            exc.args = (f"cannot reach the learner at {self.target}: {exc}",)
+        elif isinstance(exc, errors.WrongEndpoint):
+            served = served_services_sync(self._channel)
+            exc.args = (f"{what_is_served(self.target, f'/{JOBS_SERVICE}/{method}', served)}: "
+                        "point the Client at the learner's Jobs port [UNIMPLEMENTED]",)
+        return exc
 
     def close(self) -> None:
         """Close the channel; the client cannot be used afterwards."""

@@ -1,8 +1,9 @@
 """One exception hierarchy for Protégé; each class also subclasses the matching built-in type.
 
 Servers map these to gRPC status codes in one interceptor (`protege.serving`), and the SDK maps
-status
-codes back to them (`from_rpc_error`), so callers catch the same types on both sides of the wire.
+status codes back to them (`from_rpc_error`), so callers catch the same types on both sides of the
+wire. Only these types map to specific codes: any other exception reaching a server's edge is a bug
+and becomes INTERNAL (`status_for`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ class ProtegeError(Exception):
     """Base class for every error Protégé raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # The status a remote call answered, on errors made by `from_rpc_error`.
+    rpc_code: grpc.StatusCode | None = None
 
 
 class InvalidArgument(ProtegeError, ValueError):
@@ -28,6 +31,11 @@ class InvalidJobSpec(InvalidArgument):
 
 class InvalidTensor(InvalidArgument):
     """A wire tensor whose bytes, dtype or shape do not agree."""
+
+
+class WrongEndpoint(InvalidArgument):
+    """The target answers but does not serve the called method (its UNIMPLEMENTED): it points at
+    another service, or at a server built from other protos."""
 
 
 class NotFound(ProtegeError, LookupError):
@@ -98,23 +106,32 @@ _BY_CODE: dict[grpc.StatusCode, type[ProtegeError]] = {
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code a server should answer `exc` with."""
+    """The gRPC status code a server should answer `exc` with.
+
+    Only `ProtegeError`s carry a code. A stray KeyError or ValueError is a bug, not bad input or a
+    missing thing, so it is INTERNAL (and logged with its traceback), never NOT_FOUND.
+    """
     if isinstance(exc, ProtegeError):
         return exc.code
-    if isinstance(exc, (ValueError, TypeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, (FileNotFoundError, KeyError, LookupError)):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL
 
 
 def from_rpc_error(err: grpc.RpcError) -> ProtegeError:
-    """Turn a client-side grpc.RpcError into the matching ProtegeError (raise it `from err`)."""
+    """Turn a client-side grpc.RpcError into the matching ProtegeError (raise it `from err`).
+
+    The wire status is kept as `rpc_code`; `code` stays the class's, so a server that lets the
+    error propagate answers a mapped code (INTERNAL for UNKNOWN), never UNKNOWN itself.
+    UNIMPLEMENTED becomes `WrongEndpoint`: the target serves something else (Protégé's client
+    channels put what it does serve in the details).
+    """
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, Internal)
-    exc = cls(f"{details} [{code.name}]")
-    exc.code = code
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        exc: ProtegeError = WrongEndpoint(
+            f"wrong endpoint: {details or 'the method is not implemented'}; point the target at "
+            "the service this call is for (`grpcurl -plaintext HOST:PORT list` lists what a "
+            "server serves) [UNIMPLEMENTED]")
+    else:
+        exc = _BY_CODE.get(code, Internal)(f"{details} [{code.name}]")
+    exc.rpc_code = code
     return exc

@@ -2,22 +2,27 @@
 
 It gives every server the same production surface:
 
-- gRPC health checking and reflection, so grpc_health_probe, Kubernetes gRPC probes and grpcurl
-work;
-- one interceptor that authenticates bearer tokens (scoped per method), maps exceptions to status
-codes
-  (`protege.errors.status_for`) and records Prometheus request counts, latencies and errors per RPC;
+- gRPC health checking (Check and Watch) and reflection, so grpc_health_probe, Kubernetes gRPC
+  probes, Envoy and grpcurl work; with TLS, health can also be served on a plaintext `health_port`,
+  because Kubernetes' gRPC probes cannot speak TLS;
+- one interceptor that authenticates bearer tokens (scoped per method), maps `protege.errors`
+  types to status codes and anything else to INTERNAL with a rate-limited traceback, answers
+  undecodable request bytes with INVALID_ARGUMENT, and records Prometheus request counts,
+  latencies and errors per RPC;
 - message-size limits, TLS and optional mTLS;
 - a Prometheus HTTP endpoint;
 - graceful SIGTERM: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_s` to
   finish, then the engine is released (`on_stop`).
 
-Client channels (`make_channel`) use the same token and TLS settings and balance with `round_robin`.
+Client channels (`make_channel`, `make_sync_channel`) use the same token and TLS settings, balance
+with `round_robin`, retry idempotent calls on UNAVAILABLE through gRPC's own `retryPolicy`, and
+name what a target serves when it does not serve the called method.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import json
@@ -25,15 +30,16 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import prometheus_client
 import yaml
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from protege import errors
 from protege.configs import field
@@ -56,6 +62,32 @@ METHOD_SCOPES: dict[str, str] = {
     "/protege.v1.Reference/": "reference",
     "/protege.v1.Reward/": "reward",
 }
+# Calls that are safe to send twice, which client channels retry on UNAVAILABLE: reads, and
+# Generate, whose request carries its seed. Never LoadWeights, SubmitJob or CancelJob.
+IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
+    "grpc.health.v1.Health": ("Check", "Watch"),
+    "protege.v1.Generator": ("Generate", "Info"),
+    "protege.v1.Reference": ("Score", "LmHead", "Info"),
+    "protege.v1.Reward": ("Score", "Info"),
+    "protege.v1.Jobs": ("GetJob", "ListJobs", "WatchJob"),
+}
+# gRPC retry policy (gRFC A6). UNAVAILABLE only: it is what a restarting or draining server and a
+# dropped connection give. RESOURCE_EXHAUSTED is left out because gRPC also answers it for an
+# oversized message, which fails the same way every time. gRPC caps maxAttempts at 5; the backoffs
+# before attempts 2..5 are about 0.1, 0.2, 0.4 and 0.8 s, so a dead server is reported after about
+# 1.5 s (a call with wait_for_ready waits for it instead, within its deadline).
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+# How soon a channel tries to reconnect after losing its server (gRPC's defaults back off to 120 s,
+# far longer than a pod restart).
+RECONNECT_BACKOFF_MS = (200, 5000)
+# At most one INTERNAL traceback per (exception type, raising line) in this many seconds.
+INTERNAL_LOG_WINDOW_S = 60.0
 
 REGISTRY = prometheus_client.REGISTRY
 RPC_REQUESTS = prometheus_client.Counter(
@@ -82,7 +114,11 @@ class ServerOptions:
     tokens_file: str | None = field(None, help="YAML {token: [scopes]}; also $PROTEGE_TOKENS_FILE")
     max_message_mb: int = field(64, help="largest request/response message in MiB")
     grace_s: float = field(10.0, help="seconds in-flight calls get to finish on SIGTERM")
-    ready_file: str | None = field(None, help="write {grpc, metrics} addresses as JSON when up")
+    health_port: int = field(
+        -1, help="plaintext port serving only grpc.health.v1, for Kubernetes gRPC probes (which "
+        "cannot speak TLS) when the main port uses TLS; 0 picks one, -1 disables")
+    ready_file: str | None = field(
+        None, help="write {grpc, metrics, health} addresses as JSON when up")
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING or ERROR")
     log_format: str = field("text", help="'text' or 'json' (one JSON object per line)")
 
@@ -93,6 +129,12 @@ class ServerOptions:
             raise errors.InvalidArgument("tls_client_ca (mTLS) needs tls_cert and tls_key too")
         if self.max_message_mb < 1:
             raise errors.InvalidArgument(f"max_message_mb must be >= 1, got {self.max_message_mb}")
+        if self.health_port < -1:
+            raise errors.InvalidArgument(
+                f"health_port must be a port, 0 (pick one) or -1 (off), got {self.health_port}")
+        if self.health_port > 0 and self.health_port in (self.port, self.metrics_port):
+            raise errors.InvalidArgument(
+                f"health_port {self.health_port} must differ from port and metrics_port")
         if self.log_format not in ("text", "json"):
             raise errors.InvalidArgument(
                 f"log_format must be 'text' or 'json', got {self.log_format!r}")
@@ -193,67 +235,167 @@ def _load_tokens_file(path: str) -> dict[str, frozenset[str]]:
 # ---------------------------------------------------------------------------------- interceptor
 
 
-class ServingInterceptor(grpc.aio.ServerInterceptor):
-    """Auth, exception → status mapping and per-RPC metrics, in one place for every service."""
+class _Undecodable:
+    """What a request deserializer returns instead of raising.
 
-    def __init__(self, service: str, auth: TokenAuth, draining: asyncio.Event):
+    grpc.aio decodes a request before any interceptor code runs, and a deserializer that raises
+    gets UNKNOWN plus a logged traceback. So the deserializer hands this marker on, and the
+    interceptor's handler raises `error()` where statuses are chosen.
+    """
+
+    def __init__(self, message: str, exc: Exception):
+        self.message, self.exc = message, exc
+
+    def error(self) -> Exception:
+        if isinstance(self.exc, DecodeError):
+            return errors.InvalidArgument(
+                f"the request bytes are not a valid {self.message} ({self.exc}); send a "
+                f"serialized {self.message}, e.g. with stubs generated from its .proto or with "
+                "grpcurl, which reads the schema through server reflection")
+        return self.exc  # not a decoding problem: a bug, so INTERNAL
+
+
+def _checked_deserializer(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+    cls = getattr(deserialize, "__self__", None)
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    message = descriptor.full_name if descriptor is not None else "the request message"
+
+    def deserializer(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - grpc.aio would answer UNKNOWN; see _Undecodable
+            return _Undecodable(message, e)
+    return deserializer
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise request.error()
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
+class InternalErrorLog:
+    """Logs INTERNAL errors with their traceback, at most one per (exception type, raising line)
+    per `window_s`; the next one logged says how many like it were left out, so a flood from one
+    bug gives a few tracebacks, not thousands. The RPC metrics still count every one."""
+
+    def __init__(self, window_s: float = INTERNAL_LOG_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self._window_s, self._clock = window_s, clock
+        self._last: dict[tuple[str, str, int], float] = {}
+        self._suppressed: collections.Counter[tuple[str, str, int]] = collections.Counter()
+
+    def error(self, where: str, exc: BaseException) -> None:
+        key, now = _raise_site(exc), self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._window_s:
+            self._suppressed[key] += 1
+            return
+        self._last[key] = now
+        left_out = self._suppressed.pop(key, 0)
+        more = (f" ({left_out} more like it in the last {now - last:.0f}s were not logged)"
+                if left_out and last is not None else "")
+        logger.error("internal error in %s: %s%s", where, type(exc).__name__, more, exc_info=exc)
+
+
+def _raise_site(exc: BaseException) -> tuple[str, str, int]:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return type(exc).__qualname__, "", 0
+    return type(exc).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Auth, request decoding, exception → status mapping and per-RPC metrics, in one place for
+    every service."""
+
+    def __init__(self, service: str, auth: TokenAuth, draining: asyncio.Event,
+                 internal_log: InternalErrorLog | None = None):
         self._service = service
         self._auth = auth
         self._draining = draining
+        self._internal_log = internal_log or InternalErrorLog()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
+        decode = _checked_deserializer(handler.request_deserializer)
+        encode = handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_unary(handler.unary_unary, method, streaming=False), decode, encode)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_stream(handler.unary_stream, method, streaming=False), decode, encode)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_unary(handler.stream_unary, method, streaming=True), decode, encode)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method),
-            handler.request_deserializer, handler.response_serializer)
+            self._wrap_stream(handler.stream_stream, method, streaming=True), decode, encode)
 
-    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def _admit(self, method: str, context: grpc.aio.ServicerContext, request: Any,
+               streaming: bool) -> Any:
+        """The request to hand on, once the caller may make this call now; raises otherwise."""
         if self._draining.is_set() and not method.startswith(PUBLIC_PREFIXES):
             raise errors.Unavailable("server is shutting down; retry on another replica")
         self._auth.check(method, context.invocation_metadata())
+        return _checked_stream(request) if streaming else _checked(request)
 
-    def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
+    def _wrap_unary(self, behavior: Callable, method: str, streaming: bool) -> Callable:
         async def wrapper(request_or_iterator, context):
-            with _Call(self._service, method) as call:
+            with _Call(self._service, method, self._internal_log) as call:
                 try:
-                    self._admit(method, context)
-                    return await behavior(request_or_iterator, context)
+                    request = self._admit(method, context, request_or_iterator, streaming)
+                    return await behavior(request, context)
                 except BaseException as exc:  # noqa: BLE001 - every error becomes a status
                     await call.abort(exc, context)
         return wrapper
 
-    def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
+    def _wrap_stream(self, behavior: Callable, method: str, streaming: bool) -> Callable:
+        # A coroutine that writes with context.write, so that both kinds of streaming servicer
+        # work: async generators (ours) and coroutines that call context.write themselves
+        # (grpc_health's Watch).
         async def wrapper(request_or_iterator, context):
-            with _Call(self._service, method) as call:
+            with _Call(self._service, method, self._internal_log) as call:
                 try:
-                    self._admit(method, context)
-                    async for response in behavior(request_or_iterator, context):
-                        yield response
+                    request = self._admit(method, context, request_or_iterator, streaming)
+                    await _respond(behavior(request, context), context)
                 except BaseException as exc:  # noqa: BLE001
                     await call.abort(exc, context)
         return wrapper
 
 
+async def _respond(result: Any, context: grpc.aio.ServicerContext) -> None:
+    if not hasattr(result, "__aiter__"):
+        await result
+        return
+    try:
+        async for response in result:
+            await context.write(response)
+    finally:
+        # Run the generator's cleanup now, also on cancellation, not whenever it is collected.
+        aclose = getattr(result, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class _Call:
     """Metrics bookkeeping for one RPC, and the one place exceptions become status codes."""
 
-    def __init__(self, service: str, method: str):
+    def __init__(self, service: str, method: str, internal_log: InternalErrorLog):
         self.service, self.method = service, method.rsplit("/", 1)[-1]
+        self.internal_log = internal_log
         self.code = grpc.StatusCode.OK
 
     def __enter__(self) -> _Call:
@@ -274,10 +416,13 @@ class _Call:
             # context.abort() inside the servicer already chose the status.
             self.code = context.code() or grpc.StatusCode.UNKNOWN
             raise exc
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: not ours to turn into a status
         self.code = errors.status_for(exc)
         if self.code == grpc.StatusCode.INTERNAL:
-            logger.error("internal error in %s/%s", self.service, self.method, exc_info=exc)
-            message = "internal error; the server log has the details"
+            self.internal_log.error(f"{self.service}/{self.method}", exc)
+            message = (f"internal error ({type(exc).__name__}) in {self.method}; the server log "
+                       "has the details")
         else:
             message = str(exc) or type(exc).__name__
         await context.abort(self.code, message)
@@ -285,6 +430,59 @@ class _Call:
 
 def _is_abort(exc: BaseException) -> bool:
     return type(exc).__name__ == "AbortError" or isinstance(exc, grpc.aio.AbortError)
+
+
+# ---------------------------------------------------------------------------------------- health
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 Check and Watch.
+
+    Unlike grpc_health's asyncio servicer, `close()` ends every Watch stream (after it has sent
+    NOT_SERVING), so an open Watch (Envoy, client-side health checking) does not hold
+    `server.stop(grace)` for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        self._statuses: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    def _status(self, service: str) -> int:
+        return self._statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+
+    async def Check(self, request, context):
+        if request.service not in self._statuses:
+            raise errors.NotFound(f"no health status for service {request.service!r}; known: "
+                                  f"{sorted(self._statuses)} ('' is the whole server)")
+        return health_pb2.HealthCheckResponse(status=self._statuses[request.service])
+
+    async def Watch(self, request, context):
+        last = None
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda seen=last: self._status(request.service) != seen or self._closed)
+                status, closed = self._status(request.service), self._closed
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if closed:
+                return
+
+    async def set(self, service: str, status: int) -> None:
+        """Set one service's status ('' is the whole server); Watch streams see the change."""
+        async with self._changed:
+            self._statuses[service] = status
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """NOT_SERVING for every service, then end every Watch stream."""
+        async with self._changed:
+            for service in self._statuses:
+                self._statuses[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+            self._closed = True
+            self._changed.notify_all()
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -305,26 +503,40 @@ def _server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+
+
 @dataclasses.dataclass
 class RunningServer:
     """A started server: its addresses, and the hooks to stop it cleanly."""
 
     server: grpc.aio.Server
-    health: Any  # grpc_health.v1.health.aio.HealthServicer
+    health: HealthServicer
     draining: asyncio.Event
     address: str
     metrics_address: str | None
     service_names: Sequence[str]
     on_stop: Callable[[], Awaitable[None]] | None = None
     _metrics_http: Any = None
+    health_address: str | None = None  # the plaintext health-only port, if `health_port` >= 0
+    _health_server: grpc.aio.Server | None = None
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """NOT_SERVING, refuse new calls, give in-flight ones `grace` seconds, release the
-        engine."""
+    async def drain(self) -> None:
+        """Refuse new calls (UNAVAILABLE) and say NOT_SERVING, so that load balancers and probes
+        move traffic away; calls in flight go on."""
         self.draining.set()
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Drain, end health Watch streams, give in-flight calls `grace` seconds, release the
+        engine. The health port says NOT_SERVING until the main server has stopped."""
+        await self.drain()
+        await self.health.close()
         await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.on_stop is not None:
             await self.on_stop()
         if self._metrics_http is not None:
@@ -349,10 +561,10 @@ async def start_server(
     """
     draining = asyncio.Event()
     auth = auth if auth is not None else TokenAuth.from_env(opts.tokens_file)
-    server = grpc.aio.server(interceptors=[ServingInterceptor(service, auth, draining)],
-                             options=grpc_options(opts.max_message_mb))
+    interceptor = ServingInterceptor(service, auth, draining)
+    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(opts.max_message_mb))
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -362,32 +574,50 @@ async def start_server(
     port = server.add_secure_port(bind, creds) if creds else server.add_insecure_port(bind)
     if port == 0:
         raise errors.Unavailable(f"could not bind gRPC port {bind}: is it in use?")
+    health_server, health_address = await _start_health_server(opts, health_servicer, interceptor)
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_http, metrics_address = _start_metrics(opts)
-    host = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "[::]") else opts.host
-    running = RunningServer(server, health_servicer, draining, f"{host}:{port}", metrics_address,
-                            service_names, on_stop, metrics_http)
-    logger.info("%s serving gRPC on %s (tls=%s, auth=%s), metrics on %s", service, running.address,
-                creds is not None, auth.enabled, metrics_address)
+    running = RunningServer(server, health_servicer, draining,
+                            f"{_client_host(opts.host)}:{port}", metrics_address, service_names,
+                            on_stop, metrics_http, health_address, health_server)
+    logger.info("%s serving gRPC on %s (tls=%s, auth=%s), metrics on %s, plaintext health on %s",
+                service, running.address, creds is not None, auth.enabled, metrics_address,
+                health_address)
     if opts.ready_file:
         _write_ready_file(opts.ready_file, running)
     return running
+
+
+async def _start_health_server(opts: ServerOptions, servicer: HealthServicer,
+                               interceptor: ServingInterceptor,
+                               ) -> tuple[grpc.aio.Server | None, str | None]:
+    """A plaintext server with only the health service, for probes that cannot speak TLS. It
+    shares the main server's statuses, so it says NOT_SERVING while that one drains."""
+    if opts.health_port < 0:
+        return None, None
+    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(1))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bind = f"{opts.host}:{opts.health_port}"
+    port = server.add_insecure_port(bind)
+    if port == 0:
+        raise errors.Unavailable(f"could not bind health port {bind}: is it in use?")
+    await server.start()
+    return server, f"{_client_host(opts.host)}:{port}"
 
 
 def _start_metrics(opts: ServerOptions) -> tuple[Any, str | None]:
     if opts.metrics_port < 0:
         return None, None
     http_server, _thread = prometheus_client.start_http_server(opts.metrics_port, addr=opts.host)
-    host = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "[::]") else opts.host
-    return http_server, f"{host}:{http_server.server_port}"
+    return http_server, f"{_client_host(opts.host)}:{http_server.server_port}"
 
 
 def _write_ready_file(path: str, running: RunningServer) -> None:
     tmp = Path(path + ".tmp")
     tmp.write_text(json.dumps({"grpc": running.address, "metrics": running.metrics_address,
-                               "pid": os.getpid()}))
+                               "health": running.health_address, "pid": os.getpid()}))
     tmp.replace(path)  # atomic: a watcher never reads half a file
 
 
@@ -395,8 +625,9 @@ async def serve_until_signal(running: RunningServer, grace: float,
                              before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully.
 
-    On a signal, new calls are refused first; `before_stop` (e.g. the learner finishing its running
-    step and checkpointing) then runs before in-flight calls get `grace` seconds to end.
+    On a signal, new calls are refused and health says NOT_SERVING first; `before_stop` (e.g. the
+    learner finishing its running step and checkpointing) then runs before in-flight calls get
+    `grace` seconds to end.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -407,7 +638,7 @@ async def serve_until_signal(running: RunningServer, grace: float,
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         logger.info("signal received: draining for up to %.1fs", grace)
-        running.draining.set()
+        await running.drain()
         if before_stop is not None:
             await before_stop()
         await running.stop(grace)
@@ -456,33 +687,135 @@ class TLSConfig:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
-def _channel_args(max_message_mb: int, tls: TLSConfig | None) -> list[tuple[str, Any]]:
+def service_config(wait_for_ready: bool = False) -> dict[str, Any]:
+    """The client service config: round_robin over every address a dns:/// target resolves to
+    (headless Services), and `RETRY_POLICY` for `IDEMPOTENT_METHODS`.
+
+    With `wait_for_ready`, every call waits for a connection (within its deadline) instead of
+    failing at once while the channel is connecting or in reconnect backoff.
+    """
+    retried: dict[str, Any] = {
+        "name": [{"service": service, "method": method}
+                 for service, methods in IDEMPOTENT_METHODS.items() for method in methods],
+        "retryPolicy": RETRY_POLICY,
+    }
+    method_config = [retried]
+    if wait_for_ready:
+        retried["waitForReady"] = True
+        method_config.append({"name": [{}], "waitForReady": True})  # every other method
+    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": method_config}
+
+
+def channel_options(max_message_mb: int = 64, tls: TLSConfig | None = None,
+                    wait_for_ready: bool = False) -> list[tuple[str, Any]]:
+    """Channel arguments of every Protégé client channel (see `service_config`)."""
     args = grpc_options(max_message_mb)
-    # round_robin over every address a dns:/// target resolves to (headless Services).
-    args.append(("grpc.service_config",
-                 json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})))
+    args += [("grpc.enable_retries", 1),
+             ("grpc.service_config", json.dumps(service_config(wait_for_ready))),
+             ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1])]
     if tls is not None and tls.server_name:
         args.append(("grpc.ssl_target_name_override", tls.server_name))
     return args
 
 
 def make_channel(target: str, token: str | None = None, tls: TLSConfig | None = None,
-                 max_message_mb: int = 64) -> grpc.aio.Channel:
-    """An asyncio channel that sends the bearer token on every call."""
-    args = _channel_args(max_message_mb, tls)
-    interceptors = _aio_token_interceptors(token) if token else None
+                 max_message_mb: int = 64, wait_for_ready: bool = False) -> grpc.aio.Channel:
+    """An asyncio channel that sends the bearer token on every call and retries idempotent calls
+    on UNAVAILABLE. With `wait_for_ready`, calls wait for a connection within their deadline
+    (a single call can also pass `wait_for_ready=True`)."""
+    args = channel_options(max_message_mb, tls, wait_for_ready)
+    named = _AioNameWhatIsServed(target)
+    interceptors = [named, *(_aio_token_interceptors(token) if token else [])]
     if tls is not None:
-        return grpc.aio.secure_channel(target, tls.credentials(), args, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, args, interceptors=interceptors)
+        channel = grpc.aio.secure_channel(target, tls.credentials(), args,
+                                          interceptors=interceptors)
+    else:
+        channel = grpc.aio.insecure_channel(target, args, interceptors=interceptors)
+    named.channel = channel
+    return channel
 
 
 def make_sync_channel(target: str, token: str | None = None, tls: TLSConfig | None = None,
-                      max_message_mb: int = 64) -> grpc.Channel:
-    """A blocking channel that sends the bearer token on every call (used by the SDK Client)."""
-    args = _channel_args(max_message_mb, tls)
+                      max_message_mb: int = 64, wait_for_ready: bool = False) -> grpc.Channel:
+    """A blocking channel like `make_channel` (used by the SDK Client)."""
+    args = channel_options(max_message_mb, tls, wait_for_ready)
     channel = (grpc.secure_channel(target, tls.credentials(), args) if tls is not None
                else grpc.insecure_channel(target, args))
     return grpc.intercept_channel(channel, _SyncTokenInterceptor(token)) if token else channel
+
+
+# ------------------------------------------------------------------------- what a target serves
+
+
+def what_is_served(target: str, method: str, served: Sequence[str] | None) -> str:
+    """Why `target` answered UNIMPLEMENTED for `method` ("/pkg.Service/Method"), given the services
+    its reflection lists (None if it could not be asked)."""
+    service = method.strip("/").split("/")[0]
+    if served is None:
+        return f"{target} does not serve {method} (and does not answer reflection)"
+    if service in served:
+        return (f"{target} serves {service} but not {method}: it was built from another version "
+                "of the Protégé protos")
+    ours = [s for s in served if not s.startswith("grpc.")] or list(served)
+    return f"{target} does not serve {service}; it serves {', '.join(ours) or 'nothing'}"
+
+
+_LIST_SERVICES = reflection_pb2.ServerReflectionRequest(list_services="")
+
+
+async def served_services(channel: grpc.aio.Channel, timeout: float = 2.0) -> list[str] | None:
+    """The services the server behind `channel` lists through reflection, or None."""
+    call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([_LIST_SERVICES]), timeout=timeout)
+    try:
+        async for reply in call:
+            return sorted(s.name for s in reply.list_services_response.service)
+    except grpc.aio.AioRpcError:
+        return None
+    finally:
+        call.cancel()
+    return None
+
+
+def served_services_sync(channel: grpc.Channel, timeout: float = 2.0) -> list[str] | None:
+    """`served_services` for a blocking channel."""
+    call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([_LIST_SERVICES]), timeout=timeout)
+    try:
+        for reply in call:
+            return sorted(s.name for s in reply.list_services_response.service)
+    except grpc.RpcError:
+        return None
+    finally:
+        call.cancel()
+    return None
+
+
+class _AioNameWhatIsServed(grpc.aio.UnaryUnaryClientInterceptor):
+    """On UNIMPLEMENTED (a target pointing at another service), replaces gRPC's bare "Method not
+    found!" with what the target does serve, asked through its reflection service. Unary calls
+    only: Info, which every client calls first, is one."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.channel: grpc.aio.Channel | None = None
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        call = await continuation(details, request)
+        try:
+            code = await call.code()
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if code != grpc.StatusCode.UNIMPLEMENTED or self.channel is None:
+            return call
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        served = await served_services(self.channel)
+        raise grpc.aio.AioRpcError(code, await call.initial_metadata(),
+                                   await call.trailing_metadata(),
+                                   details=what_is_served(self.target, method, served),
+                                   debug_error_string=await call.debug_error_string())
 
 
 def _with_token(details: Any, token: str) -> Any:

@@ -4,6 +4,7 @@ logs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import urllib.request
 
@@ -186,3 +187,202 @@ def test_bad_tokens_file_is_clear(tmp_path):
         serving.TokenAuth.from_env(str(bad))
     with pytest.raises(errors.InvalidArgument, match="does not exist"):
         serving.TokenAuth.from_env(str(tmp_path / "missing.yaml"))
+
+
+# ------------------------------------------------------------------------- statuses at the edge
+
+
+class _Buggy(reward_pb2_grpc.RewardServicer):
+    """Raises whatever exception the first sample's id names; `protege.errors` types keep their
+    codes, anything else is a bug."""
+
+    RAISES = {"key": lambda: {}["missing"], "value": lambda: int("x"),
+              "recursion": lambda: _recurse(), "lookup": lambda: [][1],
+              "invalid": lambda: (_ for _ in ()).throw(errors.InvalidArgument("bad n: use 1")),
+              "notfound": lambda: (_ for _ in ()).throw(errors.NotFound("no such job"))}
+
+    async def Score(self, request, context):
+        self.RAISES[request.samples[0].id]()
+
+
+def _recurse():
+    return _recurse()
+
+
+async def _start_buggy():
+    opts = serving.ServerOptions(host="127.0.0.1", port=0, metrics_port=-1)
+    register = lambda server: reward_pb2_grpc.add_RewardServicer_to_server(_Buggy(), server)
+    return await serving.start_server("buggy", opts, register, ["protege.v1.Reward"])
+
+
+def _tracebacks(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info]
+
+
+def test_undecodable_bytes_are_invalid_argument_without_a_traceback(tmp_path, caplog):
+    # grpc.aio decodes before interceptors run; every call shape must still answer cleanly.
+    async def main():
+        server = await _start(tmp_path)
+        garbage = b"\xff\xff\xff\xff"
+        got = {}
+        try:
+            async with grpc.aio.insecure_channel(server.address) as ch:
+                md = (("authorization", f"Bearer {SECRET}"),)
+                got["unary"] = await _code(ch.unary_unary("/protege.v1.Reward/Score")(
+                    garbage, metadata=md))
+                got["server-stream"] = await _code(_drain(ch.unary_stream(
+                    "/protege.v1.Generator/Generate")(garbage, metadata=md)))
+                got["client-stream"] = await _code(ch.stream_unary(
+                    "/protege.v1.Generator/LoadWeights")(iter([garbage]), metadata=md))
+                got["bidi"] = await _code(_drain(ch.stream_stream(
+                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(
+                        iter([garbage]))))
+                # Auth still comes first: no token, no parsing report.
+                got["no-token"] = await _code(ch.unary_unary("/protege.v1.Reward/Score")(garbage))
+        finally:
+            await server.stop(0)
+        return got
+
+    with caplog.at_level(logging.DEBUG):
+        got = asyncio.run(main())
+    assert got.pop("no-token")[0] == grpc.StatusCode.UNAUTHENTICATED
+    expected = {"unary": "protege.v1.ScoreRequest", "server-stream": "protege.v1.GenerateRequest",
+                "client-stream": "protege.v1.WeightChunk",
+                "bidi": "grpc.reflection.v1alpha.ServerReflectionRequest"}
+    for shape, message in expected.items():
+        code, details = got[shape]
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (shape, code, details)
+        assert f"not a valid {message}" in details, details
+    assert not _tracebacks(caplog)
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+def test_only_protege_errors_map_to_specific_codes(caplog):
+    async def main():
+        server = await _start_buggy()
+        try:
+            return {kind: await _code(_score(server.address, None, [kind]))
+                    for kind in _Buggy.RAISES}
+        finally:
+            await server.stop(0)
+
+    with caplog.at_level(logging.ERROR):
+        got = asyncio.run(main())
+    assert got["invalid"] == (grpc.StatusCode.INVALID_ARGUMENT, "bad n: use 1")
+    assert got["notfound"] == (grpc.StatusCode.NOT_FOUND, "no such job")
+    for bug, name in (("key", "KeyError"), ("value", "ValueError"), ("lookup", "IndexError"),
+                      ("recursion", "RecursionError")):
+        code, details = got[bug]
+        assert code == grpc.StatusCode.INTERNAL, (bug, code)
+        assert name in details and "server log" in details
+    logged = {r.exc_info[0].__name__ for r in _tracebacks(caplog)}
+    assert logged == {"KeyError", "ValueError", "IndexError", "RecursionError"}
+
+
+def test_a_flood_of_one_bug_logs_one_traceback(caplog):
+    async def main():
+        server = await _start_buggy()
+        try:
+            async with serving.make_channel(server.address) as channel:
+                stub = reward_pb2_grpc.RewardStub(channel)
+                request = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(id="key")])
+                return [await _code(stub.Score(request)) for _ in range(200)]
+        finally:
+            await server.stop(0)
+
+    with caplog.at_level(logging.ERROR):
+        codes = asyncio.run(main())
+    assert {c for c, _ in codes} == {grpc.StatusCode.INTERNAL}
+    assert len(_tracebacks(caplog)) == 1
+
+
+def test_the_internal_error_log_counts_what_it_left_out(caplog):
+    now = [0.0]
+    log = serving.InternalErrorLog(window_s=60, clock=lambda: now[0])
+
+    def fail(kind: str) -> None:
+        try:
+            _Buggy.RAISES[kind]()
+        except Exception as e:  # noqa: BLE001
+            log.error("svc/Method", e)
+
+    with caplog.at_level(logging.ERROR):
+        for _ in range(5):
+            fail("key")
+        fail("value")  # another type (and line): logged at once
+        now[0] = 61.0
+        fail("key")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert messages[0] == "internal error in svc/Method: KeyError"
+    assert messages[1] == "internal error in svc/Method: ValueError"
+    assert messages[2] == ("internal error in svc/Method: KeyError (4 more like it in the last "
+                           "61s were not logged)")
+
+
+# -------------------------------------------------------------------------------------- health
+
+
+def test_health_check_and_watch_follow_draining(tmp_path):
+    async def main():
+        server = await _start(tmp_path)
+        async with serving.make_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            unknown = await _code(health.Check(health_pb2.HealthCheckRequest(service="nope")))
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="protege.v1.Reward"))
+            first = await watch.read()
+            await server.drain()
+            second = await watch.read()
+            check = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            # An open Watch must not hold the stop for its grace period.
+            await asyncio.wait_for(server.stop(grace=60), timeout=20)
+            end = await watch.read()
+            return unknown, first.status, second.status, check.status, end, await watch.code()
+
+    unknown, first, second, check, end, code = asyncio.run(main())
+    assert unknown[0] == grpc.StatusCode.NOT_FOUND and "protege.v1.Reward" in unknown[1]
+    assert first == health_pb2.HealthCheckResponse.SERVING
+    assert second == check == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert end is grpc.aio.EOF and code == grpc.StatusCode.OK
+
+
+def test_health_is_served_in_plaintext_next_to_a_tls_port(tmp_path, tls_files):
+    async def main():
+        ready = tmp_path / "ready.json"
+        server = await _start(tmp_path, tls_cert=str(tls_files["server.pem"]),
+                              tls_key=str(tls_files["server.key"]),
+                              tls_client_ca=str(tls_files["ca.pem"]), health_port=0,
+                              ready_file=str(ready))
+        try:
+            assert json.loads(ready.read_text())["health"] == server.health_address
+            async with grpc.aio.insecure_channel(server.health_address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                serving_ = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                # Only health is served there: the TLS port keeps everything else.
+                reward = await _code(reward_pb2_grpc.RewardStub(channel).Score(
+                    reward_pb2.ScoreRequest(), metadata=(("authorization", f"Bearer {SECRET}"),)))
+                await server.drain()
+                draining = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                plain = await _code(health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2))
+        finally:
+            await server.stop(0)
+        return serving_.status, reward[0], draining.status, plain[0]
+
+    ok, reward, draining, plain = asyncio.run(main())
+    assert ok == health_pb2.HealthCheckResponse.SERVING
+    assert reward == grpc.StatusCode.UNIMPLEMENTED
+    assert draining == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert plain == grpc.StatusCode.UNAVAILABLE  # the main port speaks only TLS
+
+
+def test_health_port_options_are_checked():
+    with pytest.raises(errors.InvalidArgument, match="health_port must be a port"):
+        serving.ServerOptions(health_port=-2)
+    with pytest.raises(errors.InvalidArgument, match="must differ from port"):
+        serving.ServerOptions(port=50051, health_port=50051)
