@@ -39,6 +39,7 @@ EXTERNAL_SECRETS = ("protege-auth", "protege-tls")
 # CRD kinds the Kubernetes schemas do not know; each has a check here.
 CRD_KINDS = ("ServiceMonitor",)
 SERVICES = ("generator", "reference", "reward", "learner")
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
 class Report:
@@ -146,7 +147,7 @@ def check_resources_and_probes(w: dict[str, Any], r: Report) -> None:
         for part in ("requests", "limits"):
             for name in ("cpu", "memory"):
                 r.check(name in res.get(part, {}), f"{kn(w)}/{c['name']}: no {part}.{name}")
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in PROBES:
             r.check(probe in c, f"{kn(w)}/{c['name']}: no {probe}")
 
 
@@ -473,7 +474,34 @@ def check_service_config(m: Manifests, w: dict[str, Any], r: Report) -> str | No
     else:
         check_config_values(cls, data, f"{kn(w)} ({service}.yaml + args)", r)
         check_grace(w, service, float(data.get("grace_s", 10.0)), r)
+        check_probes(w, data, r)
     return service
+
+
+def check_probes(w: dict[str, Any], data: dict[str, Any], r: Report) -> None:
+    """Every probe is a gRPC health probe on a port that answers health in plaintext: the gRPC
+    port, or `health_port` when that one uses TLS (Kubernetes' gRPC probes cannot speak TLS). A TCP
+    probe would say nothing about SERVING."""
+    c = w["spec"]["template"]["spec"]["containers"][0]
+    tls, health_port = bool(data.get("tls_cert")), data.get("health_port", -1)
+    if tls and not (isinstance(health_port, int) and health_port > 0):
+        r.error(f"{kn(w)}: TLS is on but health_port is not set; gRPC probes cannot speak TLS, so "
+                "add --health-port and point the probes at it")
+        return
+    want = health_port if tls else data.get("port")
+    where = " (health_port: the gRPC port uses TLS)" if tls else " (the gRPC port)"
+    for name in PROBES:
+        probe = c.get(name, {})
+        if "grpc" not in probe:
+            kind = next((k for k in ("tcpSocket", "httpGet", "exec") if k in probe), "no")
+            r.error(f"{kn(w)}/{c['name']}: {name} is a {kind} probe; use a grpc probe on port "
+                    f"{want}{where}, which checks SERVING")
+        elif probe["grpc"].get("port") != want:
+            r.error(f"{kn(w)}/{c['name']}: {name} probes port {probe['grpc'].get('port')}, but "
+                    f"plaintext health is on {want}{where}")
+    ports = {p["containerPort"] for p in c.get("ports", [])}
+    r.check(not tls or health_port in ports,
+            f"{kn(w)}/{c['name']}: health_port {health_port} is not a containerPort")
 
 
 def check_grace(w: dict[str, Any], service: str, grace_s: float, r: Report) -> None:
@@ -597,9 +625,9 @@ def check_job(path: Path) -> int:
         r.error(f"{path}: {e}")
         return r.finish()
     try:
-        learner = importlib.import_module("protege.services.learner.config")
+        learner = importlib.import_module("protege.services.learner.admission")
     except ModuleNotFoundError:
-        r.note("protege.services.learner.config not importable: learner checks skipped")
+        r.note("protege.services.learner.admission not importable: learner checks skipped")
         return r.finish()
     try:
         learner.check_spec(learner.with_defaults(spec), ["/models", "/data/checkpoints"])
