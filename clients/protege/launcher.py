@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,19 +86,25 @@ def _health_serving(address: str, timeout: float = 2.0) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _pdeathsig_hook() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when its parent thread dies (Linux only), so a
-    killed `protege up` leaves no servers behind. libc is resolved here, in the parent: the child
-    only makes one syscall between fork and exec."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
+# `python -c _DIE_WITH_PARENT PARENT_PID CMD...` asks Linux to SIGTERM it when the thread that
+# started it exits (PR_SET_PDEATHSIG survives exec), then execs CMD. It stands in for a Popen
+# preexec_fn, which runs Python in a child forked while gRPC's threads are alive: about 1 start in
+# 15 aborted in gRPC's fork handler (NOTES.md). Without preexec_fn, Popen forks and execs in C.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)  # the parent was already gone when prctl ran
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+def _exits_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd` wrapped so that the child gets SIGTERM when its parent thread dies (Linux; elsewhere
+    `cmd` as it is), so a killed `protege up` leaves no servers behind."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 class _Child:
@@ -252,10 +258,12 @@ class Suite:
         log_file = open(log_path, "ab")  # noqa: SIM115 - closed in _stop_children
         log_file.write(f"\n==> {' '.join(cmd)}\n".encode())
         log_file.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
+        # No preexec_fn (see _DIE_WITH_PARENT); its own session, so a Ctrl-C in the terminal
+        # reaches only `protege up`, which stops the children in order.
+        proc = subprocess.Popen(_exits_with_parent(cmd) if self.die_with_parent else cmd,
+                                stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, env=self._child_env(),
-                                cwd=self.workdir, start_new_session=True,
-                                preexec_fn=_pdeathsig_hook() if self.die_with_parent else None)
+                                cwd=self.workdir, start_new_session=True)
         logger.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         self._children[name] = _Child(name, proc, log_path, log_file, ready)
 

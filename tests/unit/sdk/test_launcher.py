@@ -217,3 +217,64 @@ def test_relative_model_paths_are_resolved_before_children_change_directory(tmp_
     assert suite.student == tmp_path / "models" / "student"
     assert suite.teacher == tmp_path / "models" / "teacher"
     assert suite.workdir == tmp_path / "suite"
+
+
+# ------------------------------------------------------------------------- starting children
+
+
+def _dead(pid: int) -> bool:
+    """Exited (a zombie nobody reaped yet counts: its parent was killed)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def test_children_start_without_preexec_fn(tmp_path, monkeypatch):
+    # preexec_fn runs Python in the forked child while gRPC threads are alive (NOTES.md).
+    seen: list[dict] = []
+    real = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    with _suite(tmp_path) as suite:
+        assert not suite.poll()
+    assert len(seen) == len(SERVICES)
+    assert all(kw.get("preexec_fn") is None and kw["start_new_session"] for kw in seen)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_children_die_with_a_killed_parent(tmp_path):
+    models = tmp_path / "models"
+    for name in ("student", "teacher"):
+        (models / name).mkdir(parents=True)
+    script = f"""
+import json, sys, time
+from pathlib import Path
+from protege.launcher import SERVICES, Suite
+suite = Suite(Path({str(tmp_path / 'work')!r}), Path({str(models / 'student')!r}),
+              Path({str(models / 'teacher')!r}), modules={{n: "fake_service" for n in SERVICES}},
+              env={_env()!r}, start_timeout=60)
+suite.start()
+print(json.dumps([ep["pid"] for ep in suite.endpoints.values()]), flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(parent.stdout.readline() or "[]")
+        assert len(pids) == len(SERVICES), f"the suite did not start (exit {parent.poll()})"
+        assert not any(_dead(pid) for pid in pids)
+    finally:
+        parent.kill()  # SIGKILL: no chance to stop its children itself
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not all(_dead(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in pids if not _dead(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "children outlived their killed parent"
