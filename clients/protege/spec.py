@@ -73,8 +73,18 @@ JOB_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "reward_failure_policy": "drop",
     "max_staleness": 0,
+    # Above half, the sparse term rests on a minority of the batch, and a broken scorer or a
+    # dataset without the metadata it needs fails ~every sample; transient item timeouts stay far
+    # below. So the default fails loudly on the first and rides out the second.
+    "max_reward_failure_rate": 0.5,
 }
 DEFAULT_PROMPT_FIELD = "prompt"  # Dataset.prompt_field
+# Upper bounds that keep one step's work sane (a value past them is a typo, not a job).
+MAX_STEP_SEQUENCES = 65_536  # prompts_per_step x samples_per_prompt
+MAX_SAMPLES_PER_PROMPT = 4_096
+MAX_NEW_TOKENS = 1_048_576
+MAX_TOP_K = 1_048_576
+MIN_TEMPERATURE = 0.01
 # Phases of a step, as reported in StepMetrics.phase_seconds (0 for a phase the job skips).
 PHASES = ("generate", "reward", "reference", "forward_backward", "optimizer", "weight_sync",
           "total")
@@ -182,13 +192,14 @@ class Dataset(_Strict):
 
     inline: list[InlinePrompt] | None = Field(None, description="Prompts listed inline.")
     jsonl_path: str | None = Field(
-        None, description="A JSONL file on the learner's filesystem: one object per line with a "
-        "prompt field plus metadata.")
+        None, max_length=4096, description="A JSONL file on the learner's filesystem: one "
+        "object per line with a prompt field plus metadata.")
     hf_disk_path: str | None = Field(
-        None, description="A Hugging Face `datasets` directory written with save_to_disk "
+        None, max_length=4096, description="A Hugging Face `datasets` directory written with "
+        "save_to_disk "
         "(the learner needs the optional `datasets` package).")
     prompt_field: str | None = Field(
-        None, description=f"Column holding the prompt text. Learner default: "
+        None, max_length=256, description=f"Column holding the prompt text. Learner default: "
         f"{DEFAULT_PROMPT_FIELD!r}.")
 
     @field_validator("inline", mode="before")
@@ -226,6 +237,11 @@ class Dataset(_Strict):
 # ------------------------------------------------------------------------------------------ JobSpec
 
 
+def _is_address(target: str) -> bool:
+    """A plausible gRPC target: non-empty, printable, no whitespace, bounded."""
+    return 0 < len(target) <= 512 and target.isprintable() and not any(c.isspace() for c in target)
+
+
 def _optional(name: str, description: str, **constraints: Any) -> Any:
     """A JobSpec field left unset (None) unless given; its description quotes the learner's
     default from `JOB_DEFAULTS`."""
@@ -233,8 +249,8 @@ def _optional(name: str, description: str, **constraints: Any) -> Any:
                  **constraints)
 
 
-def _int32(name: str, ge: int, description: str) -> Any:
-    return _optional(name, description, ge=ge, le=INT32_MAX)
+def _int32(name: str, ge: int, description: str, le: int = INT32_MAX) -> Any:
+    return _optional(name, description, ge=ge, le=le)
 
 
 class JobSpec(_Strict):
@@ -245,10 +261,10 @@ class JobSpec(_Strict):
     mean" hint); keyword construction raises pydantic's ValidationError (also a ValueError).
     """
 
-    name: str | None = Field(None, description="Human-readable name.")
+    name: str | None = Field(None, max_length=256, description="Human-readable name.")
     student_model: str = Field(
-        min_length=1, description="Path (on the learner) of the student model directory, loaded "
-        "with from_pretrained.")
+        min_length=1, max_length=4096, description="Path (on the learner) of the student model "
+        "directory, loaded with from_pretrained.")
     generator_targets: list[str] = Field(
         min_length=1, description="Generator gRPC targets, e.g. 'dns:///gen.ns.svc:50051' or "
         "'127.0.0.1:50051'.")
@@ -259,12 +275,13 @@ class JobSpec(_Strict):
     dataset: Dataset = Field(description="Prompts.")
     beta: float | None = _optional("beta", "KL weight beta >= 0; 0 is pure RL.", ge=0)
     steps: int | None = _int32("steps", 1, "Number of optimiser steps to run.")
-    prompts_per_step: int | None = _int32("prompts_per_step", 1, "Prompts per step.")
+    prompts_per_step: int | None = _int32("prompts_per_step", 1, "Prompts per step.",
+                                          le=MAX_STEP_SEQUENCES)
     samples_per_prompt: int | None = _int32(
         "samples_per_prompt", 1, "Samples per prompt, the group size n for the baseline (the rloo "
-        "baseline needs >= 2).")
+        "baseline needs >= 2).", le=MAX_SAMPLES_PER_PROMPT)
     max_new_tokens: int | None = _int32(
-        "max_new_tokens", 1, "Maximum new tokens per completion.")
+        "max_new_tokens", 1, "Maximum new tokens per completion.", le=MAX_NEW_TOKENS)
     temperature: float | None = _optional(
         "temperature", "Sampling temperature; 1.0 keeps training on-policy and unbiased.", gt=0)
     learning_rate: float | None = _optional("learning_rate", "AdamW learning rate.", gt=0)
@@ -284,7 +301,8 @@ class JobSpec(_Strict):
         "min(pi/pi_behav, C).", gt=0)
     reference_encoding: Literal[ENCODINGS] | None = _optional(
         "reference_encoding", "Reference encoding: 'full', 'hidden' or 'topk'.")
-    top_k: int | None = _int32("top_k", 1, "k for the 'topk' reference encoding.")
+    top_k: int | None = _int32("top_k", 1, "k for the 'topk' reference encoding.",
+                               le=MAX_TOP_K)
     checkpoint_every: int | None = _optional(
         "checkpoint_every", "Checkpoint every this many steps; -1 checkpoints only at the end (0 "
         "is refused because on the wire it means 'unset').", ge=-1, le=INT32_MAX)
@@ -301,16 +319,29 @@ class JobSpec(_Strict):
         "learner; 0 is strictly on-policy, 1 overlaps generation with training.", ge=0,
         le=INT32_MAX)
 
+    max_reward_failure_rate: float | None = _optional(
+        "max_reward_failure_rate", "With reward_failure_policy 'drop', a step where more than this "
+        "fraction of rewards failed fails the job, quoting the item errors; 1 never fails.",
+        ge=0, le=1)
+
     @field_validator("generator_targets")
     @classmethod
     def _non_empty_targets(cls, value: list[str]) -> list[str]:
-        if not all(t.strip() for t in value):
-            raise ValueError("generator targets must be non-empty addresses such as "
-                             "'127.0.0.1:50051'")
+        if not all(_is_address(t) for t in value):
+            raise ValueError("generator targets must be addresses such as '127.0.0.1:50051' "
+                             "(no spaces or control characters, at most 512 characters)")
+        return value
+
+    @field_validator("reference_target", "reward_target")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and value != "" and not _is_address(value):
+            raise ValueError("must be an address such as '127.0.0.1:50051' (no spaces or control "
+                             "characters, at most 512 characters)")
         return value
 
     @field_validator("beta", "temperature", "learning_rate", "weight_decay", "max_grad_norm",
-                     "importance_cap")
+                     "importance_cap", "max_reward_failure_rate")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -334,6 +365,30 @@ class JobSpec(_Strict):
                              f"{JOB_DEFAULTS['checkpoint_every']} steps); use -1 to checkpoint "
                              "only at the end")
         return value
+
+    @model_validator(mode="after")
+    def _sane_values(self) -> JobSpec:
+        if self.temperature is not None and self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature {self.temperature:g} is below {MIN_TEMPERATURE}: the "
+                             "logits would overflow; use 1.0 for unbiased on-policy training")
+        for name, top in (("learning_rate", 1.0), ("beta", 1e6), ("importance_cap", 1e6),
+                          ("weight_decay", 1e3), ("temperature", 100.0)):
+            value = getattr(self, name)
+            if value is not None and value > top:
+                raise ValueError(f"{name} {value:g} is above {top:g}; that is a typo, not a job")
+        keys = list(self.labels or ())
+        if len(keys) > 64 or not all(0 < len(k) <= 63 for k in keys):
+            raise ValueError("labels: at most 64, with keys of 1 to 63 characters")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded_batch(self) -> JobSpec:
+        rows = (self.prompts_per_step or JOB_DEFAULTS["prompts_per_step"]) * (
+            self.samples_per_prompt or JOB_DEFAULTS["samples_per_prompt"])
+        if rows > MAX_STEP_SEQUENCES:
+            raise ValueError(f"prompts_per_step x samples_per_prompt = {rows} sequences per step, "
+                             f"more than {MAX_STEP_SEQUENCES}; use fewer prompts or samples")
+        return self
 
     @model_validator(mode="after")
     def _reference_when_kl(self) -> JobSpec:
@@ -398,13 +453,19 @@ class JobSpec(_Strict):
         return msg
 
     @classmethod
-    def from_proto(cls, msg: jobs_pb2.JobSpec, validate: bool = True) -> JobSpec:
-        """Back from the wire (zero/empty fields become unset); `validate=False` trusts it."""
+    def from_proto(cls, msg: jobs_pb2.JobSpec, validate: bool = True,
+                   source: str = "job spec from the server") -> JobSpec:
+        """Back from the wire (zero/empty fields become unset); `validate=False` trusts it. The
+        learner validates submitted specs with this too, so both sides refuse the same things."""
         data: dict[str, Any] = {}
         for f in msg.DESCRIPTOR.fields:
             if f.name == "dataset":
                 if msg.HasField("dataset"):
-                    data["dataset"] = Dataset.from_proto(msg.dataset, validate)
+                    try:
+                        data["dataset"] = Dataset.from_proto(msg.dataset, validate)
+                    except ValidationError as e:
+                        raise errors.InvalidJobSpec(format_validation_error(
+                            e, f"{source} dataset", Dataset)) from e
                 continue
             value = getattr(msg, f.name)
             present = msg.HasField(f.name) if f.has_presence else bool(value)
@@ -412,7 +473,10 @@ class JobSpec(_Strict):
                 data[f.name] = (dict(value) if f.name == "labels" else
                                 list(value) if f.is_repeated else value)
         if validate:
-            return cls._validate(data, "job spec from the server")
+            try:
+                return cls._validate(data, source)
+            except ValidationError as e:  # raised by a nested from_proto (e.g. an empty prompt)
+                raise errors.InvalidJobSpec(format_validation_error(e, source, cls)) from e
         return cls.model_construct(**data)
 
 

@@ -41,9 +41,17 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False for a path the OS cannot even look up (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def check_model_dir(path: str | Path) -> Path:
     p = Path(path)
-    if not (p / "config.json").is_file():
+    if not _is_file(p / "config.json"):
         raise NotFound(
             f"no model at {p}: expected a directory with config.json (a save_pretrained output); "
             "check the path, or build the tiny models with `protege up`")

@@ -29,7 +29,7 @@ from protege.services.common.models import (
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.data import load_rows
-from protege.spec import DEFAULT_PROMPT_FIELD, JOB_CHOICES, JOB_DEFAULTS
+from protege.spec import DEFAULT_PROMPT_FIELD, JOB_CHOICES, JOB_DEFAULTS, JobSpec
 from protege.v1 import jobs_pb2, tensor_pb2
 
 logger = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
     """The spec with defaults filled, or a typed error naming the field and the fix."""
     spec = with_defaults(spec)
     check_spec(spec, config.allowed_model_roots)
+    JobSpec.from_proto(spec, source="job spec")  # the SDK's bounds and finiteness checks too
     student = await asyncio.to_thread(student_vocab, spec.student_model)
     if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student.vocab_size:
         raise errors.InvalidJobSpec(f"top_k must be in [1, {student.vocab_size}] (the vocab "

@@ -13,6 +13,7 @@ import os
 
 from protege.configs import field
 from protege.errors import InvalidArgument
+from protege.services.learner.outages import OutagePolicy
 from protege.serving import CLIENT_TOKEN_ENV, ServerOptions, TLSConfig
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,16 @@ class LearnerConfig(ServerOptions):
         [], help="student model paths must lie under one of these directories (empty = any)")
     torch_threads: int = field(0, help="torch intra-op threads (0 = torch's default)")
     weight_chunk_mb: int = field(4, help="size of the chunks weights are pushed to generators in")
+    outage_budget_s: float = field(
+        300.0, help="seconds a job keeps retrying a dependency that is down (UNAVAILABLE, "
+        "DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED or no answer) before the job fails")
+    deadline_floor_s: float = field(
+        30.0, help="every call to a dependency may take this long, plus its work's allowance")
+    generate_s_per_token: float = field(
+        0.002, help="deadline allowance per generated token (rows x max_new_tokens)")
+    reference_s_per_position: float = field(
+        0.0005, help="deadline allowance per position the reference scores")
+    reward_s_per_sample: float = field(0.05, help="deadline allowance per sample to score")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,12 +67,25 @@ class LearnerConfig(ServerOptions):
             raise InvalidArgument(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.weight_chunk_mb < 1:
             raise InvalidArgument(f"weight_chunk_mb must be >= 1, got {self.weight_chunk_mb}")
+        for name in ("outage_budget_s", "deadline_floor_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("generate_s_per_token", "reference_s_per_position", "reward_s_per_sample"):
+            if not getattr(self, name) >= 0:
+                raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
         if bool(self.client_tls_cert) != bool(self.client_tls_key):
             raise InvalidArgument("client_tls_cert and client_tls_key must be given together")
         from protege.services.common.models import parse_device, parse_dtype
 
         parse_device(self.device)  # fail at startup, not when the first job loads its model
         parse_dtype(self.dtype)
+
+    def outage_policy(self) -> OutagePolicy:
+        """Deadlines and the outage budget of every job's calls to its dependencies."""
+        return OutagePolicy(budget_s=self.outage_budget_s, floor_s=self.deadline_floor_s,
+                            generate_s_per_token=self.generate_s_per_token,
+                            reference_s_per_position=self.reference_s_per_position,
+                            reward_s_per_sample=self.reward_s_per_sample)
 
     def client_tls(self) -> TLSConfig | None:
         """TLS settings for outgoing calls, or None for plaintext."""

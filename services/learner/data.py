@@ -90,9 +90,13 @@ def _row_from_object(obj: Any, prompt_field: str, where: str) -> PromptRow:
 def load_jsonl(path: str | Path, prompt_field: str = "prompt") -> list[PromptRow]:
     """Rows of a JSONL file; blank lines are skipped, anything else malformed is a clear error."""
     p = Path(path)
-    if not p.is_file():
-        raise InvalidJobSpec(f"dataset.jsonl_path {p} does not exist or is not a file on the "
-                             "learner; give a path readable by the learner process")
+    try:
+        exists = p.is_file()
+    except (OSError, ValueError):  # a name the OS refuses (too long, NUL bytes)
+        exists = False
+    if not exists:
+        raise InvalidJobSpec(f"dataset.jsonl_path {str(p)[:200]} does not exist or is not a file "
+                             "on the learner; give a path readable by the learner process")
     rows = []
     try:
         lines = p.read_text(encoding="utf-8").splitlines()

@@ -50,6 +50,7 @@ class JobManager:
         self._scheduler: asyncio.Task | None = None
         self._stopping = False
         self._version_floor = 0
+        self._launched: set[str] = set()  # job ids started by this learner process
 
     async def start(self) -> None:
         """Start the scheduler; RUNNING jobs from an earlier run resume first, then QUEUED ones."""
@@ -156,7 +157,10 @@ class JobManager:
         """Start waiting jobs (resumes first, then oldest queued) while slots are free. A job
         whose generators are already serving another running job waits: both would push their
         own weights to the same generators."""
-        waiting = [j for j in self.store.list([RUNNING]) if j.id not in self._tasks]
+        # A RUNNING job is resumed once per learner process (left RUNNING by an earlier one);
+        # a job whose run ended here is never relaunched, so nothing can spin.
+        waiting = [j for j in self.store.list([RUNNING])
+                   if j.id not in self._tasks and j.id not in self._launched]
         waiting = sorted(waiting, key=lambda j: j.created_at)
         waiting += sorted(self.store.list([QUEUED]), key=lambda j: j.created_at)
         busy = {t for trainer in self._trainers.values() for t in trainer.spec.generator_targets}
@@ -168,6 +172,7 @@ class JobManager:
                 busy.update(record.spec.generator_targets)
 
     def _launch(self, record: JobRecord) -> None:
+        self._launched.add(record.id)
         if record.state == QUEUED:
             record = self.store.transition(record.id, RUNNING)
             self._state_changed(record, "")
@@ -176,6 +181,13 @@ class JobManager:
         self._trainers[record.id] = trainer
         task = asyncio.create_task(self._run(trainer), name=record.id)
         self._tasks[record.id] = task
+
+    def _fail(self, trainer: Trainer, reason: str, exc: BaseException | None = None) -> None:
+        where = f"step {trainer.step + 1}" if trainer.started else "job start"
+        message = f"{where}: {reason}"
+        trainer.log.error("failed: %s", message, exc_info=exc)
+        record = self.store.transition(trainer.job_id, FAILED, message)
+        self._state_changed(record, message)
 
     async def _run(self, trainer: Trainer) -> None:
         job_id = trainer.job_id
@@ -187,12 +199,14 @@ class JobManager:
                 self._state_changed(record, "")
             else:
                 trainer.log.info("stopped for learner shutdown; stays RUNNING and resumes later")
-        except Exception as e:  # noqa: BLE001 - a failed job must not take the learner down
-            where = f"step {trainer.step + 1}" if trainer.started else "job start"
-            message = f"{where}: {e or type(e).__name__}"
-            trainer.log.error("failed: %s", message, exc_info=e)
-            record = self.store.transition(job_id, FAILED, message)
-            self._state_changed(record, message)
+        except asyncio.CancelledError:
+            if not self._stopping:  # only a shutdown may leave a job RUNNING
+                self._fail(trainer, "the job's task was cancelled outside a learner shutdown")
+            raise
+        except BaseException as e:  # noqa: BLE001 - every end of a job is a terminal state
+            self._fail(trainer, f"{e or type(e).__name__}", e)
+            if not isinstance(e, Exception):
+                raise
         finally:
             self._version_floor = max(self._version_floor, trainer.version)
             try:

@@ -37,6 +37,13 @@ SUCCESS_RATE = prometheus_client.Gauge(
 STEPS = prometheus_client.Counter(
     "protege_learner_steps", "Optimizer steps completed", _JOB)
 JOBS = prometheus_client.Gauge("protege_learner_jobs", "Jobs in each state", ["state"])
+DEPENDENCY_RETRIES = prometheus_client.Counter(
+    "protege_learner_dependency_retries", "Calls to a dependency retried through an outage",
+    ["job_id", "dependency"])
+DEPENDENCY_OUTAGE = prometheus_client.Gauge(
+    "protege_learner_dependency_outage_attempt",
+    "Retry attempt a job is at for a dependency in an outage (0 when it answers)",
+    ["job_id", "dependency"])
 
 # StepMetrics field -> its gauge. Checked at import: a field name that StepMetrics lacks fails here.
 _GAUGES = {
@@ -57,6 +64,13 @@ def publish_step(job_id: str, metrics: StepMetrics) -> None:
     for phase, seconds in metrics.phase_seconds.items():
         PHASE_SECONDS.labels(job_id, phase).set(float(seconds))
     STEPS.labels(job_id).inc()
+
+
+def set_outage(job_id: str, dependency: str, attempt: int) -> None:
+    """A job's retry attempt for a dependency (0: it answers); each retry is counted."""
+    DEPENDENCY_OUTAGE.labels(job_id, dependency).set(attempt)
+    if attempt:
+        DEPENDENCY_RETRIES.labels(job_id, dependency).inc()
 
 
 def set_job_counts(counts: Mapping[str, int]) -> None:

@@ -27,13 +27,14 @@ import base64
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from protege import errors
 from protege.services.learner.data import Cursor, PromptRow, take
+from protege.services.learner.outages import Dependency, OutagePolicy
 from protege.services.reference.engine import SequenceScores
 from protege.v1 import generator_pb2, jobs_pb2, reward_pb2
 
@@ -129,10 +130,21 @@ class Rollouts:
 
     def __init__(self, job_id: str, spec: jobs_pb2.JobSpec, rows: list[PromptRow],
                  generator: Any, reference: Any | None, reward: Any | None, log: Any,
-                 vocab_size: int = 0):
+                 vocab_size: int = 0, policy: OutagePolicy = OutagePolicy(),
+                 notify: Callable[[str], None] | None = None,
+                 restore_weights: Callable[[], Awaitable[Any]] | None = None):
         self.job_id, self.spec, self.rows, self.log = job_id, spec, rows, log
         self.generator, self.reference, self.reward = generator, reference, reward
         self.vocab_size = vocab_size  # the student's logit rows: a padded teacher's are cut to it
+        self.policy = policy
+        self.notify = notify or (lambda message: log.warning("%s", message))
+        # Gives restarted generators the current weights; only safe while no update runs, so
+        # only on-policy draws use it (a prefetch that meets a restart is drawn again on-policy).
+        self.restore_weights = restore_weights
+        targets = {"generator": ",".join(spec.generator_targets),
+                   "reference": spec.reference_target, "reward": spec.reward_target}
+        self.deps = {what: Dependency(job_id, what, target, policy, self.notify, int(spec.seed))
+                     for what, target in targets.items()}
         self.next: Draw | None = None
 
     # -------------------------------------------------------------------------- the pipeline
@@ -148,8 +160,8 @@ class Rollouts:
         rows, after = take(self.rows, cursor, self.spec.prompts_per_step)
         phases: dict[str, float] = {}
         name = f"{self.job_id}-draw-step-{step + 1}"
-        coro = (self._generate(rows, step, min_version, phases) if rollouts is None
-                else _ready(rollouts))
+        coro = (self._generate(rows, step, min_version, phases, on_policy=not prefetched)
+                if rollouts is None else _ready(rollouts))
         generation = asyncio.create_task(coro, name=f"{name}-generate")
         scoring = asyncio.create_task(self._score_generated(rows, generation, phases),
                                       name=f"{name}-score")
@@ -160,6 +172,8 @@ class Rollouts:
         """Step `step`'s draw, its rollouts generated within `max_staleness` of `version`: the
         one drawn ahead if any, else drawn now on-policy; a stale batch is drawn again."""
         draw, self.next = self.next, None
+        if draw is not None and await self._lost_to_a_restart(draw):
+            draw = None
         if draw is None:
             draw = self.draw(step, cursor, self.min_version(version, 0))
         try:
@@ -199,6 +213,17 @@ class Rollouts:
         draw, self.next = self.next, None
         if draw is not None:
             await draw.drop()
+
+    async def _lost_to_a_restart(self, draw: Draw) -> bool:
+        """Whether the batch drawn ahead failed because a generator restarted without the
+        weights it needed (FAILED_PRECONDITION from the generator); it is then drawn again."""
+        await asyncio.wait({draw.generation})
+        exc = None if draw.generation.cancelled() else draw.generation.exception()
+        if not (isinstance(exc, errors.FailedPrecondition) and getattr(exc, "rpc_code", None)):
+            return False
+        self.notify(f"the batch generated ahead failed ({exc}); generating it again on-policy")
+        await draw.drop()
+        return True
 
     async def _consume(self, draw: Draw, task: asyncio.Task) -> Any:
         """The task's result; a prefetch's failure is raised here, at the step that needed it."""
@@ -254,14 +279,21 @@ class Rollouts:
     # ------------------------------------------------------------------- generation and scoring
 
     async def _generate(self, rows: list[PromptRow], step: int, min_version: int,
-                        phases: dict[str, float]) -> list[Any]:
+                        phases: dict[str, float], on_policy: bool = True) -> list[Any]:
         spec = self.spec
-        with timed(phases, "generate"):
-            rollouts = await self.generator.generate(
+        expected = spec.prompts_per_step * spec.samples_per_prompt
+
+        def call() -> Awaitable[list[Any]]:
+            return self.generator.generate(
                 [r.prompt for r in rows], n=spec.samples_per_prompt, temperature=spec.temperature,
                 max_new_tokens=spec.max_new_tokens, seed=step_seed(spec.seed, step),
                 min_policy_version=min_version)
-        expected = spec.prompts_per_step * spec.samples_per_prompt
+
+        restore = self.restore_weights if on_policy else None
+        with timed(phases, "generate"):
+            rollouts = await self.deps["generator"].call(
+                call, self.policy.generate_deadline(expected, spec.max_new_tokens), restore,
+                retry_failed_precondition=restore is not None)
         if len(rollouts) != expected:
             raise errors.Internal(f"the generators returned {len(rollouts)} rollouts, expected "
                                   f"{expected} (prompts_per_step x samples_per_prompt)")
@@ -285,9 +317,11 @@ class Rollouts:
                                      metadata_json=rows[int(r.prompt_id)].metadata_json)
                    for i, r in enumerate(rollouts)]
         with timed(phases, "reward"):
-            results = await self.reward.score(samples)
+            results = await self.deps["reward"].call(
+                lambda: self.reward.score(samples), self.policy.reward_deadline(B))
         by_id = {res.id: res for res in results}
         rewards, mask, scored = torch.zeros(B), torch.ones(B, dtype=torch.bool), []
+        failures: list[str] = []
         for i in range(B):
             res = by_id.get(str(i))
             if res is not None and res.status == reward_pb2.SCORE_STATUS_OK:
@@ -301,7 +335,24 @@ class Rollouts:
                     f"reward for sample {i} failed ({reason}); the job's reward_failure_policy is "
                     "'fail' (use 'drop' to train on without failed samples)")
             mask[i] = False
+            failures.append(f"sample {i}: {reason}")
+        self._check_reward_failures(failures, B)
         return rewards, mask, scored
+
+    def _check_reward_failures(self, failures: list[str], B: int) -> None:
+        """Fail the step above `max_reward_failure_rate`; below it, say so (the watch stream and
+        the log), quoting the first item errors either way."""
+        if not failures:
+            return
+        rate, limit = len(failures) / B, self.spec.max_reward_failure_rate
+        quoted = "; ".join(failures[:3]) + ("; ..." if len(failures) > 3 else "")
+        if rate > limit:
+            raise errors.FailedPrecondition(
+                f"{len(failures)} of {B} rewards failed ({rate:.0%}, above the job's "
+                f"max_reward_failure_rate {limit:g}): {quoted}. Fix the reward service or the "
+                "dataset's metadata, or raise max_reward_failure_rate")
+        self.notify(f"{len(failures)} of {B} rewards failed ({rate:.0%}; the job fails above "
+                    f"{limit:.0%}); these samples get no sparse term: {quoted}")
 
     async def _reference(self, rollouts: Sequence[Any],
                          phases: dict[str, float]) -> list[SequenceScores] | None:
@@ -309,11 +360,14 @@ class Rollouts:
             return None
         seqs = [list(r.prompt_token_ids) + list(r.completion_token_ids) for r in rollouts]
         score_from = [len(r.prompt_token_ids) for r in rollouts]
+        positions = sum(len(s) for s in seqs)
         with timed(phases, "reference"):
-            return await self.reference.score(
-                seqs, score_from, encoding=self.spec.reference_encoding,
-                top_k=self.spec.top_k if self.spec.reference_encoding == "topk" else 0,
-                vocab_size=self.vocab_size)
+            return await self.deps["reference"].call(
+                lambda: self.reference.score(
+                    seqs, score_from, encoding=self.spec.reference_encoding,
+                    top_k=self.spec.top_k if self.spec.reference_encoding == "topk" else 0,
+                    vocab_size=self.vocab_size),
+                self.policy.reference_deadline(positions))
 
     async def close(self) -> None:
         """Drop the batch drawn ahead and close the job's clients."""

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from protege.errors import InvalidArgument
 from protege.services.learner.events import Event
 from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import JobRecord
@@ -23,6 +24,9 @@ def state_to_proto(state: str) -> int:
 
 
 def state_from_proto(value: int) -> str:
+    if value not in jobs_pb2.JobState.values() or value == jobs_pb2.JOB_STATE_UNSPECIFIED:
+        names = [n.removeprefix(_PREFIX) for n in jobs_pb2.JobState.keys()][1:]  # noqa: SIM118
+        raise InvalidArgument(f"unknown job state {value}; use one of {names}")
     return jobs_pb2.JobState.Name(value).removeprefix(_PREFIX)
 
 

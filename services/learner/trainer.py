@@ -42,6 +42,7 @@ from protege.spec import PHASES, StepMetrics
 
 logger = logging.getLogger(__name__)
 
+MAX_POLICY_VERSION = 2**62  # versions count steps; one this high was pushed by mistake
 STOPPED = "STOPPED"  # a trainer's outcome on learner shutdown: the job stays RUNNING for a resume
 
 
@@ -133,13 +134,21 @@ class Trainer:
         reference = self.clients.reference(spec.reference_target) if spec.beta > 0 else None
         reward = self.clients.reward(spec.reward_target) if spec.reward_target else None
         V = int(self.model.get_output_embeddings().weight.shape[0])
-        self.rollouts = Rollouts(self.job_id, spec, rows, generator, reference, reward, self.log,
-                                 vocab_size=V)
+        self.rollouts = Rollouts(
+            self.job_id, spec, rows, generator, reference, reward, self.log, vocab_size=V,
+            policy=self.config.outage_policy(), notify=self._notify,
+            restore_weights=lambda: self.weights.restore(self.model, self.version))
         self.weights = WeightSync(generator, self.clients, spec.generator_targets,
-                                  self.config.weight_chunk_mb << 20)
+                                  self.config.weight_chunk_mb << 20,
+                                  self.rollouts.deps["generator"])
         if reference is not None:
             await self._teacher_head(reference, V)
         served = await self.weights.served_version()
+        if served >= MAX_POLICY_VERSION:
+            raise errors.FailedPrecondition(
+                f"a generator of {', '.join(spec.generator_targets)} serves policy version "
+                f"{served}, too close to the int64 limit to count on from; restart that generator "
+                "(it comes back at version 0) and submit the job again")
         self.version = max(served, self.version_floor, int(state.get("policy_version", 0))) + 1
         await self.weights.push(self.model, self.version)
         if spec.max_staleness > 0 and state.get("prefetched"):
@@ -152,7 +161,8 @@ class Trainer:
     async def _teacher_head(self, reference: Any, V: int) -> None:
         """Say so when the teacher's vocabulary is padded past the student's V rows (only its
         first V rows are used); fetch its LM head for HIDDEN, cut to those rows."""
-        vocab = (await reference.info()).vocab
+        dependency = self.rollouts.deps["reference"]
+        vocab = (await dependency.call(reference.info, dependency.policy.floor_s)).vocab
         if vocab.vocab_size > V:
             message = (f"the reference at {self.spec.reference_target} has a padded vocabulary: "
                        f"{vocab.vocab_size} logit rows for a {vocab.tokenizer_size}-token "
@@ -161,7 +171,7 @@ class Trainer:
             self.log.info("%s", message)
             self.hub.publish(Event.notice(self.job_id, message))
         if self.spec.reference_encoding == "hidden":
-            weight, bias = await reference.lm_head()
+            weight, bias = await dependency.call(reference.lm_head, dependency.policy.floor_s)
             device = self.model.device
             self.lm_head = (weight[:V].float().to(device),
                             None if bias is None else bias[:V].float().to(device))
@@ -180,6 +190,11 @@ class Trainer:
         checkpoint.load_optimizer(ckpt, self.optimizer)
         checkpoint.load_rng(ckpt)
         return checkpoint.read_state(ckpt)
+
+    def _notify(self, message: str) -> None:
+        """A notice for whoever watches the job, and a warning in the log."""
+        self.log.warning("%s", message)
+        self.hub.publish(Event.notice(self.job_id, message))
 
     def request_cancel(self) -> None:
         """Stop after the current step; a batch being drawn ahead for the next one is cancelled

@@ -119,7 +119,10 @@ Global___InlinePrompt: _TypeAlias = InlinePrompt  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
-    """Every hyperparameter of the hybrid objective and the loop (DESIGN §1, §3)."""
+    """Every hyperparameter of the hybrid objective and the loop (DESIGN §1, §3). proto3 cannot tell
+    unset from zero: a field left at 0 / "" takes the Default stated in its comment (so steps = 0
+    runs 100 steps). The learner refuses what the SDK's JobSpec refuses: bounds, finiteness, choices.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -169,6 +172,7 @@ class JobSpec(_message.Message):
     REWARD_FAILURE_POLICY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MAX_STALENESS_FIELD_NUMBER: _builtins.int
+    MAX_REWARD_FAILURE_RATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name."""
     student_model: _builtins.str
@@ -224,6 +228,12 @@ class JobSpec(_message.Message):
     on-policy; 1 overlaps generation of step k+1 with training of step k). The pipeline is one
     step deep, so values above 1 behave like 1. Default: 0.
     """
+    max_reward_failure_rate: _builtins.float
+    """With reward_failure_policy "drop": a step where more than this fraction of the samples' rewards
+    failed fails the job, quoting the first item errors (a scorer that always fails, or a dataset
+    without the metadata it needs, must not train on silently). Below it, every step with failures
+    sends a notice. In [0, 1]; 1 never fails. Default: 0.5.
+    """
     @_builtins.property
     def generator_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generator gRPC targets (e.g. "dns:///gen.ns.svc:50051" or "127.0.0.1:50051")."""
@@ -265,10 +275,11 @@ class JobSpec(_message.Message):
         reward_failure_policy: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_staleness: _builtins.int = ...,
+        max_reward_failure_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "samples_per_prompt", b"samples_per_prompt", "seed", b"seed", "steps", b"steps", "student_model", b"student_model", "temperature", b"temperature", "top_k", b"top_k", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "samples_per_prompt", b"samples_per_prompt", "seed", b"seed", "steps", b"steps", "student_model", b"student_model", "temperature", b"temperature", "top_k", b"top_k", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 from protege import errors
 from protege.services.learner import checkpoint
@@ -227,13 +228,34 @@ def test_cancel_during_prefetch_leaves_no_task_behind(backend, tmp_path):
 def test_prefetch_failure_fails_the_job_at_the_step_that_consumes_it(backend, tmp_path):
     async def fail_third(index: int) -> None:
         if index == 2:  # the prefetch of step 3, issued during step 2
-            raise errors.Unavailable("injected generator outage")
+            raise errors.InvalidArgument("injected bad request")  # not an outage: no retry
 
     spec = job_spec(backend, steps=4, max_staleness=1)
     record, history = asyncio.run(run_recorded(config(tmp_path), spec, Recorder(fail_third)))
     assert record.state == FAILED and record.step == 2 and len(history) == 2
     assert record.error.startswith("step 3:")
-    assert "generated ahead" in record.error and "injected generator outage" in record.error
+    assert "generated ahead" in record.error and "injected bad request" in record.error
+    assert "generator at" in record.error  # the failing dependency is named
+
+
+def test_a_prefetch_outage_is_retried_and_the_job_completes(backend, tmp_path):
+    """UNAVAILABLE twice on the prefetch of step 3: retried with backoff, announced, then the job
+    finishes every step exactly once."""
+    async def flaky(index: int) -> None:
+        if index in (2, 3):
+            raise errors.Unavailable("injected generator outage")
+
+    rec = Recorder(flaky)
+    spec = job_spec(backend, steps=4, max_staleness=1)
+    record, history = asyncio.run(run_recorded(config(tmp_path), spec, rec))
+    assert record.state == SUCCEEDED, record.error
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert rec.generates == 6  # 4 batches + 2 retries
+    value = prometheus_client.REGISTRY.get_sample_value
+    assert value("protege_learner_dependency_retries_total",
+                 {"job_id": record.id, "dependency": "generator"}) == 2
+    assert value("protege_learner_dependency_outage_attempt",
+                 {"job_id": record.id, "dependency": "generator"}) == 0
 
 
 def test_rollouts_beyond_max_staleness_are_regenerated(backend, tmp_path):

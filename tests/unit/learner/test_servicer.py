@@ -112,6 +112,17 @@ BAD_FIELDS = [
     ({"max_staleness": -1}, r"max_staleness must be >= 0"),
     ({"generator_targets": []}, r"generator_targets is empty"),
     ({"dataset": jobs_pb2.Dataset()}, r"dataset must have exactly one source"),
+    # What the SDK refuses, the server refuses too (issue 9): bounds and finiteness.
+    ({"prompts_per_step": 2**31 - 1}, r"prompts_per_step: .*less than or equal to 65536"),
+    ({"samples_per_prompt": 2**31 - 1}, r"samples_per_prompt: .*less than or equal to 4096"),
+    ({"max_new_tokens": 2**31 - 1}, r"max_new_tokens: .*less than or equal to 1048576"),
+    ({"prompts_per_step": 4096, "samples_per_prompt": 64}, r"262144 sequences per step"),
+    ({"beta": float("inf")}, r"beta: must be a finite number"),
+    ({"temperature": float("inf")}, r"temperature: must be a finite number"),
+    ({"learning_rate": float("inf")}, r"learning_rate: must be a finite number"),
+    ({"weight_decay": float("inf")}, r"weight_decay: must be a finite number"),
+    ({"max_grad_norm": float("nan")}, r"max_grad_norm: must be a finite number"),
+    ({"max_reward_failure_rate": 1.5}, r"max_reward_failure_rate: .*less than or equal to 1"),
 ]
 
 
