@@ -120,8 +120,10 @@ def hidden_support(model: Any) -> HiddenSupport:
     ids = (torch.arange(8, device=device) % head.weight.shape[0]).unsqueeze(0)
     try:
         with torch.inference_mode():
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            mask = torch.ones_like(ids)  # ids may include the pad id: say they are all real
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            hidden = model.base_model(input_ids=ids, attention_mask=mask,
+                                      use_cache=False).last_hidden_state
             rebuilt = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
     except (AttributeError, TypeError, RuntimeError) as e:
         return HiddenSupport(False, f"could not read the final hidden state ({e}); use the FULL "
