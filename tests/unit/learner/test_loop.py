@@ -53,9 +53,10 @@ def job_spec(backend, **overrides: Any) -> jobs_pb2.JobSpec:
     return spec
 
 
-async def run_job(cfg: LearnerConfig, spec: jobs_pb2.JobSpec) -> tuple[Any, list, list]:
+async def run_job(cfg: LearnerConfig, spec: jobs_pb2.JobSpec,
+                  clients: Any = None) -> tuple[Any, list, list]:
     """Submit, watch to the end; returns (final record, events, metrics history)."""
-    manager = JobManager(cfg)
+    manager = JobManager(cfg, clients=clients)
     await manager.start()
     try:
         record = await manager.submit(spec)

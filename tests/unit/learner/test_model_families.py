@@ -20,7 +20,7 @@ from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import SUCCEEDED
 
 from .conftest import _generator, _reference
-from .test_loop import assert_finite, config
+from .test_loop import assert_finite, config, run_job
 from .test_loop import job_spec as _job_spec
 
 PAD_ROWS = 64
@@ -101,27 +101,13 @@ def job_spec(backend, generator_targets=None, **overrides):
     return spec
 
 
-async def run_collecting(cfg, spec):
-    """Like test_loop.run_job; also returns every event's (kind, message)."""
-    manager = JobManager(cfg)
-    await manager.start()
-    try:
-        record = await manager.submit(spec)
-        events = [e async for e in manager.watch(record.id)]
-        await manager.wait_idle()
-        return manager.get(record.id), events, manager.store.metrics_history(record.id)
-    finally:
-        await manager.shutdown(5.0)
-        manager.store.close()
-
-
 @pytest.mark.parametrize("encoding", ["full", "hidden", "topk"])
 def test_multimodal_gemma3_as_student_and_teacher(backend, families, tmp_path, encoding):
     spec = job_spec(backend, student_model=str(families["gemma_student"]),
                     generator_targets=[families["gemma_generator"]],
                     reference_target=families["gemma_reference"], reference_encoding=encoding,
                     top_k=8, steps=2)
-    record, _, history = asyncio.run(run_collecting(config(tmp_path), spec))
+    record, _, history = asyncio.run(run_job(config(tmp_path), spec))
     assert record.state == SUCCEEDED, record.error
     assert [m.step for m in history] == [1, 2]
     for m in history:
@@ -141,7 +127,7 @@ def test_padded_teacher_gives_the_unpadded_kl(backend, families, tmp_path, encod
     for name, target in (("plain", backend.reference), ("padded", families["padded_reference"])):
         spec = job_spec(backend, reward_target="", steps=1, reference_target=target,
                         reference_encoding=encoding, top_k=8)
-        record, events, history = asyncio.run(run_collecting(config(tmp_path / name), spec))
+        record, events, history = asyncio.run(run_job(config(tmp_path / name), spec))
         assert record.state == SUCCEEDED, record.error
         first[name] = history[0]
         notices = [e.message for e in events if e.kind == "notice"]
@@ -166,7 +152,7 @@ def test_dropout_is_off_while_training(backend, families, tmp_path):
                                model.eval()(input_ids=ids).logits), "dropout must be active"
     spec = job_spec(backend, student_model=str(families["dropout"]),
                     generator_targets=[families["dropout_generator"]], steps=2, max_staleness=0)
-    record, _, history = asyncio.run(run_collecting(config(tmp_path), spec))
+    record, _, history = asyncio.run(run_job(config(tmp_path), spec))
     assert record.state == SUCCEEDED, record.error
     for m in history:
         assert m.ratio_mean == pytest.approx(1.0, abs=1e-5), m.step  # strictly on-policy

@@ -19,7 +19,7 @@ from protege.services.learner.store import FAILED, SUCCEEDED
 from protege.serving import ServerOptions, start_server
 from protege.v1 import jobs_pb2
 
-from .test_loop import config, job_spec
+from .test_loop import config, job_spec, run_job
 
 
 class Flaky:
@@ -63,19 +63,6 @@ class FlakyClients(Clients):
         return self._wrap(client) if self.kind == "reward" else client
 
 
-async def run(cfg: Any, spec: jobs_pb2.JobSpec, clients: Clients | None = None):
-    manager = JobManager(cfg, clients=clients)
-    await manager.start()
-    try:
-        record = await manager.submit(spec)
-        events = [e async for e in manager.watch(record.id)]
-        await manager.wait_idle()
-        return manager.get(record.id), events, manager.store.metrics_history(record.id)
-    finally:
-        await manager.shutdown(5.0)
-        manager.store.close()
-
-
 def notices(events: list) -> list[str]:
     return [e.message for e in events if e.kind == "notice"]
 
@@ -87,7 +74,7 @@ def test_a_hung_reference_hits_its_deadline_and_is_retried(backend, tmp_path):
 
     clients = FlakyClients("reference", "score", hang_first)
     cfg = config(tmp_path, deadline_floor_s=1.0)
-    record, events, history = asyncio.run(run(cfg, job_spec(backend, steps=2), clients))
+    record, events, history = asyncio.run(run_job(cfg, job_spec(backend, steps=2), clients))
     assert record.state == SUCCEEDED, record.error
     assert [m.step for m in history] == [1, 2]
     said = notices(events)
@@ -101,7 +88,7 @@ def test_an_outage_past_the_budget_fails_naming_the_dependency(backend, tmp_path
 
     clients = FlakyClients("reward", "score", down)
     cfg = config(tmp_path, outage_budget_s=2.0)
-    record, events, _ = asyncio.run(run(cfg, job_spec(backend, steps=2), clients))
+    record, events, _ = asyncio.run(run_job(cfg, job_spec(backend, steps=2), clients))
     assert record.state == FAILED and record.step == 0
     assert record.error.startswith("step 1: reward at ") and "outage budget of 2s" in record.error
     assert "last status" in record.error and "connection refused" in record.error
@@ -137,7 +124,7 @@ def test_a_restarted_generator_gets_the_weights_back(backend, tmp_path, tiny_stu
     del spec.generator_targets[:]
     spec.generator_targets.append(address)
     try:
-        record, events, history = asyncio.run(run(config(tmp_path), spec, clients))
+        record, events, history = asyncio.run(run_job(config(tmp_path), spec, clients))
     finally:
         bg.servers.append(state["server"])
     assert record.state == SUCCEEDED, record.error
@@ -150,7 +137,7 @@ def test_rewards_that_all_fail_fail_the_job_quoting_why(backend, tmp_path):
     ds = jobs_pb2.Dataset()
     for p in ("1+1=", "2+2="):
         ds.inline.add(prompt=p, metadata_json=json.dumps({"fail": True}))
-    record, events, history = asyncio.run(run(
+    record, events, history = asyncio.run(run_job(
         config(tmp_path), job_spec(backend, dataset=ds, prompts=[], steps=3)))
     assert record.state == FAILED and history == []
     assert record.error.startswith("step 1: 4 of 4 rewards failed (100%")
@@ -162,7 +149,7 @@ def test_rewards_failing_below_the_limit_warn_every_step(backend, tmp_path):
     ds = jobs_pb2.Dataset()
     ds.inline.add(prompt="1+1=", metadata_json='{"fail": true}')
     ds.inline.add(prompt="2+2=", metadata_json='{"answer": "4"}')
-    record, events, history = asyncio.run(run(
+    record, events, history = asyncio.run(run_job(
         config(tmp_path), job_spec(backend, dataset=ds, prompts=[], steps=2)))
     assert record.state == SUCCEEDED, record.error
     assert [m.reward_failure_rate for m in history] == [0.5, 0.5]
@@ -211,6 +198,6 @@ def test_an_absurd_served_version_fails_the_job_clearly(backend, tmp_path, versi
             client.info = info
             return client
 
-    record, _, _ = asyncio.run(run(config(tmp_path), job_spec(backend, steps=1), HighVersion()))
+    record, _, _ = asyncio.run(run_job(config(tmp_path), job_spec(backend, steps=1), HighVersion()))
     assert record.state == FAILED and record.error.startswith("job start:")
     assert f"serves policy version {version}" in record.error and "restart" in record.error
