@@ -1,11 +1,14 @@
-"""Session fixtures: tiny real models built once per test session and loaded via from_pretrained."""
+"""Session fixtures: tiny real models built once per test session and loaded via from_pretrained,
+and throwaway certificate authorities for the TLS tests."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,53 @@ def serve_process():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"openssl {' '.join(args)} failed: {proc.stderr}"
+
+
+class CertificateAuthority:
+    """A throwaway CA that issues EC certificates, made with openssl (the `cryptography`
+    package is not installed in .venv)."""
+
+    def __init__(self, directory: Path, name: str):
+        self.dir, self.name = directory, name
+        self.pem = directory / f"{name}.pem"
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", f"{name}.key", "-out", self.pem.name, "-days", "2",
+                 "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+
+    def issue(self, name: str, cn: str, sans: Sequence[str] = (), server: bool = False,
+              client: bool | None = None) -> tuple[Path, Path]:
+        """(cert, key) files `<name>.pem` / `<name>.key`; `sans` like 'DNS:x', 'URI:spiffe://..'.
+        A server certificate is for 127.0.0.1 and localhost; `client` (default: not `server`)
+        lets it authenticate a client too, as a pod's one keypair often does."""
+        if server:
+            sans = ["IP:127.0.0.1", "DNS:localhost", *sans]
+        client = not server if client is None else client
+        usage = ",".join(u for u, on in (("serverAuth", server), ("clientAuth", client)) if on)
+        ext = f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n"
+        if sans:
+            ext += f"subjectAltName={','.join(sans)}\n"
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}",
+                 cwd=self.dir)
+        (self.dir / f"{name}.ext").write_text(ext)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", self.pem.name, "-CAkey",
+                 f"{self.name}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                 "-sha256", "-extfile", f"{name}.ext", cwd=self.dir)
+        return self.dir / f"{name}.pem", self.dir / f"{name}.key"
+
+
+@pytest.fixture(scope="session")
+def certificate_authority(tmp_path_factory) -> Callable[[str], CertificateAuthority]:
+    """Factory: `certificate_authority("ca")` makes a new CA in its own directory."""
+    count = itertools.count()
+
+    def make(name: str = "protege-test-ca") -> CertificateAuthority:
+        return CertificateAuthority(tmp_path_factory.mktemp(f"tls{next(count)}"), name)
+
+    return make

@@ -3,6 +3,8 @@
     protege submit job.yaml --watch          # prints the job id, then a progress bar
     protege list | get ID | cancel ID | watch ID
     protege reward check 127.0.0.1:50053     # conformance checks for a reward service
+    protege token new --scope jobs --token-out me.token >> tokens.yaml   # a server's tokens file
+    protege token hash --scope reward < reward.token >> tokens.yaml
     protege up --endpoints-file ep.json      # all four services on 127.0.0.1, until Ctrl-C
     protege demo                             # the CPU demo (needs `pip install 'protege[server]'`)
 
@@ -19,8 +21,11 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
+import secrets
 import shlex
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +40,7 @@ from rich.table import Table
 
 from protege import errors
 from protege.client import DEFAULT_TARGET, TARGET_ENV, TOKEN_ENV, Client
-from protege.serving import TLSConfig
+from protege.serving import SCOPES, TLSConfig, hash_token, read_token_file
 from protege.spec import CheckpointEvent, JobInfo, NoticeEvent, StateEvent, StepEvent
 
 app = typer.Typer(name="protege", no_args_is_help=True, add_completion=False,
@@ -43,6 +48,11 @@ app = typer.Typer(name="protege", no_args_is_help=True, add_completion=False,
                   help="Protégé: online hybrid RL + imitation fine-tuning of LLMs.")
 reward_app = typer.Typer(no_args_is_help=True, help="Tools for reward-service authors.")
 app.add_typer(reward_app, name="reward")
+token_app = typer.Typer(no_args_is_help=True,
+                        help="Make bearer tokens and the hashed lines of servers' tokens files.")
+app.add_typer(token_app, name="token")
+# A salted SHA-256 protects random tokens; a shorter, chosen one could be guessed from its hash.
+MIN_TOKEN_CHARS = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +296,74 @@ def reward_check(
     typer.echo(f"{len(results) - failed}/{len(results)} checks passed")
     if failed:
         raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------- token
+
+
+ScopeOpt = Annotated[list[str] | None, typer.Option(
+    "--scope", help=f"scope the token grants (repeatable): {', '.join(SCOPES)}")]
+
+
+def _checked_scopes(scopes: list[str] | None) -> list[str]:
+    if not scopes:
+        raise errors.InvalidArgument(f"give the token's scopes with --scope (repeatable): "
+                                     f"{', '.join(SCOPES)}")
+    bad = sorted(set(scopes) - set(SCOPES))
+    if bad:
+        raise errors.InvalidArgument(f"unknown scope(s) {bad}; valid: {list(SCOPES)}")
+    return list(dict.fromkeys(scopes))
+
+
+def _tokens_file_line(hashed: str, scopes: list[str]) -> str:
+    return f"{hashed}: [{', '.join(scopes)}]"
+
+
+@token_app.command("new")
+@_handle_errors
+def token_new(
+    token_out: Annotated[Path, typer.Option(
+        help="new file to write the token to (mode 0600); hand it to the caller, e.g. as a "
+        "Secret")],
+    scope: ScopeOpt = None,
+) -> None:
+    """Make a random 256-bit token: write it to --token-out, print its tokens-file line."""
+    scopes = _checked_scopes(scope)
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(token_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise errors.InvalidArgument(f"{token_out} exists; give a new path to --token-out (a "
+                                     "token file is never overwritten)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    typer.echo(_tokens_file_line(hash_token(token), scopes))
+
+
+@token_app.command("hash")
+@_handle_errors
+def token_hash(
+    scope: ScopeOpt = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="read the token from this file instead of stdin")] = None,
+) -> None:
+    """Print a token's salted hash as a tokens-file line (`HASH: [scopes]`).
+
+    The token is read from --token-file, from stdin, or from a hidden prompt, never from the
+    command line, where it would stay in the shell history and in `ps`.
+    """
+    scopes = _checked_scopes(scope)
+    if token_file is not None:
+        token = read_token_file(str(token_file))
+    elif sys.stdin.isatty():
+        token = typer.prompt("token", hide_input=True).strip()
+    else:
+        token = sys.stdin.read().strip()
+    if len(token) < MIN_TOKEN_CHARS:
+        typer.echo(f"warning: the token has {len(token)} characters; a salted hash protects only "
+                   f"long random tokens (>= {MIN_TOKEN_CHARS}): use `protege token new`",
+                   err=True)
+    typer.echo(_tokens_file_line(hash_token(token), scopes))
 
 
 # -------------------------------------------------------------------------------------------- up

@@ -5,11 +5,13 @@ It gives every server the same production surface:
 - gRPC health checking (Check and Watch) and reflection, so grpc_health_probe, Kubernetes gRPC
   probes, Envoy and grpcurl work; with TLS, health can also be served on a plaintext `health_port`,
   because Kubernetes' gRPC probes cannot speak TLS;
-- one interceptor that authenticates bearer tokens (scoped per method), maps `protege.errors`
-  types to status codes and anything else to INTERNAL with a rate-limited traceback, answers
-  undecodable request bytes with INVALID_ARGUMENT, and records Prometheus request counts,
-  latencies and errors per RPC;
-- message-size limits, TLS and optional mTLS;
+- one interceptor that authenticates bearer tokens (scoped per method, stored as salted hashes),
+  checks the client certificate's names where `tls_client_identities` asks for them, maps
+  `protege.errors` types to status codes and anything else to INTERNAL with a rate-limited
+  traceback, answers undecodable request bytes with INVALID_ARGUMENT, and records Prometheus
+  request counts, latencies and errors per RPC;
+- message-size limits, a maximum connection age, TLS and optional mTLS, with the certificate
+  files re-read when they change on disk (a cert-manager renewal needs no restart);
 - a Prometheus HTTP endpoint;
 - graceful SIGTERM: health goes NOT_SERVING, new calls are refused, in-flight calls get `grace_s` to
   finish, then the engine is released (`on_stop`).
@@ -24,13 +26,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
 import os
 import signal
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,11 @@ TOKEN_ENV = "PROTEGE_TOKEN"
 TOKENS_FILE_ENV = "PROTEGE_TOKENS_FILE"
 CLIENT_TOKEN_ENV = "PROTEGE_CLIENT_TOKEN"
 SCOPES = ("admin", "jobs", "generate", "weights", "reference", "reward")
+# Tokens-file keys: "sha256$<salt hex>$<hex of sha256(salt + token)>", or "plain:<token>" for a
+# plaintext token (accepted with a warning; development only).
+TOKEN_HASH_SCHEME = "sha256"
+PLAIN_TOKEN_MARK = "plain:"
+TOKEN_SALT_BYTES = 16
 # Methods every caller may use without a token: probes and schema discovery.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                    "/grpc.reflection.v1.ServerReflection/")
@@ -111,8 +120,20 @@ class ServerOptions:
     tls_cert: str | None = field(None, help="PEM server certificate; enables TLS with tls_key")
     tls_key: str | None = field(None, help="PEM private key for tls_cert")
     tls_client_ca: str | None = field(None, help="PEM CA bundle; clients then need certs (mTLS)")
-    tokens_file: str | None = field(None, help="YAML {token: [scopes]}; also $PROTEGE_TOKENS_FILE")
+    tls_client_identities: dict[str, list[str]] = field(
+        {}, help="client-certificate names (CN or SAN) allowed per scope or method under mTLS, "
+        'e.g. {"weights": ["protege-learner"], "/protege.v1.Jobs/SubmitJob": ["ci"]}; a method '
+        "listed (or whose scope is listed) is refused with PERMISSION_DENIED to any other "
+        "certificate, whatever its token")
+    tokens_file: str | None = field(
+        None, help="YAML {hashed token: [scopes]} (hashes from `protege token hash`); also "
+        "$PROTEGE_TOKENS_FILE")
     max_message_mb: int = field(64, help="largest request/response message in MiB")
+    max_connection_age_s: float = field(
+        0.0, help="close each client connection after this many seconds (clients reconnect at "
+        "once), so that load balancing reaches new replicas; 0 = never")
+    max_connection_age_grace_s: float = field(
+        60.0, help="calls in flight on a connection closed for its age get this long to finish")
     grace_s: float = field(10.0, help="seconds in-flight calls get to finish on SIGTERM")
     health_port: int = field(
         -1, help="plaintext port serving only grpc.health.v1, for Kubernetes gRPC probes (which "
@@ -138,6 +159,15 @@ class ServerOptions:
         if self.log_format not in ("text", "json"):
             raise errors.InvalidArgument(
                 f"log_format must be 'text' or 'json', got {self.log_format!r}")
+        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
+            raise errors.InvalidArgument(
+                "max_connection_age_s and max_connection_age_grace_s must be >= 0 (0 = never), "
+                f"got {self.max_connection_age_s} and {self.max_connection_age_grace_s}")
+        check_client_identities(self.tls_client_identities)
+        if self.tls_client_identities and not self.tls_client_ca:
+            raise errors.InvalidArgument(
+                "tls_client_identities needs tls_client_ca (mTLS): without it no client presents "
+                "a certificate to check")
 
 
 def server_options(config: Any) -> ServerOptions:
@@ -149,22 +179,71 @@ def server_options(config: Any) -> ServerOptions:
 # ----------------------------------------------------------------------------------------- auth
 
 
-class TokenAuth:
-    """Bearer tokens, each with a set of scopes. With no tokens configured, auth is off."""
+def hash_token(token: str, salt: bytes | None = None) -> str:
+    """The tokens-file form of `token`: 'sha256$<salt hex>$<hex of sha256(salt + token)>'.
 
-    def __init__(self, tokens: dict[str, frozenset[str]]):
-        self._tokens = tokens
+    A fast salted hash is enough because tokens are random (`protege token new` makes 256-bit
+    ones): slow password hashes (scrypt, argon2) exist to slow the guessing of low-entropy
+    secrets, and checking one on every call would cost each RPC milliseconds per known token.
+    """
+    if not token or token != token.strip():
+        raise errors.InvalidArgument("a token must be non-empty and have no surrounding "
+                                     "whitespace; `protege token new` makes a good one")
+    salt = os.urandom(TOKEN_SALT_BYTES) if salt is None else salt
+    digest = hashlib.sha256(salt + token.encode()).hexdigest()
+    return f"{TOKEN_HASH_SCHEME}${salt.hex()}${digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class HashedToken:
+    """One known token, kept only as a salted SHA-256 digest, and the scopes it grants."""
+
+    salt: bytes
+    digest: bytes
+    scopes: frozenset[str]
+
+    @classmethod
+    def of(cls, token: str, scopes: Iterable[str]) -> HashedToken:
+        """Hash a plaintext token (an admin token from the environment, a 'plain:' entry)."""
+        return cls.parse(hash_token(token), scopes)
+
+    @classmethod
+    def parse(cls, hashed: str, scopes: Iterable[str]) -> HashedToken:
+        """From 'sha256$<salt hex>$<digest hex>'; ValueError saying what is malformed."""
+        parts = hashed.split("$")
+        if len(parts) != 3 or parts[0] != TOKEN_HASH_SCHEME:
+            raise ValueError(f"not a hashed token: expected '{TOKEN_HASH_SCHEME}$<salt>$<hex>'")
+        try:
+            salt, digest = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+        except ValueError as e:
+            raise ValueError("the salt and digest of a hashed token must be hex") from e
+        if not salt or len(digest) != hashlib.sha256().digest_size:
+            raise ValueError("a hashed token needs a salt and a 32-byte (64 hex digit) digest")
+        return cls(salt, digest, frozenset(scopes))
+
+    def matches(self, presented: bytes) -> bool:
+        # Constant-time compare, so timing does not reveal how much of a digest matched.
+        return hmac.compare_digest(hashlib.sha256(self.salt + presented).digest(), self.digest)
+
+
+class TokenAuth:
+    """Bearer tokens, each with a set of scopes, known only by their salted hashes. With no
+    tokens configured, auth is off."""
+
+    def __init__(self, tokens: Sequence[HashedToken] = ()):
+        self._tokens = tuple(tokens)
 
     @classmethod
     def from_env(cls, tokens_file: str | None = None, token: str | None = None) -> TokenAuth:
-        """Tokens from an explicit admin token, $PROTEGE_TOKEN and a tokens YAML file."""
-        tokens: dict[str, frozenset[str]] = {}
-        for admin in (token, os.environ.get(TOKEN_ENV)):
-            if admin:
-                tokens[admin] = frozenset({"admin"})
+        """Tokens from an explicit admin token, $PROTEGE_TOKEN and a tokens YAML file.
+
+        A serving pod needs only the file: the admin token is for local runs (`protege up`).
+        """
+        tokens = [HashedToken.of(admin, {"admin"})
+                  for admin in {token, os.environ.get(TOKEN_ENV)} if admin]
         path = tokens_file or os.environ.get(TOKENS_FILE_ENV)
         if path:
-            tokens.update(_load_tokens_file(path))
+            tokens += _load_tokens_file(path)
         return cls(tokens)
 
     @property
@@ -190,12 +269,10 @@ class TokenAuth:
                 f"{sorted(scopes)}")
 
     def _lookup(self, presented: str) -> frozenset[str] | None:
-        found = None
-        for known, scopes in self._tokens.items():
-            # Constant-time compare over every token, so timing does not reveal a prefix.
-            if hmac.compare_digest(known.encode(), presented.encode()):
-                found = scopes
-        return found
+        token = presented.encode()
+        # Every entry is hashed and compared, so timing does not reveal which one matched.
+        matched = [t.scopes for t in self._tokens if t.matches(token)]
+        return frozenset().union(*matched) if matched else None
 
 
 def required_scope(method: str) -> str:
@@ -214,22 +291,131 @@ def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def _load_tokens_file(path: str) -> dict[str, frozenset[str]]:
+def _entry_scopes(where: str, scopes: Any) -> frozenset[str]:
+    scopes = [scopes] if isinstance(scopes, str) else scopes
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise errors.InvalidArgument(f"{where}: scopes must be a list of names from {SCOPES}")
+    bad = sorted(set(scopes) - set(SCOPES))
+    if bad:
+        raise errors.InvalidArgument(f"{where}: unknown scopes {bad}; valid: {SCOPES}")
+    return frozenset(scopes)
+
+
+def _load_tokens_file(path: str) -> list[HashedToken]:
+    """The entries of a tokens file. Errors name an entry by its number and scopes, never by its
+    key, which may be a plaintext token."""
     p = Path(path)
     if not p.is_file():
         raise errors.InvalidArgument(
             f"tokens file {p} does not exist (tokens_file / ${TOKENS_FILE_ENV})")
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
-        raise errors.InvalidArgument(f"tokens file {p} must map token -> list of scopes")
-    tokens = {}
-    for token, scopes in data.items():
-        scopes = [scopes] if isinstance(scopes, str) else list(scopes or [])
-        bad = sorted(set(scopes) - set(SCOPES))
-        if bad:
-            raise errors.InvalidArgument(f"tokens file {p}: unknown scopes {bad}; valid: {SCOPES}")
-        tokens[str(token)] = frozenset(scopes)
+        raise errors.InvalidArgument(f"tokens file {p} must map hashed token -> list of scopes")
+    tokens, plain = [], 0
+    for number, (key, value) in enumerate(data.items(), 1):
+        where = f"tokens file {p}, entry {number}"
+        scopes = _entry_scopes(where, value)
+        where += f" (scopes {sorted(scopes)})"
+        key = str(key)
+        if key.startswith(PLAIN_TOKEN_MARK):
+            token = key[len(PLAIN_TOKEN_MARK):]
+            if not token:
+                raise errors.InvalidArgument(f"{where}: 'plain:' is followed by no token")
+            tokens.append(HashedToken.of(token, scopes))
+            plain += 1
+            continue
+        try:
+            tokens.append(HashedToken.parse(key, scopes))
+        except ValueError as e:
+            raise errors.InvalidArgument(
+                f"{where}: {e}. Store each token hashed, as printed by `protege token hash` (or "
+                f"made by `protege token new`); a plaintext token must be marked "
+                f"'{PLAIN_TOKEN_MARK}<token>' and is for development only") from None
+    if plain:
+        logger.warning("tokens file %s holds %d plaintext token(s) ('%s' entries): whoever reads "
+                       "the file can use them; store hashes (`protege token hash`) instead", p,
+                       plain, PLAIN_TOKEN_MARK)
     return tokens
+
+
+def read_token_file(path: str, what: str = "token file") -> str:
+    """The one token a file holds (a mounted Secret), without its trailing newline."""
+    p = Path(path)
+    try:
+        token = p.read_text().strip()
+    except OSError as e:
+        raise errors.InvalidArgument(f"{what} {p} cannot be read ({e.strerror}); mount the "
+                                     "Secret there or fix the path") from None
+    if not token or len(token.split()) != 1:
+        raise errors.InvalidArgument(f"{what} {p} must hold exactly one token (one line, no "
+                                     "spaces); it is empty or holds several words")
+    return token
+
+
+# ------------------------------------------------------------------------- client identities
+
+
+def check_client_identities(identities: Any) -> None:
+    """Refuse a malformed `tls_client_identities`, naming the entry and the fix."""
+    if not isinstance(identities, dict):
+        raise errors.InvalidArgument(
+            "tls_client_identities must map a scope or method to a list of certificate names, "
+            f'e.g. {{"weights": ["protege-learner"]}}; got {type(identities).__name__}')
+    for key, names in identities.items():
+        is_method = isinstance(key, str) and key.startswith("/") and key.count("/") == 2
+        if key not in SCOPES and not is_method:
+            raise errors.InvalidArgument(
+                f"tls_client_identities key {key!r} is neither a scope {SCOPES} nor a method "
+                "('/protege.v1.Jobs/SubmitJob') or service ('/protege.v1.Jobs/')")
+        if (not isinstance(names, list) or not names
+                or not all(isinstance(n, str) and n for n in names)):
+            raise errors.InvalidArgument(
+                f"tls_client_identities[{key!r}] must be a non-empty list of certificate names "
+                "(the CN or a SAN of the allowed clients' certificates)")
+
+
+def peer_names(auth_context: Mapping[str, Sequence[bytes]]) -> set[str]:
+    """The common name and subject alternative names of the caller's verified certificate."""
+    values = [*auth_context.get("x509_common_name", ()),
+              *auth_context.get("x509_subject_alternative_name", ())]
+    return {v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values}
+
+
+class ClientIdentities:
+    """Which client-certificate names may call which methods under mTLS.
+
+    The rule for a method is the first of: its own entry ('/protege.v1.Jobs/SubmitJob'), its
+    service's ('/protege.v1.Jobs/'), its scope's ('jobs'). A method with no rule is open to any
+    certificate the CA signed. A rule holds whatever the token: a stolen admin token alone
+    cannot push weights to a generator that demands the learner's certificate.
+    """
+
+    def __init__(self, rules: Mapping[str, Sequence[str]] | None = None):
+        check_client_identities(dict(rules or {}))
+        self._rules = {key: frozenset(names) for key, names in (rules or {}).items()}
+
+    def rule(self, method: str) -> tuple[str, frozenset[str]] | None:
+        service = method[:method.rfind("/") + 1]
+        for key in (method, service, required_scope(method)):
+            if key in self._rules:
+                return key, self._rules[key]
+        return None
+
+    def check(self, method: str, auth_context: Mapping[str, Sequence[bytes]]) -> None:
+        """Raise PermissionDenied unless the caller's certificate names an allowed identity."""
+        if not self._rules or method.startswith(PUBLIC_PREFIXES):
+            return
+        rule = self.rule(method)
+        if rule is None:
+            return
+        key, allowed = rule
+        names = peer_names(auth_context)
+        if names & allowed:
+            return
+        presented = f"a certificate naming {sorted(names)}" if names else "no client certificate"
+        raise errors.PermissionDenied(
+            f"{method} needs a client certificate naming one of {sorted(allowed)} "
+            f"(tls_client_identities[{key!r}]); the caller presented {presented}")
 
 
 # ---------------------------------------------------------------------------------- interceptor
@@ -315,13 +501,15 @@ def _raise_site(exc: BaseException) -> tuple[str, str, int]:
 
 
 class ServingInterceptor(grpc.aio.ServerInterceptor):
-    """Auth, request decoding, exception → status mapping and per-RPC metrics, in one place for
-    every service."""
+    """Auth (client-certificate identities, then token scopes), request decoding, exception →
+    status mapping and per-RPC metrics, in one place for every service."""
 
     def __init__(self, service: str, auth: TokenAuth, draining: asyncio.Event,
-                 internal_log: InternalErrorLog | None = None):
+                 internal_log: InternalErrorLog | None = None,
+                 identities: ClientIdentities | None = None):
         self._service = service
         self._auth = auth
+        self._identities = identities or ClientIdentities()
         self._draining = draining
         self._internal_log = internal_log or InternalErrorLog()
 
@@ -349,6 +537,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         """The request to hand on, once the caller may make this call now; raises otherwise."""
         if self._draining.is_set() and not method.startswith(PUBLIC_PREFIXES):
             raise errors.Unavailable("server is shutting down; retry on another replica")
+        # The certificate first: a caller without the identity a method demands learns nothing
+        # about the token it sent.
+        self._identities.check(method, context.auth_context())
         self._auth.check(method, context.invocation_metadata())
         return _checked_stream(request) if streaming else _checked(request)
 
@@ -493,14 +684,93 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
 
 
+def server_grpc_options(opts: ServerOptions) -> list[tuple[str, Any]]:
+    """`grpc_options` plus the maximum connection age: a GOAWAY after `max_connection_age_s`
+    makes clients reconnect, and round_robin then spreads them over every replica, new ones
+    included."""
+    args = grpc_options(opts.max_message_mb)
+    if opts.max_connection_age_s > 0:
+        args += [("grpc.max_connection_age_ms", int(opts.max_connection_age_s * 1000)),
+                 ("grpc.max_connection_age_grace_ms", int(opts.max_connection_age_grace_s * 1000))]
+    return args
+
+
+class CertificateFiles:
+    """The server's certificate, key and client CA, re-read when the files change on disk.
+
+    gRPC calls `fetch` before every TLS handshake (`grpc.dynamic_ssl_server_credentials`), so a
+    renewed certificate (cert-manager rewrites the mounted Secret) is served to the next new
+    connection without a restart; open connections keep theirs. A change is noticed by the
+    files' (mtime, size, inode), which also follows the symlink swap of a Kubernetes Secret
+    volume. A half-written or mismatched pair is not loaded: the old one stays in use, with one
+    warning per change, until the files are whole again.
+    """
+
+    def __init__(self, cert: str, key: str, client_ca: str | None = None):
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self._stamp = self._stamps()
+        try:
+            self.initial = self._load()
+        except ValueError as e:
+            raise errors.InvalidArgument(f"{e}; check tls_cert, tls_key and tls_client_ca") from e
+        self._refused: tuple | None = None
+
+    def _paths(self) -> list[str]:
+        return [p for p in (self.cert, self.key, self.client_ca) if p]
+
+    def _stamps(self) -> tuple:
+        stamps = []
+        for path in self._paths():
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        """Read and check the files; ValueError naming what is wrong."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            # Refuses a key that does not match the certificate; gRPC cannot use an encrypted key,
+            # and the empty password keeps OpenSSL from prompting for one.
+            context.load_cert_chain(self.cert, self.key, password=lambda: b"")
+            if self.client_ca:
+                context.load_verify_locations(self.client_ca)
+            key, cert = Path(self.key).read_bytes(), Path(self.cert).read_bytes()
+            ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"the TLS files {self._paths()} cannot be loaded ({e})") from e
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """A new configuration if the files changed and load, else None (keep the current)."""
+        stamp = self._stamps()
+        if stamp == self._stamp:
+            return None
+        try:
+            config = self._load()
+        except ValueError as e:
+            if stamp != self._refused:
+                logger.warning("%s; serving the previous certificate until they are fixed", e)
+                self._refused = stamp
+            return None
+        except Exception as e:  # noqa: BLE001 - gRPC's core calls this; a raise aborts handshakes
+            logger.error("reloading TLS files failed: %s", e, exc_info=e)
+            return None
+        self._stamp = stamp
+        logger.info("TLS certificate files changed: new connections get %s", self.cert)
+        return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial, self.fetch, require_client_authentication=self.client_ca is not None)
+
+
 def _server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
-    if not opts.tls_cert:
+    if not (opts.tls_cert and opts.tls_key):
         return None
-    key = Path(opts.tls_key).read_bytes()  # type: ignore[arg-type]
-    cert = Path(opts.tls_cert).read_bytes()
-    ca = Path(opts.tls_client_ca).read_bytes() if opts.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    return CertificateFiles(opts.tls_cert, opts.tls_key, opts.tls_client_ca).credentials()
 
 
 def _client_host(host: str) -> str:
@@ -561,8 +831,9 @@ async def start_server(
     """
     draining = asyncio.Event()
     auth = auth if auth is not None else TokenAuth.from_env(opts.tokens_file)
-    interceptor = ServingInterceptor(service, auth, draining)
-    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(opts.max_message_mb))
+    interceptor = ServingInterceptor(service, auth, draining,
+                                     identities=ClientIdentities(opts.tls_client_identities))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_grpc_options(opts))
     register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

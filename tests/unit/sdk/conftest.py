@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -155,41 +154,22 @@ class Tokens:
 
 @pytest.fixture
 def tokens(tmp_path) -> Tokens:
-    """A tokens file with an admin token and one that may only call Reward."""
+    """A tokens file (hashed, as servers keep it) with an admin token and one that may only call
+    Reward."""
     t = Tokens(tmp_path / "tokens.yaml")
-    t.file.write_text(yaml.safe_dump({t.admin: ["admin"], t.reward_only: ["reward"]}))
+    t.file.write_text(yaml.safe_dump({serving.hash_token(t.admin): ["admin"],
+                                      serving.hash_token(t.reward_only): ["reward"]}))
     return t
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"openssl {' '.join(args)} failed: {proc.stderr}"
-
-
-def _signed_cert(d: Path, name: str, cn: str, extensions: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-    (d / f"{name}.ext").write_text(extensions)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-sha256",
-             "-extfile", f"{name}.ext", cwd=d)
-
-
 @pytest.fixture(scope="session")
-def tls_files(tmp_path_factory) -> dict[str, Path]:
-    """A throwaway CA, a server cert for 127.0.0.1/localhost and a client cert, made with openssl
-    (the `cryptography` package is not installed in .venv)."""
-    d = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=protege-test-ca",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    _signed_cert(d, "server", "localhost", "basicConstraints=CA:FALSE\n"
-                 "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    _signed_cert(d, "client", "protege-test-client",
-                 "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
-    return {name: d / name for name in ("ca.pem", "server.pem", "server.key", "client.pem",
-                                         "client.key")}
+def tls_files(certificate_authority) -> dict[str, Path]:
+    """A throwaway CA, a server cert for 127.0.0.1/localhost and a client cert."""
+    ca = certificate_authority()
+    server, server_key = ca.issue("server", "localhost", server=True)
+    client, client_key = ca.issue("client", "protege-test-client")
+    return {"ca.pem": ca.pem, "server.pem": server, "server.key": server_key,
+            "client.pem": client, "client.key": client_key}
 
 
 @pytest.fixture

@@ -1,12 +1,14 @@
-"""The shared server bootstrap: auth scopes, status mapping, size limits, draining, metrics,
-logs."""
+"""The shared server bootstrap: auth scopes, hashed tokens, client-certificate identities,
+certificate renewal, connection age, status mapping, size limits, draining, metrics, logs."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -55,8 +57,9 @@ def _register(server):
 
 async def _start(tmp_path, **kw):
     tokens = tmp_path / "tokens.yaml"
-    tokens.write_text(yaml.safe_dump({SECRET: ["admin"], "jobs-only": ["jobs", "generate"],
-                                      "rewarder": ["reward"]}))
+    tokens.write_text(yaml.safe_dump({serving.hash_token(SECRET): ["admin"],
+                                      serving.hash_token("jobs-only"): ["jobs", "generate"],
+                                      serving.hash_token("rewarder"): ["reward"]}))
     opts = serving.ServerOptions(host="127.0.0.1", port=0, metrics_port=0,
                                  tokens_file=str(tokens), **kw)
     return await serving.start_server("test", opts, _register,
@@ -386,3 +389,206 @@ def test_health_port_options_are_checked():
         serving.ServerOptions(health_port=-2)
     with pytest.raises(errors.InvalidArgument, match="must differ from port"):
         serving.ServerOptions(port=50051, health_port=50051)
+
+
+# ---------------------------------------------------------------------------------- hashed tokens
+
+
+def test_a_tokens_file_holds_hashes_and_its_contents_are_no_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROTEGE_TOKEN", raising=False)  # the file alone is enough to serve
+
+    async def main():
+        server = await _start(tmp_path)
+        stored = list(yaml.safe_load((tmp_path / "tokens.yaml").read_text()))
+        try:
+            ok = await _code(_score(server.address, "rewarder", ["x"]))
+            stolen = [await _code(_score(server.address, h, ["x"])) for h in stored]
+        finally:
+            await server.stop(0)
+        return ok, stolen
+
+    ok, stolen = asyncio.run(main())
+    assert ok[0] == grpc.StatusCode.OK
+    assert {code for code, _ in stolen} == {grpc.StatusCode.UNAUTHENTICATED}
+    assert "rewarder" not in (tmp_path / "tokens.yaml").read_text()
+
+
+def test_hashes_are_salted_and_checked_by_digest():
+    one, two = serving.hash_token("tok-1"), serving.hash_token("tok-1")
+    assert one != two and one.startswith("sha256$")  # a fresh salt each time
+    entry = serving.HashedToken.parse(one, ["reward"])
+    assert entry.matches(b"tok-1") and not entry.matches(b"tok-2") and not entry.matches(b"")
+    auth = serving.TokenAuth([entry, serving.HashedToken.parse(two, ["jobs"])])
+    auth.check("/protege.v1.Jobs/GetJob", [("authorization", "Bearer tok-1")])  # scopes unite
+    with pytest.raises(errors.InvalidArgument, match="surrounding whitespace"):
+        serving.hash_token(" padded ")
+
+
+def test_plaintext_tokens_need_the_plain_mark_and_are_warned_about(tmp_path, caplog):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"a-plaintext-secret": ["reward"]}))
+    with pytest.raises(errors.InvalidArgument) as info:
+        serving.TokenAuth.from_env(str(path))
+    message = str(info.value)
+    assert "entry 1 (scopes ['reward'])" in message and "protege token hash" in message
+    assert "plain:<token>" in message and "a-plaintext-secret" not in message
+    for bad in ("sha256$zz$00", "sha256$00$" + "0" * 10, "md5$00$" + "0" * 64):
+        path.write_text(yaml.safe_dump({bad: ["reward"]}))
+        with pytest.raises(errors.InvalidArgument, match="entry 1"):
+            serving.TokenAuth.from_env(str(path))
+    path.write_text(yaml.safe_dump({"plain:dev-secret": ["reward"]}))
+    with caplog.at_level(logging.WARNING):
+        auth = serving.TokenAuth.from_env(str(path))
+    auth.check("/protege.v1.Reward/Score", [("authorization", "Bearer dev-secret")])
+    assert "1 plaintext token(s)" in caplog.text and "dev-secret" not in caplog.text
+
+
+# ------------------------------------------------------------------------- client identities
+
+
+@pytest.fixture(scope="module")
+def identities(certificate_authority):
+    """One CA; the server's certificate and three client certificates (CN, CN + SANs)."""
+    ca = certificate_authority()
+    files = {"ca": ca.pem, "server": ca.issue("server", "localhost", server=True)}
+    files["learner"] = ca.issue("learner", "protege-learner",
+                                ["DNS:learner.protege.svc", "URI:spiffe://protege/learner"])
+    files["reward"] = ca.issue("reward", "protege-reward", ["DNS:reward.protege.svc"])
+    files["generator"] = ca.issue("generator", "protege-generator")
+    return files
+
+
+def _mtls_channel(address: str, files: dict, who: str) -> grpc.aio.Channel:
+    cert, key = files[who]
+    tls = serving.TLSConfig(ca=str(files["ca"]), cert=str(cert), key=str(key))
+    return serving.make_channel(address, token=SECRET, tls=tls)
+
+
+def test_client_identities_decide_who_pushes_weights_whatever_the_token(tmp_path, identities):
+    rules = {"weights": ["protege-learner"], "/protege.v1.Reward/Score": ["reward.protege.svc"]}
+
+    async def main():
+        cert, key = identities["server"]
+        server = await _start(tmp_path, tls_cert=str(cert), tls_key=str(key),
+                              tls_client_ca=str(identities["ca"]), tls_client_identities=rules)
+        got = {}
+        try:
+            for who in ("learner", "reward", "generator"):
+                async with _mtls_channel(server.address, identities, who) as channel:
+                    stub = generator_pb2_grpc.GeneratorStub(channel)
+                    got[who, "push"] = await _code(stub.LoadWeights(
+                        iter([generator_pb2.WeightChunk(commit=True)])))
+                    got[who, "info"] = await _code(stub.Info(generator_pb2.InfoRequest()))
+                    got[who, "score"] = await _code(reward_pb2_grpc.RewardStub(channel).Score(
+                        reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(id="x")])))
+        finally:
+            await server.stop(0)
+        return got
+
+    got = asyncio.run(main())
+    ok, denied = grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED
+    assert got["learner", "push"][0] == ok  # by its CN
+    for who in ("reward", "generator"):  # the admin token does not stand in for the certificate
+        code, message = got[who, "push"]
+        assert code == denied, (who, code, message)
+        assert "tls_client_identities['weights']" in message and "protege-learner" in message
+        assert got[who, "info"][0] == ok  # a method with no rule is open to any certificate
+    assert got["reward", "score"][0] == ok  # by a DNS SAN, under a per-method rule
+    assert got["learner", "score"][0] == denied and got["generator", "score"][0] == denied
+
+
+def test_client_identity_options_are_checked(tls_files):
+    tls = {"tls_cert": str(tls_files["server.pem"]), "tls_key": str(tls_files["server.key"])}
+    with pytest.raises(errors.InvalidArgument, match="needs tls_client_ca"):
+        serving.ServerOptions(**tls, tls_client_identities={"weights": ["protege-learner"]})
+    mtls = {**tls, "tls_client_ca": str(tls_files["ca.pem"])}
+    for bad, match in (({"wieghts": ["x"]}, "neither a scope"), ({"weights": []}, "non-empty"),
+                       ({"weights": "protege-learner"}, "non-empty list"),
+                       (["weights"], "must map a scope")):
+        with pytest.raises(errors.InvalidArgument, match=match):
+            serving.ServerOptions(**mtls, tls_client_identities=bad)
+    serving.ServerOptions(**mtls, tls_client_identities={"/protege.v1.Jobs/": ["ci"]})
+
+
+# ------------------------------------------------------------------------ certificate renewal
+
+
+async def _handshake(address: str, ca: Path) -> grpc.StatusCode:
+    """A health check over a new connection that trusts only `ca`."""
+    creds = grpc.ssl_channel_credentials(ca.read_bytes())
+    # A local subchannel pool: a new connection, never one shared with an earlier channel.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.secure_channel(address, creds, options) as channel:
+        code, _ = await _code(health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5))
+    return code
+
+
+def _install(cert: Path, key: Path, into: Path) -> None:
+    """Replace the served pair the way a Secret volume does: new files renamed into place."""
+    for src, name in ((cert, "tls.crt"), (key, "tls.key")):
+        (into / f".{name}.new").write_bytes(src.read_bytes())
+        os.replace(into / f".{name}.new", into / name)
+
+
+def test_renewed_certificate_files_are_served_without_a_restart(tmp_path, certificate_authority,
+                                                                caplog):
+    old_ca, new_ca = certificate_authority("old-ca"), certificate_authority("new-ca")
+    old, new = old_ca.issue("old", "localhost", server=True), new_ca.issue("new", "localhost",
+                                                                          server=True)
+    _install(*old, tmp_path)
+
+    async def main():
+        server = await _start(tmp_path, tls_cert=str(tmp_path / "tls.crt"),
+                              tls_key=str(tmp_path / "tls.key"))
+        seen = []
+        try:
+            seen.append([await _handshake(server.address, ca.pem) for ca in (old_ca, new_ca)])
+            _install(*new, tmp_path)  # renewed
+            seen.append([await _handshake(server.address, ca.pem) for ca in (old_ca, new_ca)])
+            _install(old[0], new[1], tmp_path)  # a cert and a key that do not match
+            seen.append([await _handshake(server.address, ca.pem) for ca in (old_ca, new_ca)])
+        finally:
+            await server.stop(0)
+        return seen
+
+    with caplog.at_level(logging.WARNING):
+        before, after, mismatched = asyncio.run(main())
+    ok, unavailable = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
+    assert before == [ok, unavailable]
+    assert after == [unavailable, ok]
+    assert mismatched == [unavailable, ok]  # the renewed pair stays in use
+    assert "serving the previous certificate" in caplog.text
+
+
+# --------------------------------------------------------------------------- connection age
+
+
+class _Peers(reward_pb2_grpc.RewardServicer):
+    def __init__(self) -> None:
+        self.peers: list[str] = []
+
+    async def Score(self, request, context):
+        self.peers.append(context.peer())
+        return reward_pb2.ScoreResponse()
+
+
+def test_connections_are_recycled_after_their_maximum_age():
+    async def main():
+        servicer = _Peers()
+        opts = serving.ServerOptions(host="127.0.0.1", port=0, metrics_port=-1,
+                                     max_connection_age_s=0.2, max_connection_age_grace_s=0.1)
+        register = lambda server: reward_pb2_grpc.add_RewardServicer_to_server(servicer, server)
+        server = await serving.start_server("aged", opts, register, ["protege.v1.Reward"])
+        try:
+            async with serving.make_channel(server.address) as channel:
+                stub = reward_pb2_grpc.RewardStub(channel)
+                await stub.Score(reward_pb2.ScoreRequest(), timeout=5)
+                await asyncio.sleep(1.0)
+                await stub.Score(reward_pb2.ScoreRequest(), timeout=5, wait_for_ready=True)
+        finally:
+            await server.stop(0)
+        return servicer.peers
+
+    first, second = asyncio.run(main())
+    assert first != second  # the second call came over a new connection (another client port)
