@@ -2,9 +2,10 @@
 
 `validate_spec` is what SubmitJob runs before a job is stored: unset fields take the learner's
 defaults (`protege.spec.JOB_DEFAULTS`, the one source of them), `check_spec` refuses what can
-never run, naming the field and the fix, and then the student's tokenizer, the dataset, the
-reachability of every endpoint and the tokenizer agreement between student, generators and
-reference are checked. A refused job leaves no trace in the store.
+never run, naming the field and the fix, `check_targets` refuses any target off the learner's
+allow-list before a connection (and so a credential) goes anywhere, and then the student's
+tokenizer, the dataset, the reachability of every endpoint and the tokenizer agreement between
+student, generators and reference are checked. A refused job leaves no trace in the store.
 
 proto3 scalars carry no presence, so "unset" means 0 / "". Two fields therefore read a negative
 value as "off": `max_grad_norm < 0` disables clipping and `checkpoint_every < 0` checkpoints only
@@ -29,6 +30,7 @@ from protege.services.common.models import (
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.data import load_rows
+from protege.services.learner.targets import TargetAllowList
 from protege.spec import DEFAULT_PROMPT_FIELD, JOB_CHOICES, JOB_DEFAULTS, JobSpec
 from protege.v1 import jobs_pb2, tensor_pb2
 
@@ -122,6 +124,15 @@ def check_spec(spec: jobs_pb2.JobSpec, allowed_roots: Sequence[str] = ()) -> Non
     _check_endpoints(spec)
     _check_dataset_sources(spec)
     check_model_root(spec.student_model, list(allowed_roots))
+
+
+def check_targets(spec: jobs_pb2.JobSpec, allowed: TargetAllowList) -> None:
+    """Refuse a job naming any target off the allow-list, before anything connects to it."""
+    named = [("generator", t) for t in spec.generator_targets]
+    named += [(role, target) for role, target in (("reference", spec.reference_target),
+                                                  ("reward", spec.reward_target)) if target]
+    for role, target in named:
+        allowed.check(role, target)
 
 
 # ---------------------------------------------------------------------------- the world it names
@@ -223,6 +234,7 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
     """The spec with defaults filled, or a typed error naming the field and the fix."""
     spec = with_defaults(spec)
     check_spec(spec, config.allowed_model_roots)
+    check_targets(spec, config.target_allow_list())
     JobSpec.from_proto(spec, source="job spec")  # the SDK's bounds and finiteness checks too
     student = await asyncio.to_thread(student_vocab, spec.student_model)
     if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student.vocab_size:

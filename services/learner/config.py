@@ -1,8 +1,9 @@
 """Configuration of the Learner service: one frozen dataclass, loaded from flags or a YAML file.
 
 `LearnerConfig` says where the job store and checkpoints live, where the student trains and how
-the learner reaches the other services. What a submitted JobSpec may hold is checked in
-`admission.py`; its defaults live in `protege.spec.JOB_DEFAULTS`.
+the learner reaches the other services: which targets a job may name (`allowed_targets`, see
+`targets.py`) and which credentials go to each kind of service. What a submitted JobSpec may hold
+is checked in `admission.py`; its defaults live in `protege.spec.JOB_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import os
 from protege.configs import field
 from protege.errors import InvalidArgument
 from protege.services.learner.outages import OutagePolicy
-from protege.serving import CLIENT_TOKEN_ENV, ServerOptions, TLSConfig
+from protege.services.learner.targets import DEFAULT_ALLOWED_TARGETS, TargetAllowList
+from protege.serving import CLIENT_TOKEN_ENV, ServerOptions, TLSConfig, read_token_file
 
 logger = logging.getLogger(__name__)
+
+ROLES = ("generator", "reference", "reward")  # the services a job's targets name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +33,23 @@ class LearnerConfig(ServerOptions):
     device: str = field("cpu", help="device the student trains on: cpu, cuda or cuda:N")
     dtype: str = field("float32", help="training dtype of the student's parameters")
     max_concurrent_jobs: int = field(1, help="jobs trained at the same time; the rest wait QUEUED")
+    allowed_targets: list[str] = field(
+        DEFAULT_ALLOWED_TARGETS,
+        help="patterns of the generator/reference/reward targets a job may name, as host:port "
+        "with * wildcards ('*.protege.svc.cluster.local:*'; no port = any); checked before any "
+        "connection, so no credential goes to a host a job chose; ['*'] allows any target")
     client_token: str | None = field(
-        None,
-        help=f"bearer token for calls to generator/reference/reward (default ${CLIENT_TOKEN_ENV})")
+        None, repr=False,
+        help="bearer token for calls to generator/reference/reward that have no token of their "
+        f"own below (default ${CLIENT_TOKEN_ENV}); for local runs")
+    client_token_file: str | None = field(
+        None, help="file holding client_token (a mounted Secret); re-read for each new client")
+    generator_token_file: str | None = field(
+        None, help="file holding the token sent only to generators (scopes generate, weights)")
+    reference_token_file: str | None = field(
+        None, help="file holding the token sent only to the reference (scope reference)")
+    reward_token_file: str | None = field(
+        None, help="file holding the token sent only to the reward service (scope reward)")
     client_tls_ca: str | None = field(None, help="PEM CA that signed the other services' certs")
     client_tls_cert: str | None = field(None, help="PEM client certificate for mTLS")
     client_tls_key: str | None = field(None, help="PEM client key for mTLS")
@@ -56,7 +74,8 @@ class LearnerConfig(ServerOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.client_token is None and os.environ.get(CLIENT_TOKEN_ENV):
+        if (self.client_token is None and not self.client_token_file
+                and os.environ.get(CLIENT_TOKEN_ENV)):
             object.__setattr__(self, "client_token", os.environ[CLIENT_TOKEN_ENV])
         if self.max_concurrent_jobs < 1:
             raise InvalidArgument(
@@ -75,10 +94,31 @@ class LearnerConfig(ServerOptions):
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
         if bool(self.client_tls_cert) != bool(self.client_tls_key):
             raise InvalidArgument("client_tls_cert and client_tls_key must be given together")
+        self._check_client_credentials()
         from protege.services.common.models import parse_device, parse_dtype
 
         parse_device(self.device)  # fail at startup, not when the first job loads its model
         parse_dtype(self.dtype)
+
+    def _check_client_credentials(self) -> None:
+        if self.client_token and self.client_token_file:
+            raise InvalidArgument(
+                f"give client_token (or ${CLIENT_TOKEN_ENV}) or client_token_file, not both")
+        for name in ("client_token_file", *(f"{role}_token_file" for role in ROLES)):
+            if getattr(self, name):
+                read_token_file(getattr(self, name), name)  # fail at startup, not at submit
+        allowed = TargetAllowList(self.allowed_targets)
+        if allowed.allows_any:
+            logger.warning("allowed_targets is '*': the learner sends its tokens, and the "
+                           "student's weights, to any target a job names")
+
+    def target_allow_list(self) -> TargetAllowList:
+        """The targets jobs may name (`allowed_targets`)."""
+        return TargetAllowList(self.allowed_targets)
+
+    def client_token_files(self) -> dict[str, str]:
+        """{role: token file} of the services with a token of their own."""
+        return {role: path for role in ROLES if (path := getattr(self, f"{role}_token_file"))}
 
     def outage_policy(self) -> OutagePolicy:
         """Deadlines and the outage budget of every job's calls to its dependencies."""

@@ -42,7 +42,7 @@ class JobManager:
                  clients: Clients | None = None):
         self.config = config
         self.store = store or JobStore(config.db_path)
-        self.clients = clients or Clients(config.client_token, config.client_tls())
+        self.clients = clients or Clients.from_config(config)
         self.hub = EventHub()
         self._trainers: dict[str, Trainer] = {}
         self._tasks: dict[str, asyncio.Task] = {}
