@@ -45,7 +45,8 @@ async def serve(config: GeneratorConfig, engine: Engine) -> None:
         await asyncio.to_thread(engine.close)
 
     running = await start_server("generator", server_options(config),
-                                 register(engine, config.max_new_tokens_limit, config.max_n),
+                                 register(engine, config.max_new_tokens_limit, config.max_n,
+                                          config.max_request_rows),
                                  [SERVICE_NAME], on_stop=release)
     await serve_until_signal(running, config.grace_s)
 

@@ -2,7 +2,9 @@
 
 `generate` splits the prompts across the configured targets and merges the rollouts back in
 prompt order. `load_weights` pushes to *every* generator: a `dns:///host:port` target is resolved to
-all its addresses, because a round_robin channel would deliver the upload to only one replica.
+all its addresses, because a round_robin channel would deliver the upload to only one replica. An
+upload declares its names and size on its first chunk (`upload_header`), so a generator can refuse
+it before buffering anything.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import asyncio
 import dataclasses
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import torch
 from protege.errors import InvalidArgument, ProtegeError, from_rpc_error
 from protege.services.common.codec import DEFAULT_CHUNK_BYTES, iter_chunks
-from protege.serving import TLSConfig, make_channel
+from protege.serving import TLSConfig, make_channel, make_sync_channel
 from protege.v1 import generator_pb2, generator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -61,25 +64,49 @@ def resolve_targets(target: str) -> list[str]:
     raise InvalidArgument(f"generator target {target!r}: {host!r} resolves to no address")
 
 
-async def weight_chunks(state_dict: Mapping[str, torch.Tensor], version: int,
-                        chunk_bytes: int = DEFAULT_CHUNK_BYTES
-                        ) -> AsyncIterator[generator_pb2.WeightChunk]:
-    """The upload stream: every tensor in pieces, `version` on the first, `commit` on the last.
+def upload_header(state_dict: Mapping[str, torch.Tensor]) -> generator_pb2.WeightUploadHeader:
+    """What an upload of `state_dict` declares up front: its names, their number and bytes."""
+    return generator_pb2.WeightUploadHeader(
+        total_bytes=sum(t.numel() * t.element_size() for t in state_dict.values()),
+        tensor_count=len(state_dict), names=list(state_dict))
 
-    Each tensor is encoded in a thread (a device-to-host copy for GPU tensors), one at a time.
+
+def weight_chunks(state_dict: Mapping[str, torch.Tensor], version: int,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[generator_pb2.WeightChunk]:
+    """The upload stream: every tensor in pieces, `version` and the header on the first chunk,
+    `commit` on the last.
+
+    Tensors are encoded one at a time as the stream is pulled (a device-to-host copy for GPU
+    tensors); gRPC pulls it in its own thread.
     """
     pending: generator_pb2.WeightChunk | None = None
     first = True
     for name, t in state_dict.items():
-        pieces = await asyncio.to_thread(lambda n=name, x=t: list(iter_chunks(n, x, chunk_bytes)))
-        for piece in pieces:
+        for piece in iter_chunks(name, t, chunk_bytes):
             if pending is not None:
                 yield pending
-            pending = generator_pb2.WeightChunk(version=version if first else 0, tensor=piece)
+            pending = generator_pb2.WeightChunk(tensor=piece)
+            if first:
+                pending.version = version
+                pending.header.CopyFrom(upload_header(state_dict))
             first = False
     if pending is not None:
         pending.commit = True
         yield pending
+
+
+async def _outcome(call: Any) -> Any:
+    """The result of a blocking-API gRPC future, awaited without a thread; cancelling the
+    awaiting task (e.g. a deadline) cancels the call."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    call.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+    try:
+        await done.wait()
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    return call.result()
 
 
 def _error(err: grpc.RpcError, where: str) -> ProtegeError:
@@ -185,20 +212,22 @@ class GeneratorClient:
     async def _push(self, address: str, server_name: str | None,
                     state_dict: Mapping[str, torch.Tensor], version: int, chunk_bytes: int
                     ) -> generator_pb2.LoadWeightsResponse:
-        # A push gets its own connection: when the server refuses an upload mid-stream (e.g. a
-        # stale version) while chunks are still in flight, grpc may tear the connection down, and
-        # on the shared Generate channel that turned the refusal into INTERNAL (seen in tests).
-        channel = make_channel(address, self._token, self._tls_for(server_name))
+        # A push uses the blocking API on its own connection. When a generator refuses an upload
+        # mid-stream (NaN weights, an unknown tensor) while chunks are still in flight, grpc.aio's
+        # client replaces the server's status with INTERNAL "Internal error from Core"
+        # (grpc/grpc#36066; seen here about half the time); the blocking API reports it.
+        channel = make_sync_channel(address, self._token, self._tls_for(server_name))
         try:
             stub = generator_pb2_grpc.GeneratorStub(channel)
-            reply = await stub.LoadWeights(weight_chunks(state_dict, version, chunk_bytes))
+            reply = await _outcome(stub.LoadWeights.future(
+                weight_chunks(state_dict, version, chunk_bytes)))
             logger.info("pushed version %d to %s: %d tensors, %d bytes in %.2fs", version,
                         address, reply.tensors, reply.bytes, reply.seconds)
             return reply
-        except grpc.aio.AioRpcError as e:
+        except grpc.RpcError as e:
             raise _error(e, address) from e
         finally:
-            await channel.close()
+            channel.close()
 
     async def close(self) -> None:
         for channel in [*self._channels, *self._replica_channels.values()]:

@@ -6,6 +6,7 @@ import dataclasses
 
 from protege.configs import field
 from protege.errors import InvalidArgument
+from protege.services.generator.servicer import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_ROWS
 from protege.serving import ServerOptions
 
 BACKENDS = ("hf", "vllm")
@@ -21,7 +22,10 @@ class GeneratorConfig(ServerOptions):
     device: str = field("cpu", help="cpu, cuda or cuda:N (hf backend; vLLM picks its platform)")
     dtype: str = field("float32", help="parameter dtype: float32, bfloat16 or float16")
     max_new_tokens_limit: int = field(1024, help="largest max_new_tokens a request may ask")
-    max_n: int = field(256, help="largest n (completions per prompt) a request may ask")
+    max_n: int = field(DEFAULT_MAX_N, help="largest n (completions per prompt) a request may ask")
+    max_request_rows: int = field(DEFAULT_MAX_REQUEST_ROWS,
+                                  help="largest prompts x n one Generate may ask; more is "
+                                       "RESOURCE_EXHAUSTED")
     max_batch_prompts: int = field(64, help="prompts per engine batch; Generate streams per batch")
     seed: int = field(0, help="seeds the process RNG and vLLM's engine; requests carry their own")
     gpu_memory_utilization: float = field(0.9, help="vLLM: fraction of GPU memory it may use")
@@ -40,6 +44,8 @@ class GeneratorConfig(ServerOptions):
                 f"--max-new-tokens-limit must be >= 1, got {self.max_new_tokens_limit}")
         if self.max_n < 1:
             raise InvalidArgument(f"--max-n must be >= 1, got {self.max_n}")
+        if self.max_request_rows < 1:
+            raise InvalidArgument(f"--max-request-rows must be >= 1, got {self.max_request_rows}")
         if self.max_batch_prompts < 1:
             raise InvalidArgument(f"--max-batch-prompts must be >= 1, got {self.max_batch_prompts}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -8,9 +8,13 @@ Behaviour log-probs (DESIGN §1, off-policy correction) are log pi_behav(y_t | s
 distribution the token was actually drawn from: logits / temperature, then top-k, then top-p, then
 log-softmax. At temperature 1 with no truncation that is the student's own log-prob.
 
-Weight loads are all-or-nothing: names, shapes and dtypes are checked against the served model
-before anything is touched, then the copy happens under the same lock each generation batch holds,
-so a batch runs entirely on one policy version and reports that version.
+Weight loads are all-or-nothing: an upload declares its tensors up front and `UploadCheck` holds
+every piece to that declaration and to the served model as it arrives (names, shapes, dtypes, sizes,
+finiteness); the copy then happens under the same lock each generation batch holds, so a batch runs
+entirely on one policy version and reports that version.
+
+Cancellation: `generate` takes a `threading.Event`; the sampling loop checks it before every token
+step, so a cancelled request stops at the next step and releases the lock to the next request.
 
 Notation: B = rows in a batch (prompts x n), L = padded prompt length, V = vocabulary (logit) size.
 """
@@ -18,23 +22,35 @@ Notation: B = rows in a batch (prompts x n), L = padded prompt length, V = vocab
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import enum
 import inspect
 import logging
+import math
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from protege.errors import FailedPrecondition, InvalidArgument
+from protege.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)
 
 MAX_LISTED = 8  # how many offending names an error message lists before "... and N more"
+# Below 0.01, logits / T overflow into inf/NaN in low precision; vLLM warns at the same bound.
+MIN_TEMPERATURE = 1e-2
+MAX_STOP_STRINGS = 64  # each is searched in every live row's text at every step
+MAX_STOP_STRING_CHARS = 1024
+# Policy versions (generator.proto, WeightChunk.version): any version above the served one is
+# accepted, because a restarted learner or a new job continues from a floor, but one push may jump
+# at most MAX_VERSION_JUMP and no version may pass MAX_POLICY_VERSION (exact as a float64, so
+# metrics and JSON carry it unchanged, and far from int64 overflow for the learner's +1).
+MAX_VERSION_JUMP = 2**32
+MAX_POLICY_VERSION = 2**53 - 1
 
 
 class FinishReason(enum.IntEnum):
@@ -59,10 +75,11 @@ class SamplingParams:
 
     def validate(self, max_new_tokens_limit: int, vocab_size: int) -> None:
         """Raise InvalidArgument naming the first bad field and its valid range."""
-        if not self.temperature > 0:
+        if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
             raise InvalidArgument(
-                f"sampling.temperature must be > 0, got {self.temperature}; use 1.0 to sample the "
-                "model's own distribution (greedy decoding is not supported)")
+                f"sampling.temperature must be a finite number >= {MIN_TEMPERATURE}, got "
+                f"{self.temperature}; use 1.0 to sample the model's own distribution (greedy "
+                "decoding is not supported)")
         if not 0 < self.top_p <= 1:
             raise InvalidArgument(
                 f"sampling.top_p must be in (0, 1], got {self.top_p}; use 1.0 to disable nucleus "
@@ -78,8 +95,18 @@ class SamplingParams:
             raise InvalidArgument(
                 f"sampling.stop_token_ids {bad[:MAX_LISTED]} are outside the vocabulary "
                 f"[0, {vocab_size})")
+        self._validate_stop_strings()
+
+    def _validate_stop_strings(self) -> None:
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise InvalidArgument(f"sampling.stop_strings has {len(self.stop_strings)} strings; "
+                                  f"send at most {MAX_STOP_STRINGS}")
         if any(not s for s in self.stop_strings):
             raise InvalidArgument("sampling.stop_strings contains an empty string; remove it")
+        longest = max((len(s) for s in self.stop_strings), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidArgument(f"sampling.stop_strings has a string of {longest} characters; "
+                                  f"each may have at most {MAX_STOP_STRING_CHARS}")
 
     @property
     def is_untruncated(self) -> bool:
@@ -99,6 +126,15 @@ class Completion:
     finish_reason: FinishReason
     text: str  # decoded completion, special tokens skipped, cut before a matched stop string
     policy_version: int
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """What the sampling loop has done, for logs and tests (updated under the engine's lock)."""
+
+    token_steps: int = 0  # decoding steps run, over every batch
+    cancelled_batches: int = 0  # batches cut short because their request was cancelled
+    last_cancelled_at: int | None = None  # steps the most recently cancelled batch had run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +160,22 @@ class WeightSpec:
 
     tensors: dict[str, TensorSpec]
     aliases: dict[str, str]  # e.g. {"lm_head.weight": "model.embed_tokens.weight"} when tied
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of a whole state_dict (tied names counted once per name, as state_dict sends)."""
+        return sum(self.nbytes(name) for name in self.tensors)
+
+    def nbytes(self, name: str) -> int:
+        spec = self.tensors[name]
+        return math.prod(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
+
+    def missing(self, names: Collection[str]) -> list[str]:
+        """Canonical names of the tied groups (or single tensors) that `names` leaves out."""
+        sent = set(names)
+        return [name for name in self.tensors if name not in self.aliases
+                and name not in sent and not any(c == name and a in sent
+                                                 for a, c in self.aliases.items())]
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> WeightSpec:
@@ -157,17 +209,14 @@ class WeightSpec:
                 problems.append(f"'{name}' has dtype {t.dtype}, expected {spec.dtype} (cast the "
                                 "state_dict to the generator's dtype, see Info.dtype)")
         plan: dict[str, torch.Tensor] = {}
-        missing = []
         for name in self.tensors:
             if name in self.aliases:
                 continue
             group = [name, *(a for a, c in self.aliases.items() if c == name)]
             sent = next((n for n in group if n in tensors), None)
-            if sent is None:
-                missing.append(name)
-            else:
+            if sent is not None:
                 plan[name] = tensors[sent]
-        _raise_weight_problems(unknown, missing, problems)
+        _raise_weight_problems(unknown, self.missing(tensors), problems)
         return plan
 
 
@@ -187,6 +236,94 @@ def _raise_weight_problems(unknown: list[str], missing: list[str], problems: lis
         parts.append("; ".join(problems[:MAX_LISTED]))
     if parts:
         raise InvalidArgument("weight upload refused, nothing was changed: " + "; ".join(parts))
+
+
+class UploadCheck:
+    """Holds one weight upload to what it declared up front and to the served model, piece by
+    piece, so nothing unknown, misshapen, oversized or non-finite is ever buffered or swapped in.
+
+    The constructor checks the declaration before any tensor byte arrives; `piece` checks each
+    piece's name, dtype, shape and running size as it arrives; `tensor` checks a completed tensor
+    is finite; `finish` checks that everything declared arrived.
+    """
+
+    def __init__(self, spec: WeightSpec, names: Sequence[str], tensor_count: int,
+                 total_bytes: int):
+        self.spec = spec
+        self._check_names(names, tensor_count)
+        if total_bytes > spec.total_bytes:
+            raise ResourceExhausted(
+                f"weight upload declares {total_bytes} bytes, more than the served model's whole "
+                f"state_dict ({spec.total_bytes} bytes); send the served model's tensors in its "
+                "dtype (see Info.dtype)")
+        # A wrong total is only refused at the end: a piece's wrong shape or dtype says more, and
+        # each tensor is held to its served size as it arrives, so nothing extra is buffered.
+        self.expected = {name: spec.nbytes(name) for name in names}
+        self.total_bytes = total_bytes
+        self.received: dict[str, int] = {}
+        self.complete: set[str] = set()
+
+    def _check_names(self, names: Sequence[str], tensor_count: int) -> None:
+        if not names or tensor_count != len(names):
+            raise InvalidArgument(
+                f"weight upload header declares tensor_count {tensor_count} and {len(names)} "
+                "names; list every tensor's state_dict name once and set tensor_count to their "
+                "number")
+        parts = []
+        repeated = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+        if repeated:
+            parts.append(f"repeated names {_listed(repeated)}")
+        unknown = sorted(set(names) - set(self.spec.tensors))
+        if unknown:
+            parts.append(f"unknown tensor names {_listed(unknown)} (not in the served model's "
+                         "state_dict)")
+        missing = self.spec.missing(names)
+        if missing:
+            parts.append(f"missing tensors {_listed(missing)} (send the full state_dict)")
+        if parts:
+            raise InvalidArgument("weight upload refused before any bytes were buffered: " +
+                                  "; ".join(parts))
+
+    def piece(self, name: str, dtype: torch.dtype, shape: Sequence[int], nbytes: int) -> None:
+        """Check one arriving piece of tensor `name` before it is buffered."""
+        if name not in self.expected:
+            what = "was not declared in the upload's header" if name in self.spec.tensors else \
+                "is not in the served model's state_dict"
+            raise InvalidArgument(f"weight upload refused at the first piece of '{name}': it "
+                                  f"{what}")
+        if name in self.complete:
+            raise InvalidArgument(f"tensor '{name}' was sent twice in one upload")
+        spec = self.spec.tensors[name]
+        if tuple(shape) != spec.shape:
+            raise InvalidArgument(f"'{name}' has shape {list(shape)}, expected {list(spec.shape)}")
+        if dtype != spec.dtype:
+            raise InvalidArgument(f"'{name}' has dtype {dtype}, expected {spec.dtype} (cast the "
+                                  "state_dict to the generator's dtype, see Info.dtype)")
+        got = self.received.get(name, 0) + nbytes
+        if got > self.expected[name]:
+            raise InvalidArgument(f"'{name}': {got} bytes arrived, more than its "
+                                  f"{self.expected[name]} bytes")
+        self.received[name] = got
+
+    def tensor(self, name: str, t: torch.Tensor) -> None:
+        """Check a completed tensor: every value finite."""
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise InvalidArgument(f"tensor '{name}' has {bad} NaN or infinite values; fix "
+                                      "the training run (e.g. clip gradients) before pushing")
+        self.complete.add(name)
+
+    def finish(self) -> None:
+        """Check that every declared tensor arrived in full."""
+        absent = [n for n in self.expected if n not in self.complete]
+        if absent:
+            raise InvalidArgument(f"weight upload ended without tensors {_listed(absent)} that "
+                                  "its header declared")
+        received = sum(self.received.values())
+        if received != self.total_bytes:
+            raise InvalidArgument(f"weight upload declared total_bytes {self.total_bytes} but "
+                                  f"sent {received}; declare the sum of numel x itemsize")
 
 
 def process_logits(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float
@@ -235,6 +372,7 @@ class Engine(abc.ABC):
     """A sampler with hot-swappable weights. Methods block; the servicer calls them in threads."""
 
     backend: str = ""
+    weight_spec: WeightSpec  # what a weight upload must contain (set by each backend)
 
     def __init__(self, model: str, tokenizer: Any, vocab: dict[str, Any], max_context: int,
                  max_batch_prompts: int):
@@ -246,6 +384,7 @@ class Engine(abc.ABC):
         self.max_batch_prompts = max_batch_prompts
         self._version = 0
         self._lock = threading.Lock()  # held per generation batch and for a weight swap
+        self.stats = GenerationStats()
 
     @property
     def policy_version(self) -> int:
@@ -288,15 +427,26 @@ class Engine(abc.ABC):
                     "prompt or lower max_new_tokens")
 
     def check_version(self, version: int) -> None:
+        """Accept any version above the served one, within MAX_VERSION_JUMP and
+        MAX_POLICY_VERSION (the rule is documented on WeightChunk.version)."""
         if version <= self._version:
             raise FailedPrecondition(
                 f"weight version {version} is not newer than the serving version "
                 f"{self._version}; versions must increase")
+        if version - self._version > MAX_VERSION_JUMP or version > MAX_POLICY_VERSION:
+            raise InvalidArgument(
+                f"weight version {version} is out of range: this generator serves version "
+                f"{self._version}, and a push may go at most {MAX_VERSION_JUMP} beyond it and "
+                f"never past {MAX_POLICY_VERSION}; push the learner's next version")
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
-                 ) -> Iterator[list[Completion]]:
-        """n completions per prompt, yielded batch by batch (each batch on one policy version)."""
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                 cancel: threading.Event | None = None) -> Iterator[list[Completion]]:
+        """n completions per prompt, yielded batch by batch (each batch on one policy version).
+
+        Once `cancel` is set, no further batch starts and the running one stops as soon as the
+        backend can; the iterator then ends without yielding it.
+        """
 
     @abc.abstractmethod
     def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
@@ -323,12 +473,17 @@ class HFEngine(Engine):
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
                  max_batch_prompts: int = 64, model_name: str | None = None):
-        from protege.services.common.models import load_causal_lm, load_tokenizer, vocab_info
+        from protege.services.common.models import (
+            load_causal_lm,
+            load_tokenizer,
+            text_config,
+            vocab_info,
+        )
 
         tokenizer = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path, device, dtype)
         config = self.model.config
-        context = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        context = int(getattr(text_config(config), "max_position_embeddings", 0) or 1 << 30)
         super().__init__(model_name or str(model_path), tokenizer, vocab_info(tokenizer, config),
                          context, max_batch_prompts)
         self.device = next(self.model.parameters()).device
@@ -359,13 +514,18 @@ class HFEngine(Engine):
         return EngineInfo(self.model_name, self.backend, str(self.device),
                           str(self.dtype).removeprefix("torch."), self.vocab)
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
-                 ) -> Iterator[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                 cancel: threading.Event | None = None) -> Iterator[list[Completion]]:
         gen = make_generator(params.seed, self.device)
+        cancel = cancel if cancel is not None else threading.Event()
         for start, chunk in batches(prompts, self.max_batch_prompts):
+            if cancel.is_set():
+                return
             with self._lock:
                 version = self._version
-                rows = self._sample(chunk, n, params, gen)
+                rows = self._sample(chunk, n, params, gen, cancel)
+            if rows is None:
+                return
             yield [self._completion(start + i // n, i % n, chunk[i // n], row, version)
                    for i, row in enumerate(rows)]
 
@@ -388,7 +548,8 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def _sample(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
-                gen: torch.Generator) -> list[_Row]:
+                gen: torch.Generator, cancel: threading.Event) -> list[_Row] | None:
+        """Sample one batch; None when `cancel` was set before it finished (checked per step)."""
         ids_BL, mask_BL = self._left_padded(prompts, n)
         pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if self._keep_logits else {}
@@ -397,7 +558,11 @@ class HFEngine(Engine):
         rows = [_Row() for _ in range(ids_BL.shape[0])]
         stop_ids = self.eos_ids | set(params.stop_token_ids)
         pos_B1 = pos_BL[:, -1:]
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
+            if cancel.is_set():
+                self._cancelled(step, params.max_new_tokens, len(rows))
+                return None
+            self.stats.token_steps += 1
             logprobs_BV = process_logits(out.logits[:, -1, :], params.temperature, params.top_k,
                                          params.top_p)
             tok_B1 = torch.multinomial(logprobs_BV.exp(), 1, generator=gen)
@@ -410,6 +575,12 @@ class HFEngine(Engine):
             out = self.model(input_ids=tok_B1, attention_mask=mask_BL, position_ids=pos_B1,
                              use_cache=True, **cache)
         return rows
+
+    def _cancelled(self, step: int, max_new_tokens: int, rows: int) -> None:
+        self.stats.cancelled_batches += 1
+        self.stats.last_cancelled_at = step
+        logger.info("request cancelled: stopped a batch of %d rows after %d of %d token steps",
+                    rows, step, max_new_tokens)
 
     def _record(self, rows: list[_Row], toks: list[int], lps: list[float], stop_ids: set[int],
                 params: SamplingParams) -> bool:

@@ -1,23 +1,31 @@
 """gRPC face of the generator: protobuf in, plain objects to the engine (in a thread), protobuf out.
 
-`Generate` streams rollouts batch by batch; `LoadWeights` reassembles a chunked upload and swaps
-only after a `commit=true` final chunk and a full validation, so a failed upload leaves the old
-version serving; `Info` reports the model, vocabulary and policy version.
+`Generate` checks every field before any work, streams rollouts batch by batch, and sets the
+engine's cancellation flag when the call ends early (cancelled, deadline passed), so the batch
+stops at its next token step. `LoadWeights` checks an upload's header before buffering anything and
+every piece as it arrives (`UploadCheck`), and swaps only after a `commit=true` final chunk, so a
+refused upload leaves the old version serving. `Info` reports the model, vocabulary and version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import prometheus_client
 import torch
-from protege.errors import FailedPrecondition, InvalidArgument
-from protege.services.common.codec import ChunkAssembler
-from protege.services.generator.engine import Completion, Engine, SamplingParams
+from protege.errors import InvalidArgument, ProtegeError, ResourceExhausted
+from protege.services.common.codec import ChunkAssembler, torch_dtype
+from protege.services.generator.engine import (
+    Completion,
+    Engine,
+    SamplingParams,
+    UploadCheck,
+)
 from protege.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 logger = logging.getLogger(__name__)
@@ -37,6 +45,12 @@ WEIGHT_LOAD_SECONDS = prometheus_client.Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 WEIGHT_LOADS = prometheus_client.Counter(
     "protege_generator_weight_loads", "Weight uploads, by outcome (ok or refused)", ["outcome"])
+CANCELLED = prometheus_client.Counter(
+    "protege_generator_cancelled_requests", "Generate calls that ended before their last rollout")
+
+MAX_PROMPT_ID_CHARS = 1024  # echoed on n rollouts each; ids are keys, not payloads
+DEFAULT_MAX_N = 256  # the defaults of GeneratorConfig's --max-n and --max-request-rows
+DEFAULT_MAX_REQUEST_ROWS = 16384
 
 
 def sampling_params(request: generator_pb2.GenerateRequest) -> SamplingParams:
@@ -58,86 +72,150 @@ def rollout(c: Completion, prompt_id: str, prompt_text: str) -> generator_pb2.Ro
         completion_text=c.text, prompt_text=prompt_text)
 
 
-async def receive_upload(chunks: AsyncIterator[generator_pb2.WeightChunk], serving: int
+async def receive_upload(chunks: AsyncIterator[generator_pb2.WeightChunk], engine: Engine
                          ) -> tuple[int, dict[str, torch.Tensor], int]:
-    """(version, tensors, bytes) of a complete, committed upload; raises before any swap."""
+    """(version, tensors, bytes) of a complete, committed upload. Raises before any swap: at the
+    first chunk for a bad version or header, at the first piece that breaks them."""
     assembler = ChunkAssembler()
+    check: UploadCheck | None = None
     version, committed = 0, False
     async for chunk in chunks:
         if committed:
             raise InvalidArgument("a weight chunk arrived after the commit=true chunk; send commit "
                                   "only on the final chunk")
-        if not version:
-            version = _first_version(chunk.version, serving)
+        if check is None:
+            version, check = _start_upload(chunk, engine)
         elif chunk.version not in (0, version):
             raise InvalidArgument(f"chunk carries version {chunk.version} but the upload started "
                                   f"as version {version}")
+        elif chunk.HasField("header"):
+            raise InvalidArgument("a WeightUploadHeader arrived after the first chunk; send it "
+                                  "once, on the first chunk")
         if chunk.HasField("tensor"):
-            assembler.add(chunk.tensor)
+            await _receive_piece(chunk.tensor, check, assembler)
         committed = chunk.commit
-    if not version:
+    if check is None:
         raise InvalidArgument("empty weight upload: send at least one WeightChunk")
     if not committed:
+        raise InvalidArgument("weight upload ended without a commit=true chunk (interrupted?)")
+    tensors = assembler.finish()
+    check.finish()
+    return version, tensors, assembler.bytes
+
+
+def _start_upload(chunk: generator_pb2.WeightChunk, engine: Engine) -> tuple[int, UploadCheck]:
+    if chunk.version < 1:
+        raise InvalidArgument(f"the first WeightChunk must carry version >= 1, got {chunk.version}")
+    engine.check_version(chunk.version)
+    if not chunk.HasField("header"):
         raise InvalidArgument(
-            f"weight upload ended without a commit=true chunk (interrupted?); nothing was loaded "
-            f"and policy version {serving} keeps serving")
-    return version, assembler.finish(), assembler.bytes
+            "the first WeightChunk must carry a WeightUploadHeader (total_bytes, tensor_count, "
+            "names) so the upload can be checked before it is buffered; GeneratorClient sends it")
+    header = chunk.header
+    return chunk.version, UploadCheck(engine.weight_spec, list(header.names),
+                                      header.tensor_count, header.total_bytes)
 
 
-def _first_version(version: int, serving: int) -> int:
-    if version < 1:
-        raise InvalidArgument(f"the first WeightChunk must carry version >= 1, got {version}")
-    if version <= serving:
-        raise FailedPrecondition(f"weight version {version} is not newer than the serving version "
-                                 f"{serving}; versions must increase")
-    return version
+async def _receive_piece(piece: tensor_pb2.TensorChunk, check: UploadCheck,
+                         assembler: ChunkAssembler) -> None:
+    if not piece.name:
+        raise InvalidArgument("TensorChunk.name is empty; name every tensor")
+    check.piece(piece.name, torch_dtype(piece.dtype, piece.name), piece.shape, len(piece.data))
+    assembler.add(piece)
+    if piece.last:
+        await asyncio.to_thread(check.tensor, piece.name, assembler.tensors[piece.name])
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     """Thin adapter between protege.v1.Generator and an `Engine`."""
 
-    def __init__(self, engine: Engine, max_new_tokens_limit: int, max_n: int = 256):
+    def __init__(self, engine: Engine, max_new_tokens_limit: int, max_n: int = DEFAULT_MAX_N,
+                 max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS):
         self._engine = engine
         self._limit = max_new_tokens_limit
         self._max_n = max_n
+        self._max_rows = max_request_rows
+        self._uploading = asyncio.Lock()  # one upload buffered at a time bounds its memory
         POLICY_VERSION.set(engine.policy_version)
+
+    def _check(self, request: generator_pb2.GenerateRequest) -> SamplingParams:
+        """The request's sampling params, after checking every field that needs no tokenizer."""
+        params = sampling_params(request)
+        params.validate(self._limit, self._engine.vocab_size)
+        if not request.prompts:
+            raise InvalidArgument("no prompts: send at least one Prompt")
+        if not 1 <= request.n <= self._max_n:
+            raise InvalidArgument(f"n (completions per prompt) must be in [1, {self._max_n}] "
+                                  f"(this server's --max-n), got {request.n}")
+        rows = len(request.prompts) * request.n
+        if rows > self._max_rows:
+            raise ResourceExhausted(
+                f"{len(request.prompts)} prompts x n={request.n} = {rows} rows exceed this "
+                f"server's --max-request-rows of {self._max_rows}; split the request")
+        long_id = next((p.prompt_id for p in request.prompts
+                        if len(p.prompt_id) > MAX_PROMPT_ID_CHARS), None)
+        if long_id is not None:
+            raise InvalidArgument(f"prompt_id {long_id[:40]!r}... has {len(long_id)} characters; "
+                                  f"ids may have at most {MAX_PROMPT_ID_CHARS}")
+        if request.min_policy_version < 0:
+            raise InvalidArgument(f"min_policy_version must be >= 0 (0 = any), got "
+                                  f"{request.min_policy_version}")
+        self._engine.require_version(request.min_policy_version)
+        return params
 
     def _prompt_ids(self, prompts: Sequence[generator_pb2.Prompt]) -> list[list[int]]:
         return [list(p.token_ids) if p.token_ids else self._engine.encode(p.text) for p in prompts]
 
     async def Generate(self, request: generator_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.Rollout]:
-        params = sampling_params(request)
-        params.validate(self._limit, self._engine.vocab_size)
-        if not 1 <= request.n <= self._max_n:
-            raise InvalidArgument(f"n (completions per prompt) must be in [1, {self._max_n}] "
-                                  f"(this server's --max-n), got {request.n}")
-        self._engine.require_version(request.min_policy_version)
+        params = self._check(request)
         ids = await asyncio.to_thread(self._prompt_ids, request.prompts)
         names = [p.prompt_id or str(i) for i, p in enumerate(request.prompts)]
         self._engine.check_prompts(ids, params, names)
         texts: dict[int, str] = {}
-        batches = self._engine.generate(ids, request.n, params)
-        while True:
-            start = time.perf_counter()
-            batch = await asyncio.to_thread(next, batches, None)
-            if batch is None:
-                return
-            _record_batch(batch, time.perf_counter() - start)
-            for c in batch:
-                if c.prompt_index not in texts:
-                    texts[c.prompt_index] = self._engine.decode(c.prompt_token_ids)
-                yield rollout(c, request.prompts[c.prompt_index].prompt_id, texts[c.prompt_index])
+        cancel = threading.Event()
+        batches = self._engine.generate(ids, request.n, params, cancel)
+        finished = False
+        try:
+            while True:
+                start = time.perf_counter()
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    finished = True
+                    return
+                _record_batch(batch, time.perf_counter() - start)
+                for c in batch:
+                    if c.prompt_index not in texts:
+                        texts[c.prompt_index] = self._engine.decode(c.prompt_token_ids)
+                    yield rollout(c, request.prompts[c.prompt_index].prompt_id,
+                                  texts[c.prompt_index])
+        finally:
+            # grpc.aio cancels this handler when the client cancels or the deadline passes; the
+            # engine thread does not see that, so tell it to stop at its next token step.
+            cancel.set()
+            if not finished:
+                CANCELLED.inc()
 
     async def LoadWeights(self, request_iterator: AsyncIterator[generator_pb2.WeightChunk],
                           context: grpc.aio.ServicerContext) -> generator_pb2.LoadWeightsResponse:
+        if self._uploading.locked():
+            WEIGHT_LOADS.labels("refused").inc()
+            raise ResourceExhausted("another weight upload is being received; retry when it ends "
+                                    "(one upload is buffered at a time)")
+        async with self._uploading:
+            return await self._load_weights(request_iterator)
+
+    async def _load_weights(self, chunks: AsyncIterator[generator_pb2.WeightChunk]
+                            ) -> generator_pb2.LoadWeightsResponse:
         start = time.perf_counter()
         try:
-            version, tensors, nbytes = await receive_upload(request_iterator,
-                                                            self._engine.policy_version)
+            version, tensors, nbytes = await receive_upload(chunks, self._engine)
             count = await asyncio.to_thread(self._engine.load_weights, tensors, version)
-        except Exception:
+        except BaseException as e:
             WEIGHT_LOADS.labels("refused").inc()
+            if isinstance(e, ProtegeError):
+                e.args = (f"{e}; nothing was loaded and policy version "
+                          f"{self._engine.policy_version} keeps serving",)
             raise
         seconds = time.perf_counter() - start
         WEIGHT_LOADS.labels("ok").inc()
@@ -162,11 +240,12 @@ def _record_batch(batch: list[Completion], seconds: float) -> None:
         ROLLOUTS.labels(c.finish_reason.name.lower()).inc()
 
 
-def register(engine: Engine, max_new_tokens_limit: int, max_n: int = 256):
+def register(engine: Engine, max_new_tokens_limit: int, max_n: int = DEFAULT_MAX_N,
+             max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS):
     """A `register(server)` callback for `protege.serving.start_server`."""
 
     def add(server: grpc.aio.Server) -> None:
         generator_pb2_grpc.add_GeneratorServicer_to_server(
-            GeneratorServicer(engine, max_new_tokens_limit, max_n), server)
+            GeneratorServicer(engine, max_new_tokens_limit, max_n, max_request_rows), server)
 
     return add

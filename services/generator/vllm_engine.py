@@ -14,7 +14,12 @@ vLLM is imported inside `VLLMEngine`, so this module imports without it. Tested 
   travel as (name, dtype, shape, bytes) because vLLM's RPC serialiser only rebuilds tensors it has
   type hints for. Then the prefix cache is reset: cached KV blocks came from the old weights.
 - Names, shapes and dtypes are checked first against the HF model's state_dict, built on the meta
-  device (vLLM's `load_weights` takes HF checkpoint names), so a bad upload changes nothing.
+  device (vLLM's `load_weights` takes HF checkpoint names), so a bad upload changes nothing. The
+  servicer holds every piece to that spec as it arrives (`UploadCheck`), as for the HF backend.
+- Cancellation: a batch is enqueued (`LLM.enqueue`) and stepped here, so a cancelled request's
+  requests are aborted at the engine's next step and no further batch starts. A vLLM without
+  `enqueue` runs each batch through `LLM.generate` to its end; cancellation then takes effect
+  between batches only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +82,15 @@ class WorkerExtension:
         else:  # vLLM without in-place reload
             self.model_runner.model.load_weights(weights=weights)  # type: ignore[attr-defined]
         return len(weights)
+
+
+def _abort(engine: Any, request_ids: list[str]) -> None:
+    """Abort requests by the ids `LLM.enqueue` returned: internal ids (a parent id also aborts
+    its n samples); a vLLM without that distinction takes them as they are."""
+    try:
+        engine.abort_request(request_ids, internal=True)
+    except TypeError:
+        engine.abort_request(request_ids)
 
 
 def derive_seed(seed: int, prompt_index: int) -> int:
@@ -158,27 +173,61 @@ class VLLMEngine(Engine):
 
         return VLLMSamplingParams(
             n=n, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+            # k >= V keeps every token, as in process_logits; vLLM's top-k would index past V.
+            top_k=params.top_k if 0 < params.top_k < self.vocab_size else -1,
+            max_tokens=params.max_new_tokens,
             stop=list(params.stop_strings) or None, stop_token_ids=list(params.stop_token_ids),
             seed=derive_seed(params.seed, prompt_index) if params.seed else None,
             logprobs=0, skip_special_tokens=True)
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
-                 ) -> Iterator[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                 cancel: threading.Event | None = None) -> Iterator[list[Completion]]:
         if not self.processed_logprobs and not params.is_untruncated:
             raise FailedPrecondition(
                 "this vLLM returns raw log-probs only, so behaviour log-probs would be wrong for "
                 "temperature != 1, top_p < 1 or top_k > 0; upgrade vLLM (logprobs_mode) or sample "
                 "with temperature 1, top_p 1, top_k 0")
+        cancel = cancel if cancel is not None else threading.Event()
         for start, chunk in batches(prompts, self.max_batch_prompts):
+            if cancel.is_set():
+                return
             inputs = [{"prompt_token_ids": list(p)} for p in chunk]
             sampling = [self._sampling(params, n, start + i) for i in range(len(chunk))]
             with self._lock:
                 version = self._version
-                outputs = self._llm.generate(inputs, sampling, use_tqdm=False)
+                outputs = self._run_batch(inputs, sampling, cancel)
+            if outputs is None:
+                return
             yield [self._completion(start + i, chunk[i], out, version)
                    for i, request in enumerate(outputs)
                    for out in sorted(request.outputs, key=lambda o: o.index)]
+
+    def _run_batch(self, inputs: list[dict], sampling: list[Any], cancel: threading.Event
+                   ) -> list[Any] | None:
+        """The batch's RequestOutputs in prompt order, stepping the engine here so that a set
+        `cancel` aborts the batch's requests at its next step (then None)."""
+        if not hasattr(self._llm, "enqueue"):  # an older vLLM: the batch runs to its end
+            return self._llm.generate(inputs, sampling, use_tqdm=False)
+        engine = self._llm.llm_engine
+        ids = list(self._llm.enqueue(inputs, sampling, use_tqdm=False))
+        finished: list[Any] = []
+        steps = 0
+        try:
+            while engine.has_unfinished_requests():
+                if cancel.is_set():
+                    _abort(engine, ids)
+                    self.stats.cancelled_batches += 1
+                    self.stats.last_cancelled_at = steps
+                    logger.info("request cancelled: aborted %d prompts after %d engine steps",
+                                len(ids), steps)
+                    return None
+                finished.extend(out for out in engine.step() if out.finished)
+                steps += 1
+                self.stats.token_steps += 1
+        except BaseException:
+            _abort(engine, ids)  # leave nothing queued for the next batch
+            raise
+        return sorted(finished, key=lambda out: int(out.request_id))
 
     @staticmethod
     def _completion(prompt_index: int, prompt: Sequence[int], out: Any, version: int

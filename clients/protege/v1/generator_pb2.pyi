@@ -64,22 +64,28 @@ class SamplingParams(_message.Message):
     STOP_STRINGS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Softmax temperature; must be > 0. 1.0 samples the model's own distribution."""
+    """Softmax temperature; finite and >= 0.01 (below that logits / T overflow in low precision;
+    greedy decoding is not supported). 1.0 samples the model's own distribution.
+    """
     top_p: _builtins.float
     """Nucleus sampling mass in (0, 1]; 1.0 disables it."""
     top_k: _builtins.int
-    """Keep only the k most likely tokens; 0 disables it."""
+    """Keep only the k most likely tokens; must be >= 0; 0 disables it (as does any k >= V)."""
     max_new_tokens: _builtins.int
-    """Maximum number of new tokens per completion; must be >= 1."""
+    """Maximum number of new tokens per completion; in [1, the server's --max-new-tokens-limit], and
+    prompt tokens + max_new_tokens must fit the model's context.
+    """
     seed: _builtins.int
     """Seed for the sampler; 0 means nondeterministic."""
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Token ids that end a completion (in addition to the tokenizer's EOS)."""
+        """Token ids that end a completion (in addition to the tokenizer's EOS); each in [0, V)."""
 
     @_builtins.property
     def stop_strings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Strings that end a completion; the completion is cut before the match."""
+        """Strings that end a completion; the completion is cut before the match. At most 64, each
+        non-empty and at most 1024 characters.
+        """
 
     def __init__(
         self,
@@ -110,12 +116,14 @@ class Prompt(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     prompt_id: _builtins.str
-    """Caller's id for this prompt; echoed on every Rollout for it."""
+    """Caller's id for this prompt; echoed on every Rollout for it. At most 1024 characters."""
     text: _builtins.str
-    """Prompt text; tokenised by the generator. Ignored when `token_ids` is set."""
+    """Prompt text; tokenised by the generator. Ignored when `token_ids` is set. One of the two must
+    give at least one token.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Pre-tokenised prompt; takes precedence over `text`."""
+        """Pre-tokenised prompt; takes precedence over `text`. Each id in [0, V)."""
 
     def __init__(
         self,
@@ -143,16 +151,20 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     MIN_POLICY_VERSION_FIELD_NUMBER: _builtins.int
     n: _builtins.int
-    """Completions per prompt (the group size for baselines); must be >= 1."""
+    """Completions per prompt (the group size for baselines); in [1, the server's --max-n]. Rows
+    (len(prompts) x n) above the server's --max-request-rows are RESOURCE_EXHAUSTED.
+    """
     min_policy_version: _builtins.int
-    """If > 0, refuse with FAILED_PRECONDITION unless the generator serves at least this policy version."""
+    """Must be >= 0. If > 0, refuse with FAILED_PRECONDITION unless the generator serves at least this
+    policy version.
+    """
     @_builtins.property
     def prompts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prompt]:
-        """Prompts to complete."""
+        """Prompts to complete; at least one."""
 
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
-        """Sampling settings shared by the whole batch."""
+        """Sampling settings shared by the whole batch; required."""
 
     def __init__(
         self,
@@ -231,9 +243,49 @@ class Rollout(_message.Message):
 Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
 
 @_typing.final
+class WeightUploadHeader(_message.Message):
+    """What a weight upload will send, declared on its first chunk before any tensor bytes, so the
+    generator can refuse an upload it would not accept before buffering anything.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    total_bytes: _builtins.int
+    """Total tensor bytes the upload sends: the sum over its tensors of numel x itemsize. More than
+    the served model's whole state_dict is RESOURCE_EXHAUSTED; otherwise it must equal what the
+    named tensors take at the served shapes and dtype (see GeneratorInfo.dtype).
+    """
+    tensor_count: _builtins.int
+    """Number of tensors the upload sends; must equal the number of `names`."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The state_dict names of those tensors, each once. Every name must be one the served model has,
+        and together they must cover the whole model (one name of a tied group is enough).
+        """
+
+    def __init__(
+        self,
+        *,
+        total_bytes: _builtins.int = ...,
+        tensor_count: _builtins.int = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightUploadHeader: _TypeAlias = WeightUploadHeader  # noqa: Y015
+
+@_typing.final
 class WeightChunk(_message.Message):
-    """One chunk of a weight upload. The first chunk of a stream carries `version`; every chunk carries one
-    TensorChunk piece. A stream with zero chunks is INVALID_ARGUMENT.
+    """One chunk of a weight upload. The first chunk of a stream carries `version` and `header`; every
+    chunk may carry one TensorChunk piece, of a tensor the header named; pieces of one tensor arrive
+    in order, one tensor at a time. A stream with zero chunks is INVALID_ARGUMENT.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -241,15 +293,27 @@ class WeightChunk(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     TENSOR_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """The policy version these weights become; must be greater than the serving version. Read from the
-    first chunk; later chunks may leave it 0.
+    """The policy version these weights become. Read from the first chunk; later chunks may leave it
+    0 or repeat it. The rule: any version greater than the serving one is accepted (not only
+    serving + 1), because a restarted learner or a new job continues from a floor (its checkpoint,
+    or the highest version any generator serves) and a generator restarted at version 0 must take
+    that learner's next push. A version not greater than the serving one is FAILED_PRECONDITION.
+    A version more than 2^32 above the serving one, or above 2^53 - 1, is INVALID_ARGUMENT: no
+    real run gets there, and accepting it would leave the learner's next push out of range.
     """
     commit: _builtins.bool
     """Set on the final chunk of the whole upload; the swap happens only when it is seen."""
     @_builtins.property
     def tensor(self) -> _tensor_pb2.TensorChunk:
-        """A piece of one named parameter (names as in the model's state_dict)."""
+        """A piece of one named parameter (names as in the model's state_dict). Its dtype and shape must
+        be the served model's; non-finite values (NaN, inf) are INVALID_ARGUMENT naming the tensor.
+        """
+
+    @_builtins.property
+    def header(self) -> Global___WeightUploadHeader:
+        """Required on the first chunk, and only there."""
 
     def __init__(
         self,
@@ -257,10 +321,11 @@ class WeightChunk(_message.Message):
         version: _builtins.int = ...,
         tensor: _tensor_pb2.TensorChunk | None = ...,
         commit: _builtins.bool = ...,
+        header: Global___WeightUploadHeader | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "tensor", b"tensor", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "header", b"header", "tensor", b"tensor", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,14 +58,21 @@ class GeneratorServicer:
 
     def Generate(self, request, context):
         """Sample `n` completions for each prompt. Streams one Rollout per completion as they finish.
+        Every field is checked before any work starts: a bad one is INVALID_ARGUMENT naming it, and
+        more than the server's --max-request-rows rows (prompts x n) is RESOURCE_EXHAUSTED. Cancelling
+        the call (or its deadline passing) stops its batch at the next token step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadWeights(self, request_iterator, context):
-        """Client-streams a full set of new weights in chunks. Nothing changes until the final chunk is
-        validated; then the engine swaps atomically and the policy version becomes `version`.
+        """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+        (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
+        an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
+        changes until the final chunk is validated; then the engine swaps atomically and the policy
+        version becomes `version`. A refused upload leaves the old version serving. One upload at a
+        time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,10 +34,18 @@ class GeneratorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GeneratorAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_generator_pb2.GenerateRequest, _generator_pb2.Rollout]
-    """Sample `n` completions for each prompt. Streams one Rollout per completion as they finish."""
+    """Sample `n` completions for each prompt. Streams one Rollout per completion as they finish.
+    Every field is checked before any work starts: a bad one is INVALID_ARGUMENT naming it, and
+    more than the server's --max-request-rows rows (prompts x n) is RESOURCE_EXHAUSTED. Cancelling
+    the call (or its deadline passing) stops its batch at the next token step.
+    """
     LoadWeights: _grpc.StreamUnaryMultiCallable[_generator_pb2.WeightChunk, _generator_pb2.LoadWeightsResponse]
-    """Client-streams a full set of new weights in chunks. Nothing changes until the final chunk is
-    validated; then the engine swaps atomically and the policy version becomes `version`.
+    """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+    (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
+    an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
+    changes until the final chunk is validated; then the engine swaps atomically and the policy
+    version becomes `version`. A refused upload leaves the old version serving. One upload at a
+    time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
     """
     Info: _grpc.UnaryUnaryMultiCallable[_generator_pb2.InfoRequest, _generator_pb2.GeneratorInfo]
     """Model, vocabulary, tokenizer fingerprint and current policy version."""
@@ -48,10 +56,18 @@ class GeneratorAsyncStub(GeneratorStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_generator_pb2.GenerateRequest, _generator_pb2.Rollout]  # type: ignore[assignment]
-    """Sample `n` completions for each prompt. Streams one Rollout per completion as they finish."""
+    """Sample `n` completions for each prompt. Streams one Rollout per completion as they finish.
+    Every field is checked before any work starts: a bad one is INVALID_ARGUMENT naming it, and
+    more than the server's --max-request-rows rows (prompts x n) is RESOURCE_EXHAUSTED. Cancelling
+    the call (or its deadline passing) stops its batch at the next token step.
+    """
     LoadWeights: _aio.StreamUnaryMultiCallable[_generator_pb2.WeightChunk, _generator_pb2.LoadWeightsResponse]  # type: ignore[assignment]
-    """Client-streams a full set of new weights in chunks. Nothing changes until the final chunk is
-    validated; then the engine swaps atomically and the policy version becomes `version`.
+    """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+    (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
+    an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
+    changes until the final chunk is validated; then the engine swaps atomically and the policy
+    version becomes `version`. A refused upload leaves the old version serving. One upload at a
+    time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
     """
     Info: _aio.UnaryUnaryMultiCallable[_generator_pb2.InfoRequest, _generator_pb2.GeneratorInfo]  # type: ignore[assignment]
     """Model, vocabulary, tokenizer fingerprint and current policy version."""
@@ -65,7 +81,11 @@ class GeneratorServicer(metaclass=_abc_1.ABCMeta):
         request: _generator_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generator_pb2.Rollout], _abc.AsyncIterator[_generator_pb2.Rollout]]:
-        """Sample `n` completions for each prompt. Streams one Rollout per completion as they finish."""
+        """Sample `n` completions for each prompt. Streams one Rollout per completion as they finish.
+        Every field is checked before any work starts: a bad one is INVALID_ARGUMENT naming it, and
+        more than the server's --max-request-rows rows (prompts x n) is RESOURCE_EXHAUSTED. Cancelling
+        the call (or its deadline passing) stops its batch at the next token step.
+        """
 
     @_abc_1.abstractmethod
     def LoadWeights(
@@ -73,8 +93,12 @@ class GeneratorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_generator_pb2.WeightChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_generator_pb2.LoadWeightsResponse, _abc.Awaitable[_generator_pb2.LoadWeightsResponse]]:
-        """Client-streams a full set of new weights in chunks. Nothing changes until the final chunk is
-        validated; then the engine swaps atomically and the policy version becomes `version`.
+        """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+        (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
+        an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
+        changes until the final chunk is validated; then the engine swaps atomically and the policy
+        version becomes `version`. A refused upload leaves the old version serving. One upload at a
+        time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
         """
 
     @_abc_1.abstractmethod

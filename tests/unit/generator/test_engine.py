@@ -1,5 +1,6 @@
 """HFEngine on a tiny real model: behaviour log-probs against a separate full forward pass, stops,
-EOS, groups of n, seeding, request validation and all-or-nothing weight swaps."""
+EOS, groups of n, seeding, request validation, cancellation, the policy-version rule, upload checks
+and all-or-nothing weight swaps."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import threading
 
 import pytest
 import torch
-from protege.errors import FailedPrecondition, InvalidArgument
+from protege.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from protege.services.common.models import load_causal_lm
 from protege.services.common.tiny import STUDENT_SPEC, ensure_tiny_model
+from protege.services.generator import engine as engine_module
 from protege.services.generator.engine import (
+    MAX_POLICY_VERSION,
+    MAX_VERSION_JUMP,
     FinishReason,
     HFEngine,
     SamplingParams,
+    UploadCheck,
     WeightSpec,
     find_stop,
     process_logits,
@@ -149,17 +154,67 @@ def test_stop_strings_cut_the_text_before_the_match(engine):
 
 
 def test_sampling_params_validation():
-    ok = SamplingParams()
-    ok.validate(64, 60)
+    for ok in (SamplingParams(), SamplingParams(temperature=0.01, top_p=1e-45, top_k=2**31 - 1),
+               SamplingParams(stop_strings=("x" * 1024,) * 64)):
+        ok.validate(64, 60)
     bad = [
         ({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),
-        ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+        ({"temperature": 1e-45}, r"temperature must be a finite number >= 0.01, got 1e-45"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": -1}, "top_k"),
         ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 65}, "max-new-tokens-limit"),
         ({"stop_token_ids": (60,)}, "stop_token_ids"), ({"stop_strings": ("",)}, "stop_strings"),
+        ({"stop_strings": ("x" * 1025,)}, "at most 1024"),
+        ({"stop_strings": ("x",) * 65}, "at most 64"),
     ]
     for kw, needle in bad:
         with pytest.raises(InvalidArgument, match=needle):
             SamplingParams(**kw).validate(64, 60)
+
+
+def test_cancel_stops_the_batch_at_the_next_token_step(engine):
+    """Setting the flag mid-batch stops the sampling loop at its next step, yields nothing, starts
+    no further batch and frees the engine for the next request."""
+    prompts = [engine.encode(t) for t in TEXTS]  # two batches (max_batch_prompts=2)
+    params = SamplingParams(max_new_tokens=200, seed=3)
+    before = dataclasses.replace(engine.stats)
+    cancel = threading.Event()
+    out: list = []
+    worker = threading.Thread(target=lambda: out.extend(
+        engine.generate(prompts, 64, params, cancel)))
+    worker.start()
+    while engine.stats.token_steps == before.token_steps and worker.is_alive():
+        threading.Event().wait(0.005)
+    cancel.set()
+    worker.join(60)
+    assert not worker.is_alive() and out == []
+    assert engine.stats.cancelled_batches == before.cancelled_batches + 1
+    stopped_at = engine.stats.last_cancelled_at
+    assert stopped_at is not None and 1 <= stopped_at < params.max_new_tokens
+    assert engine.stats.token_steps - before.token_steps == stopped_at  # no second batch ran
+    assert len(sample(engine, prompts[:1], n=1, max_new_tokens=2)) == 1
+    already = threading.Event()
+    already.set()
+    assert list(engine.generate(prompts, 1, params, already)) == []
+
+
+def test_policy_versions_must_grow_within_a_bounded_jump(fresh, monkeypatch):
+    fresh.check_version(1)
+    fresh.check_version(58)  # a restarted generator takes the learner's next push
+    fresh.check_version(MAX_VERSION_JUMP)
+    with pytest.raises(FailedPrecondition, match="not newer"):
+        fresh.check_version(0)
+    for absurd in (MAX_VERSION_JUMP + 1, 2**63 - 1):
+        with pytest.raises(InvalidArgument, match="out of range"):
+            fresh.check_version(absurd)
+    # Reaching the cap step by step would take 2^21 pushes; lift the jump limit to get there.
+    monkeypatch.setattr(engine_module, "MAX_VERSION_JUMP", MAX_POLICY_VERSION)
+    fresh.load_weights(perturbed(fresh), MAX_POLICY_VERSION - 1)
+    fresh.check_version(MAX_POLICY_VERSION)
+    with pytest.raises(InvalidArgument, match="never past"):
+        fresh.check_version(MAX_POLICY_VERSION + 1)
 
 
 def test_prompt_checks(engine):
@@ -219,6 +274,55 @@ def test_bad_uploads_change_nothing(fresh, break_it, needle):
         assert torch.equal(value, original[name]), f"{name} changed by a refused upload"
 
 
+def _check(engine: HFEngine, names=None, count=None, total=None) -> UploadCheck:
+    spec = engine.weight_spec
+    names = list(spec.tensors) if names is None else names
+    return UploadCheck(spec, names, len(names) if count is None else count,
+                       spec.total_bytes if total is None else total)
+
+
+def test_upload_check_refuses_a_bad_declaration_before_any_bytes(fresh):
+    spec = fresh.weight_spec
+    assert spec.total_bytes == sum(t.numel() * 4 for t in fresh.model.state_dict().values())
+    names = list(spec.tensors)
+    with pytest.raises(ResourceExhausted, match=f"whole state_dict \\({spec.total_bytes} bytes"):
+        _check(fresh, total=spec.total_bytes + 1)
+    for kw, needle in [
+        ({"names": [*names, "big.unknown"]}, "unknown tensor names 'big.unknown'"),
+        ({"names": [*names, names[0]]}, f"repeated names '{names[0]}'"),
+        ({"names": names[1:]}, f"missing tensors '{names[0]}'"),
+        ({"names": names, "count": 2}, "tensor_count 2"),
+        ({"names": []}, "tensor_count"),
+    ]:
+        with pytest.raises(InvalidArgument, match=needle):
+            _check(fresh, **kw)
+
+
+def test_upload_check_holds_every_piece_to_the_model(fresh):
+    name = NORM
+    check = _check(fresh)
+    f32 = torch.float32
+    for args, needle in [
+        (("extra.bias", f32, (2,), 8), "first piece of 'extra.bias': it is not in the served"),
+        ((name, f32, (3,), 12), r"shape \[3\], expected \[64\]"),
+        ((name, torch.bfloat16, (64,), 128), "dtype torch.bfloat16, expected torch.float32"),
+        ((name, f32, (64,), 257), "257 bytes arrived, more than its 256"),
+    ]:
+        with pytest.raises(InvalidArgument, match=needle):
+            check.piece(*args)
+    check.piece(name, f32, (64,), 256)
+    for bad in (float("nan"), float("inf")):
+        values = torch.ones(64)
+        values[7] = bad
+        with pytest.raises(InvalidArgument, match=f"tensor '{name}' has 1 NaN or infinite"):
+            check.tensor(name, values)
+    check.tensor(name, torch.ones(64))
+    with pytest.raises(InvalidArgument, match="sent twice"):
+        check.piece(name, f32, (64,), 256)
+    with pytest.raises(InvalidArgument, match="ended without tensors"):
+        check.finish()
+
+
 def test_tied_embeddings_accept_state_dicts_with_or_without_the_duplicate(tmp_path):
     spec = dataclasses.replace(STUDENT_SPEC, tie_word_embeddings=True)
     engine = HFEngine(ensure_tiny_model(tmp_path / "tied", spec))
@@ -231,6 +335,11 @@ def test_tied_embeddings_accept_state_dicts_with_or_without_the_duplicate(tmp_pa
     with_duplicate = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
     engine.load_weights(with_duplicate, version=2)
     assert engine.policy_version == 2
+    spec, head = engine.weight_spec, "lm_head.weight"
+    without = [n for n in spec.tensors if n != head]  # one name of the tied pair is enough
+    check = UploadCheck(spec, without, len(without), spec.total_bytes - spec.nbytes(head))
+    with pytest.raises(InvalidArgument, match="'lm_head.weight': it was not declared"):
+        check.piece(head, torch.float32, spec.tensors[head].shape, 4)
 
 
 def test_weight_spec_on_meta_device_finds_the_same_names(tiny_student, fresh):

@@ -176,3 +176,58 @@ def load_causal_lm_with(model, state):
     clone = copy.deepcopy(model)
     clone.load_state_dict(state)
     return clone
+
+
+def test_hostile_requests_and_uploads_get_clear_statuses(vllm_generator, hf_model):
+    """The servicer's checks hold for vLLM too: a subnormal temperature is INVALID_ARGUMENT, a
+    top_k past the vocabulary keeps every token, and NaN weights are refused with the old
+    version still serving."""
+    state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    state["model.norm.weight"][5] = float("nan")
+
+    async def steps(client):
+        with pytest.raises(errors.InvalidArgument, match="temperature"):
+            await client.generate(TEXTS, 1, temperature=1e-45)
+        wide = await client.generate(TEXTS, 2, top_k=2**31 - 1, max_new_tokens=8, seed=4)
+        version = (await client.info()).policy_version
+        before = await client.generate(TEXTS, 2, max_new_tokens=8, seed=4)
+        with pytest.raises(errors.InvalidArgument, match="'model.norm.weight' has 1 NaN"):
+            await client.load_weights(state, version + 1)
+        after = await client.generate(TEXTS, 2, max_new_tokens=8, seed=4)
+        return wide, version, before, after, await client.info()
+    wide, version, before, after, info = call(vllm_generator, steps)
+    assert len(wide) == 6
+    assert info.policy_version == version
+    ids = lambda rs: [list(r.completion_token_ids) for r in rs]  # noqa: E731
+    assert ids(before) == ids(after)
+
+
+def test_a_cancelled_generate_frees_the_engine(vllm_generator):
+    """A cancelled batch is aborted at vLLM's next step: a 1-prompt request sent right after the
+    cancel finishes well before the cancelled batch could have (compared with the same batch run
+    to its end in this test, not with a fixed time)."""
+    from protege import serving
+    from protege.v1 import generator_pb2_grpc
+
+    def request(prompts, n, max_new_tokens):
+        return generator_pb2.GenerateRequest(
+            prompts=[generator_pb2.Prompt(prompt_id=str(i), text=t) for i, t in enumerate(prompts)],
+            n=n, sampling=generator_pb2.SamplingParams(temperature=1.0, top_p=1.0,
+                                                       max_new_tokens=max_new_tokens, seed=7))
+    big, small = request([TEXTS[0]] * 64, 4, 200), request([TEXTS[2]], 1, 4)
+
+    async def main():
+        async with serving.make_channel(vllm_generator) as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            start = time.monotonic()
+            full = [r async for r in stub.Generate(big)]
+            whole = time.monotonic() - start
+            call = stub.Generate(big)
+            await asyncio.sleep(whole / 3)
+            call.cancel()
+            start = time.monotonic()
+            after = [r async for r in stub.Generate(small)]
+            return len(full), whole, time.monotonic() - start, len(after)
+    rows, whole, waited, answered = asyncio.run(main())
+    assert rows == 256 and answered == 1
+    assert waited < whole / 2, f"the next request waited {waited:.1f}s; a batch takes {whole:.1f}s"
