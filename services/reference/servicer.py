@@ -1,4 +1,9 @@
-"""gRPC servicer of the Reference service: protobuf in, engine calls, RefChunks streamed out."""
+"""gRPC servicer of the Reference service: protobuf in, engine calls, RefChunks streamed out.
+
+Every field is checked before the first forward pass: the request's shape here (`check_request`),
+token ids, positions and k against the model in `ReferenceEngine.validate`. A cancelled call stops
+after the forward pass it is in.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 import prometheus_client
 import torch
-from protege.errors import FailedPrecondition, InvalidArgument
+from protege.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from protege.services.common.codec import encode, iter_chunks
 from protege.services.reference.engine import ReferenceEngine, SequenceScores
 from protege.v1 import reference_pb2, reference_pb2_grpc, tensor_pb2
@@ -25,6 +30,9 @@ PAYLOAD_DTYPES = {tensor_pb2.DTYPE_UNSPECIFIED: torch.float32,
                   tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16}
 # Room left in each message for the non-payload fields and protobuf framing.
 MESSAGE_OVERHEAD = 64 * 1024
+# Token ids one Score may send in all (a bound on the work one call can queue): 4M, twice a
+# 512-sequence x 4096-token step.
+DEFAULT_MAX_REQUEST_TOKENS = 1 << 22
 LM_HEAD_CHUNK_BYTES = 4 << 20
 
 POSITIONS_SCORED = prometheus_client.Counter(
@@ -49,6 +57,25 @@ def parse_encoding(wire: int) -> str:
         raise InvalidArgument("encoding is unset or unknown: set RefScoreRequest.encoding to "
                               "ENCODING_FULL, ENCODING_TOPK or ENCODING_HIDDEN")
     return ENCODING_NAMES[wire]
+
+
+def check_request(request: reference_pb2.RefScoreRequest, encoding: str,
+                  max_request_tokens: int) -> None:
+    """Refuse a request whose shape is wrong before the engine sees it (its token ids, score_from
+    and k are checked against the model by `ReferenceEngine.validate`)."""
+    if not request.sequences:
+        raise InvalidArgument("no sequences: send at least one Sequence")
+    empty = next((i for i, s in enumerate(request.sequences) if not s.token_ids), None)
+    if empty is not None:
+        raise InvalidArgument(f"sequence {empty} is empty: send its prompt + completion token ids")
+    tokens = sum(len(s.token_ids) for s in request.sequences)
+    if tokens > max_request_tokens:
+        raise ResourceExhausted(
+            f"{len(request.sequences)} sequences hold {tokens} token ids, more than this "
+            f"server's limit of {max_request_tokens} per Score; split the request")
+    if request.top_k < 0 or (encoding != "topk" and request.top_k != 0):
+        raise InvalidArgument(f"top_k is {request.top_k}: it must be in [1, V] with "
+                              "ENCODING_TOPK and 0 with the other encodings")
 
 
 def position_bytes(encoding: str, width: int, top_k: int, itemsize: int) -> int:
@@ -87,16 +114,19 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
     """Thin adapter: every forward pass runs in a worker thread so health checks stay responsive."""
 
     def __init__(self, engine: ReferenceEngine, chunk_positions: int = 256,
-                 max_message_bytes: int = 64 << 20):
+                 max_message_bytes: int = 64 << 20,
+                 max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS):
         self.engine = engine
         self.chunk_positions = chunk_positions
         self.max_message_bytes = max_message_bytes
+        self.max_request_tokens = max_request_tokens
 
     def register(self, server: grpc.aio.Server) -> None:
         reference_pb2_grpc.add_ReferenceServicer_to_server(self, server)
 
     async def Score(self, request, context):
         encoding, dtype = parse_encoding(request.encoding), parse_dtype(request.dtype)
+        check_request(request, encoding, self.max_request_tokens)
         sequences = [list(s.token_ids) for s in request.sequences]
         score_from = [s.score_from for s in request.sequences]
         await asyncio.to_thread(self.engine.validate, sequences, score_from, encoding,

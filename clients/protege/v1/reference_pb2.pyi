@@ -58,11 +58,11 @@ class Sequence(_message.Message):
     SCORE_FROM_FIELD_NUMBER: _builtins.int
     score_from: _builtins.int
     """Return distributions for positions predicting tokens [score_from, len). Position p's distribution is
-    the reference's next-token distribution after token_ids[:p]. Must be >= 1.
+    the reference's next-token distribution after token_ids[:p]. Must be in [1, len - 1].
     """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Full token ids (prompt + completion)."""
+        """Full token ids (prompt + completion); not empty, each in [0, V), at most the model's context."""
 
     def __init__(
         self,
@@ -93,11 +93,11 @@ class RefScoreRequest(_message.Message):
     encoding: Global___Encoding.ValueType
     """Encoding of the result."""
     top_k: _builtins.int
-    """k for TOPK (1 <= k <= V)."""
+    """k for TOPK (1 <= k <= V); must be 0 with the other encodings."""
     dtype: _tensor_pb2.DType.ValueType
     """dtype for float payloads: FLOAT32 (default when unset) or BFLOAT16."""
     chunk_positions: _builtins.int
-    """Maximum positions per streamed chunk (0 = server default)."""
+    """Maximum positions per streamed chunk; >= 0 (0 = server default); capped to fit a message."""
     vocab_size: _builtins.int
     """FULL/TOPK over the first vocab_size logit rows only, renormalised over them: a teacher whose
     vocabulary is padded past its tokenizer (e.g. Qwen2.5-7B+) scored for a student with
@@ -105,7 +105,7 @@ class RefScoreRequest(_message.Message):
     """
     @_builtins.property
     def sequences(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sequence]:
-        """Sequences to score."""
+        """Sequences to score; at least one."""
 
     def __init__(
         self,

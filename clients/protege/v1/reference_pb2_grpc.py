@@ -59,7 +59,9 @@ class ReferenceServicer:
 
     def Score(self, request, context):
         """Score token sequences. Streams chunks per sequence: positions [start, start + length) of sequence
-        `index`, in the requested encoding.
+        `index`, in the requested encoding. Every field is checked before the first forward pass: a bad
+        one is INVALID_ARGUMENT naming it; more token ids in all than the server's limit (4M by
+        default) is RESOURCE_EXHAUSTED. A cancelled call stops after the forward pass it is in.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

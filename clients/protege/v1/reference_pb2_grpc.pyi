@@ -36,7 +36,9 @@ class ReferenceStub:
     def __new__(cls, channel: _aio.Channel) -> ReferenceAsyncStub: ...
     Score: _grpc.UnaryStreamMultiCallable[_reference_pb2.RefScoreRequest, _reference_pb2.RefChunk]
     """Score token sequences. Streams chunks per sequence: positions [start, start + length) of sequence
-    `index`, in the requested encoding.
+    `index`, in the requested encoding. Every field is checked before the first forward pass: a bad
+    one is INVALID_ARGUMENT naming it; more token ids in all than the server's limit (4M by
+    default) is RESOURCE_EXHAUSTED. A cancelled call stops after the forward pass it is in.
     """
     LmHead: _grpc.UnaryStreamMultiCallable[_reference_pb2.LmHeadRequest, _tensor_pb2.TensorChunk]
     """Streams the teacher's unembedding matrix W [V, d] (and bias) once, for the HIDDEN encoding."""
@@ -50,7 +52,9 @@ class ReferenceAsyncStub(ReferenceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryStreamMultiCallable[_reference_pb2.RefScoreRequest, _reference_pb2.RefChunk]  # type: ignore[assignment]
     """Score token sequences. Streams chunks per sequence: positions [start, start + length) of sequence
-    `index`, in the requested encoding.
+    `index`, in the requested encoding. Every field is checked before the first forward pass: a bad
+    one is INVALID_ARGUMENT naming it; more token ids in all than the server's limit (4M by
+    default) is RESOURCE_EXHAUSTED. A cancelled call stops after the forward pass it is in.
     """
     LmHead: _aio.UnaryStreamMultiCallable[_reference_pb2.LmHeadRequest, _tensor_pb2.TensorChunk]  # type: ignore[assignment]
     """Streams the teacher's unembedding matrix W [V, d] (and bias) once, for the HIDDEN encoding."""
@@ -67,7 +71,9 @@ class ReferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_reference_pb2.RefChunk], _abc.AsyncIterator[_reference_pb2.RefChunk]]:
         """Score token sequences. Streams chunks per sequence: positions [start, start + length) of sequence
-        `index`, in the requested encoding.
+        `index`, in the requested encoding. Every field is checked before the first forward pass: a bad
+        one is INVALID_ARGUMENT naming it; more token ids in all than the server's limit (4M by
+        default) is RESOURCE_EXHAUSTED. A cancelled call stops after the forward pass it is in.
         """
 
     @_abc_1.abstractmethod

@@ -1,11 +1,13 @@
 """The Reference service over loopback gRPC: client results equal the engine's, chunking, bf16
-payloads, LmHead, status codes for bad input, health, reflection, metrics and the entry point."""
+payloads, LmHead, exact status codes for adversarial input, health, reflection, metrics and the
+entry point."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import sys
+import threading
 import urllib.request
 
 import grpc
@@ -164,39 +166,100 @@ def _request(seqs=((1, 2, 3),), starts=(1,), **kw):
         **kw)
 
 
-BAD_REQUESTS = [
-    (_request(seqs=(), starts=()), "no sequences"),
-    (_request(encoding=reference_pb2.ENCODING_UNSPECIFIED), "encoding is unset"),
-    (_request(encoding=reference_pb2.ENCODING_TOPK), "top_k must be in"),
-    (_request(encoding=reference_pb2.ENCODING_TOPK, top_k=61), "top_k must be in"),
-    (_request(starts=(0,)), "score_from must be in"),
-    (_request(starts=(3,)), "score_from must be in"),
-    (_request(seqs=((1, 2, 99),)), "token id 99 is outside"),
-    (_request(seqs=((1,) * 300,)), "max_position_embeddings"),
-    (_request(dtype=tensor_pb2.DTYPE_FLOAT16), "use FLOAT32 or BFLOAT16"),
-    (_request(chunk_positions=-1), "chunk_positions must be >= 0"),
-]
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+TOPK, FULL, HIDDEN = (reference_pb2.ENCODING_TOPK, reference_pb2.ENCODING_FULL,
+                      reference_pb2.ENCODING_HIDDEN)
+MAX_TOKENS = 1000  # the test server's max_request_tokens
+# (request, exact status code, text the message must contain). Every decodable request gets a
+# specific code: never INTERNAL or UNKNOWN.
+ADVERSARIAL_SCORE = {
+    "no sequences": (_request(seqs=(), starts=()), "INVALID_ARGUMENT", "no sequences"),
+    "encoding unset": (_request(encoding=reference_pb2.ENCODING_UNSPECIFIED), "INVALID_ARGUMENT",
+                       "encoding is unset"),
+    "encoding unknown": (_request(encoding=99), "INVALID_ARGUMENT", "encoding is unset or unknown"),
+    "topk k 0": (_request(encoding=TOPK), "INVALID_ARGUMENT", "top_k must be in [1, 60]"),
+    "topk k V+1": (_request(encoding=TOPK, top_k=61), "INVALID_ARGUMENT", "top_k must be in"),
+    "topk k int32 max": (_request(encoding=TOPK, top_k=INT32_MAX), "INVALID_ARGUMENT",
+                         "top_k must be in"),
+    "topk k negative": (_request(encoding=TOPK, top_k=-1), "INVALID_ARGUMENT", "top_k is -1"),
+    "full with k": (_request(top_k=INT32_MAX), "INVALID_ARGUMENT", "0 with the other encodings"),
+    "hidden with k": (_request(encoding=HIDDEN, top_k=5), "INVALID_ARGUMENT", "0 with the other"),
+    "score_from 0": (_request(starts=(0,)), "INVALID_ARGUMENT", "= [1, 2], got 0"),
+    "score_from negative": (_request(starts=(-1,)), "INVALID_ARGUMENT", "score_from must be in"),
+    "score_from int32 min": (_request(starts=(-(2**31),)), "INVALID_ARGUMENT", "score_from"),
+    "score_from = len": (_request(starts=(3,)), "INVALID_ARGUMENT", "score_from must be in"),
+    "score_from beyond": (_request(starts=(INT32_MAX,)), "INVALID_ARGUMENT", "got 2147483647"),
+    "empty sequence": (_request(seqs=((),), starts=(1,)), "INVALID_ARGUMENT",
+                       "sequence 0 is empty"),
+    "one token": (_request(seqs=((5,),), starts=(1,)), "INVALID_ARGUMENT", "score_from"),
+    "token = V": (_request(seqs=((1, 2, 60),)), "INVALID_ARGUMENT", "token id 60 is outside"),
+    "token 99": (_request(seqs=((1, 2, 99),)), "INVALID_ARGUMENT", "token id 99 is outside"),
+    "token negative": (_request(seqs=((1, -1, 2),)), "INVALID_ARGUMENT", "token id -1 is outside"),
+    "token int64 max": (_request(seqs=((1, INT64_MAX),)), "INVALID_ARGUMENT", "is outside"),
+    "past the context": (_request(seqs=((1,) * 300,)), "INVALID_ARGUMENT",
+                         "max_position_embeddings"),
+    "dtype float16": (_request(dtype=tensor_pb2.DTYPE_FLOAT16), "INVALID_ARGUMENT",
+                      "use FLOAT32 or BFLOAT16"),
+    "dtype unknown": (_request(dtype=99), "INVALID_ARGUMENT", "use FLOAT32 or BFLOAT16"),
+    "chunk_positions negative": (_request(chunk_positions=-1), "INVALID_ARGUMENT",
+                                 "chunk_positions must be >= 0"),
+    "chunk_positions huge": (_request(chunk_positions=INT32_MAX), "OK", ""),
+    "vocab_size negative": (_request(vocab_size=-1), "INVALID_ARGUMENT", "vocab_size must be in"),
+    "vocab_size huge": (_request(vocab_size=INT64_MAX), "INVALID_ARGUMENT", "vocab_size must be"),
+    "too many tokens": (_request(seqs=((1, 2),) * 501, starts=(1,) * 501), "RESOURCE_EXHAUSTED",
+                        "1002 token ids, more than this server's limit of 1000"),
+    "many short sequences": (_request(seqs=((1, 2),) * 500, starts=(1,) * 500), "OK", ""),
+    "one huge sequence": (_request(seqs=((7,) * 100_000,)), "RESOURCE_EXHAUSTED", "split"),
+}
 
 
-def test_bad_inputs_get_invalid_argument_with_a_clear_message(engine):
-    async def body(address, _):
-        found = []
-        async with serving.make_channel(address) as channel:
-            stub = reference_pb2_grpc.ReferenceStub(channel)
-            for request, _match in BAD_REQUESTS:
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    _ = [c async for c in stub.Score(request)]
-                found.append((info.value.code(), info.value.details()))
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                _ = [c async for c in stub.LmHead(
-                    reference_pb2.LmHeadRequest(dtype=tensor_pb2.DTYPE_INT64))]
-            found.append((info.value.code(), info.value.details()))
-        return found
-    found = run_with_server(engine, body)
-    expected = [*BAD_REQUESTS, (None, "use FLOAT32")]
-    for (code, details), (_, match) in zip(found, expected, strict=True):
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-        assert match in details
+@pytest.fixture(scope="module")
+def reference_address(engine):
+    """One server on the shared engine for every adversarial request (a loop in a thread)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    servicer = ReferenceServicer(engine, max_request_tokens=MAX_TOKENS)
+    opts = serving.ServerOptions(host="127.0.0.1", port=0, metrics_port=-1)
+    running = asyncio.run_coroutine_threadsafe(serving.start_server(
+        "reference", opts, servicer.register, [SERVICE_NAME]), loop).result(60)
+    yield running.address
+    asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+async def _status(call) -> tuple[str, str, list]:
+    try:
+        return "OK", "", [c async for c in call]
+    except grpc.aio.AioRpcError as e:
+        return e.code().name, e.details(), []
+
+
+@pytest.mark.parametrize("case", list(ADVERSARIAL_SCORE))
+def test_adversarial_score_requests_get_exact_status_codes(reference_address, case):
+    request, code, needle = ADVERSARIAL_SCORE[case]
+
+    async def call():
+        async with serving.make_channel(reference_address) as channel:
+            return await _status(reference_pb2_grpc.ReferenceStub(channel).Score(request,
+                                                                                 timeout=60))
+    got, details, chunks = asyncio.run(call())
+    assert (got, needle in details) == (code, True), details
+    if code == "OK":
+        assert {c.index for c in chunks if c.last} == set(range(len(request.sequences)))
+
+
+@pytest.mark.parametrize("dtype, code", [(tensor_pb2.DTYPE_INT64, "INVALID_ARGUMENT"),
+                                         (99, "INVALID_ARGUMENT"), (tensor_pb2.DTYPE_BFLOAT16,
+                                                                    "OK")])
+def test_lm_head_dtypes_get_exact_status_codes(reference_address, dtype, code):
+    async def call():
+        async with serving.make_channel(reference_address) as channel:
+            return await _status(reference_pb2_grpc.ReferenceStub(channel).LmHead(
+                reference_pb2.LmHeadRequest(dtype=dtype), timeout=60))
+    got, details, _ = asyncio.run(call())
+    assert got == code, details
 
 
 def test_hidden_on_an_unsupported_model_is_failed_precondition(tiny_teacher):
