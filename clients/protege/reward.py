@@ -20,9 +20,11 @@ metrics, bearer-token auth, TLS; see `protege.serving`), plus what a reward need
   the caller's own gRPC deadline;
 - a concurrency limit (`max_concurrency` items, or batch calls, in flight across all requests);
 - explicit per-item failures: an exception is ERROR, a missed deadline TIMEOUT, a NaN/inf or
-  non-numeric return INVALID, malformed metadata JSON ERROR; never a silent 0;
-- request checks: a batch over `max_batch_size` or with duplicate ids is INVALID_ARGUMENT; an
-  empty batch gets an empty response.
+  non-numeric return INVALID, malformed metadata JSON ERROR (also JSON nested deeper than
+  `MAX_METADATA_DEPTH` or longer than `MAX_METADATA_CHARS`, refused before parsing); never a
+  silent 0, and never an INTERNAL for the call, whatever a scorer returns or raises;
+- request checks: a batch over `max_batch_size`, with duplicate ids or with an id longer than
+  `MAX_ID_CHARS` is INVALID_ARGUMENT; an empty batch gets an empty response.
 
 A scorer returns a number, `(number, {component: number})`, or `{"score": number, "components":
 {...}}`; components are reported per item (e.g. the parts of a weighted sum). A batched scorer
@@ -39,6 +41,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -68,6 +71,14 @@ SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerOptions))
 OK, ERROR, TIMEOUT, INVALID = "ok", "error", "timeout", "invalid"
 STATUS_PROTO = {OK: reward_pb2.SCORE_STATUS_OK, ERROR: reward_pb2.SCORE_STATUS_ERROR,
                 TIMEOUT: reward_pb2.SCORE_STATUS_TIMEOUT, INVALID: reward_pb2.SCORE_STATUS_INVALID}
+# Dataset metadata is a flat-ish record; deeper nesting is refused before json.loads recurses
+# into it (Python's parser raises RecursionError near 1,000 levels).
+MAX_METADATA_DEPTH = 64
+MAX_METADATA_CHARS = 4 << 20
+MAX_ID_CHARS = 1024  # ids are keys echoed on every result
+MAX_ERROR_CHARS = 2000  # a scorer's exception text, as sent back per item
+# A JSON string (escapes included) or one bracket: strings are skipped when counting depth.
+_JSON_NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 SCORES = prometheus_client.Histogram(
     "protege_reward_score", "scores of items that scored OK",
@@ -99,19 +110,48 @@ class ItemResult:
     components: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def to_proto(self) -> reward_pb2.ScoreResult:
-        return reward_pb2.ScoreResult(id=self.id, score=self.score,
-                                      status=STATUS_PROTO[self.status], error=self.error,
-                                      components=dict(self.components))
+        return reward_pb2.ScoreResult(
+            id=self.id, score=self.score, status=STATUS_PROTO[self.status],
+            error=wire_text(self.error[:MAX_ERROR_CHARS]),
+            components={wire_text(k): v for k, v in self.components.items()})
 
 
 # -------------------------------------------------------------------------------- pure helpers
 
 
+def wire_text(text: str) -> str:
+    """`text` as protobuf can send it: lone surrogates (which JSON escapes such as "\\ud800" in
+    metadata can put into a scorer's messages) become visible backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON text, counted without parsing it."""
+    if text.count("[") + text.count("{") <= MAX_METADATA_DEPTH:
+        return 0  # cannot nest too deep: skip the scan
+    depth = deepest = 0
+    for match in _JSON_NESTING.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
 def parse_sample(pb: reward_pb2.Sample) -> RewardSample:
     """A wire Sample as a RewardSample; bad metadata JSON raises InvalidArgument (an item error)."""
+    text = pb.metadata_json
+    if len(text) > MAX_METADATA_CHARS:
+        raise errors.InvalidArgument(f"metadata_json has {len(text)} characters, more than "
+                                     f"{MAX_METADATA_CHARS}; keep large data out of the metadata")
+    if json_depth(text) > MAX_METADATA_DEPTH:
+        raise errors.InvalidArgument(f"metadata_json nests arrays/objects deeper than "
+                                     f"{MAX_METADATA_DEPTH} levels; flatten it")
     try:
-        metadata = json.loads(pb.metadata_json) if pb.metadata_json.strip() else {}
-    except json.JSONDecodeError as e:
+        metadata = json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an over-long integer
         raise errors.InvalidArgument(f"metadata_json is not valid JSON: {e}") from e
     if not isinstance(metadata, dict):
         raise errors.InvalidArgument(
@@ -125,7 +165,7 @@ def _number(value: Any, what: str) -> float:
             f"{what} is {type(value).__name__} {value!r:.80}, not a number")
     try:
         number = float(value)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise errors.InvalidArgument(f"{what} cannot be read as a number: {e}") from e
     if not math.isfinite(number):
         raise errors.InvalidArgument(f"{what} is {number}; rewards must be finite")
@@ -133,25 +173,33 @@ def _number(value: Any, what: str) -> float:
 
 
 def to_result(item_id: str, value: Any) -> ItemResult:
-    """A scorer's return value as an ItemResult: OK, or INVALID with the reason."""
+    """A scorer's return value as an ItemResult: OK, or INVALID with the reason. Never raises:
+    whatever a scorer returns is that item's outcome."""
     if isinstance(value, BaseException):
         return failed(item_id, ERROR, f"{type(value).__name__}: {value}")
+    try:
+        score, parts = _score_and_components(value)
+    except errors.InvalidArgument as e:
+        return failed(item_id, INVALID, str(e))
+    except Exception as e:  # noqa: BLE001 - e.g. a __float__ or a mapping that raises
+        return failed(item_id, INVALID, f"the scorer returned a {type(value).__name__} that "
+                                        f"could not be read as a score ({type(e).__name__}: {e})")
+    SCORES.observe(score)
+    return ItemResult(item_id, OK, score, "", parts)
+
+
+def _score_and_components(value: Any) -> tuple[float, dict[str, float]]:
     components: Any = {}
     if isinstance(value, Mapping):
         if "score" not in value:
-            return failed(item_id, INVALID, "a dict result needs a 'score' key")
+            raise errors.InvalidArgument("a dict result needs a 'score' key")
         value, components = value["score"], value.get("components", {})
     elif isinstance(value, tuple) and len(value) == 2:
         value, components = value
-    try:
-        score = _number(value, "score")
-        if not isinstance(components, Mapping):
-            raise errors.InvalidArgument("components must be a mapping of name to number")
-        parts = {str(k): _number(v, f"component {k!r}") for k, v in components.items()}
-    except errors.InvalidArgument as e:
-        return failed(item_id, INVALID, str(e))
-    SCORES.observe(score)
-    return ItemResult(item_id, OK, score, "", parts)
+    score = _number(value, "score")
+    if not isinstance(components, Mapping):
+        raise errors.InvalidArgument("components must be a mapping of name to number")
+    return score, {str(k): _number(v, f"component {k!r}") for k, v in components.items()}
 
 
 def failed(item_id: str, status: str, message: str) -> ItemResult:
@@ -160,10 +208,14 @@ def failed(item_id: str, status: str, message: str) -> ItemResult:
 
 
 def check_batch(samples: Sequence[reward_pb2.Sample], max_batch_size: int) -> None:
-    """INVALID_ARGUMENT for an oversize batch or duplicate ids."""
+    """INVALID_ARGUMENT for an oversize batch, an over-long id or duplicate ids."""
     if len(samples) > max_batch_size:
         raise errors.InvalidArgument(f"batch of {len(samples)} samples exceeds max_batch_size="
                                      f"{max_batch_size}; split it (RewardClient does)")
+    long_id = next((s.id for s in samples if len(s.id) > MAX_ID_CHARS), None)
+    if long_id is not None:
+        raise errors.InvalidArgument(f"sample id {long_id[:40]!r}... has {len(long_id)} "
+                                     f"characters; ids may have at most {MAX_ID_CHARS}")
     counts = Counter(s.id for s in samples)
     dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
@@ -260,7 +312,7 @@ class ScoreRunner:
             if ours:
                 return ItemResult("", TIMEOUT, error=f"scorer did not finish within {timeout:.3g}s "
                                   f"(item_timeout_s={self.item_timeout_s}, or the call's deadline)")
-            logger.warning("scorer raised %s: %s", type(e).__name__, e)
+            logger.warning("scorer raised %s: %.300s", type(e).__name__, e)
             return ItemResult("", ERROR, error=f"{type(e).__name__}: {e}")
 
     def _timeout(self, deadline: float | None) -> float | None:
@@ -271,10 +323,14 @@ class ScoreRunner:
         return timeout
 
     async def _invoke(self, fn: Callable, arg: Any) -> Any:
-        if self._async:
-            return await fn(arg)
-        result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, arg)
-        return await result if inspect.isawaitable(result) else result
+        try:
+            if self._async:
+                return await fn(arg)
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, arg)
+            return await result if inspect.isawaitable(result) else result
+        except SystemExit as e:
+            # Raised through asyncio, SystemExit would stop the server's event loop.
+            raise RuntimeError(f"the scorer called sys.exit({e.code!r})") from e
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -62,13 +62,16 @@ class Sample(_message.Message):
     COMPLETION_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Caller's id; echoed on its result."""
+    """Caller's id; echoed on its result. Unique within the batch, at most 1024 characters."""
     prompt: _builtins.str
     """Prompt text."""
     completion: _builtins.str
     """Completion text."""
     metadata_json: _builtins.str
-    """Free-form metadata from the dataset row (e.g. "answer"), as JSON text. Empty means {}."""
+    """Free-form metadata from the dataset row (e.g. "answer"), as JSON text. Empty means {}. Must be a
+    JSON object of at most 4 Mi characters, nested at most 64 levels deep; otherwise the sample's
+    status is ERROR, saying why.
+    """
     def __init__(
         self,
         *,
@@ -94,7 +97,7 @@ class ScoreRequest(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
-        """Samples to score."""
+        """Samples to score; at most the server's RewardInfo.max_batch_size."""
 
     def __init__(
         self,
@@ -147,7 +150,7 @@ class ScoreResult(_message.Message):
     status: Global___ScoreStatus.ValueType
     """Whether `score` is valid."""
     error: _builtins.str
-    """Human-readable reason when status is not OK."""
+    """Human-readable reason when status is not OK (at most 2000 characters)."""
     @_builtins.property
     def components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Optional named sub-scores (e.g. for a weighted sum), for logging."""

@@ -53,6 +53,9 @@ class RewardServicer:
 
     def Score(self, request, context):
         """Score a batch. The response has exactly one result per sample, in the same order, with the same ids.
+        A batch over max_batch_size, with duplicate ids or with an over-long id is INVALID_ARGUMENT; a
+        problem with one sample (its metadata, its scorer's failure or result) is that sample's status,
+        never a failure of the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

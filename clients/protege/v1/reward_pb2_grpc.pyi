@@ -34,7 +34,11 @@ class RewardStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RewardAsyncStub: ...
     Score: _grpc.UnaryUnaryMultiCallable[_reward_pb2.ScoreRequest, _reward_pb2.ScoreResponse]
-    """Score a batch. The response has exactly one result per sample, in the same order, with the same ids."""
+    """Score a batch. The response has exactly one result per sample, in the same order, with the same ids.
+    A batch over max_batch_size, with duplicate ids or with an over-long id is INVALID_ARGUMENT; a
+    problem with one sample (its metadata, its scorer's failure or result) is that sample's status,
+    never a failure of the call.
+    """
     Info: _grpc.UnaryUnaryMultiCallable[_reward_pb2.RewardInfoRequest, _reward_pb2.RewardInfo]
     """What this reward computes."""
 
@@ -44,7 +48,11 @@ class RewardAsyncStub(RewardStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_reward_pb2.ScoreRequest, _reward_pb2.ScoreResponse]  # type: ignore[assignment]
-    """Score a batch. The response has exactly one result per sample, in the same order, with the same ids."""
+    """Score a batch. The response has exactly one result per sample, in the same order, with the same ids.
+    A batch over max_batch_size, with duplicate ids or with an over-long id is INVALID_ARGUMENT; a
+    problem with one sample (its metadata, its scorer's failure or result) is that sample's status,
+    never a failure of the call.
+    """
     Info: _aio.UnaryUnaryMultiCallable[_reward_pb2.RewardInfoRequest, _reward_pb2.RewardInfo]  # type: ignore[assignment]
     """What this reward computes."""
 
@@ -57,7 +65,11 @@ class RewardServicer(metaclass=_abc_1.ABCMeta):
         request: _reward_pb2.ScoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_reward_pb2.ScoreResponse, _abc.Awaitable[_reward_pb2.ScoreResponse]]:
-        """Score a batch. The response has exactly one result per sample, in the same order, with the same ids."""
+        """Score a batch. The response has exactly one result per sample, in the same order, with the same ids.
+        A batch over max_batch_size, with duplicate ids or with an over-long id is INVALID_ARGUMENT; a
+        problem with one sample (its metadata, its scorer's failure or result) is that sample's status,
+        never a failure of the call.
+        """
 
     @_abc_1.abstractmethod
     def Info(
