@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +45,13 @@ from typing import Any
 
 import torch
 from protege import errors
+from protege.services.common.loopback import (
+    Background,
+    start_generator,
+    start_reference,
+    start_reward,
+)
 from protege.services.common.tiny import build_char_tokenizer
-from protege.serving import ServerOptions, start_server
 from protege.v1 import jobs_pb2
 
 logger = logging.getLogger(__name__)
@@ -220,62 +224,12 @@ def exact_match(sample: Any) -> float:
     return float(sample.completion.strip().startswith(sample.metadata.get("answer", "")))
 
 
-class Background:
-    """An asyncio loop in a daemon thread that hosts the servers (as the learner tests do)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="families-servers")
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 120.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, servers: list[Any]) -> None:
-        for server in servers:
-            try:
-                self.run(server.stop(0.5))
-            except Exception:  # a server that fails to stop must not end the benchmark
-                logger.exception("stopping %s", server.address)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-def _opts() -> ServerOptions:
-    return ServerOptions(host="127.0.0.1", port=0, metrics_port=-1, grace_s=1.0)
-
-
-async def _generator(model: Path) -> Any:
-    from protege.services.generator.engine import HFEngine
-    from protege.services.generator.servicer import SERVICE_NAME, register
-
-    engine = await asyncio.to_thread(HFEngine, str(model))
-    return await start_server("generator", _opts(), register(engine, 256), [SERVICE_NAME])
-
-
-async def _reference(model: Path) -> Any:
-    from protege.services.reference.engine import ReferenceEngine
-    from protege.services.reference.servicer import SERVICE_NAME, ReferenceServicer
-
-    engine = await asyncio.to_thread(ReferenceEngine.load, str(model))
-    servicer = ReferenceServicer(engine, 256, 64 << 20)
-    return await start_server("reference", _opts(), servicer.register, [SERVICE_NAME])
-
-
-async def _reward() -> Any:
-    from protege import reward
-
-    return await reward.start(exact_match, name="exact-match", options=_opts())
-
-
 def start_servers(bg: Background, student: Path, teacher: Path) -> tuple[list[Any], str]:
     """(started servers, error of the first that failed to start, '' when all started)."""
     servers: list[Any] = []
-    starts = (("generator", lambda: _generator(student)),
-              ("reference", lambda: _reference(teacher)), ("reward", _reward))
+    starts = (("generator", lambda: start_generator(student)),
+              ("reference", lambda: start_reference(teacher)),
+              ("reward", lambda: start_reward(exact_match, "exact-match")))
     for name, make in starts:
         try:
             servers.append(bg.run(make()))
@@ -508,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()
     start, load_before = time.perf_counter(), os.getloadavg()
     families: list[dict[str, Any]] = []
-    bg = Background()
+    bg = Background("families-servers")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         try:

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ import pytest
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from protege.services.common.loopback import Background
 from protege.serving import RunningServer, ServerOptions, start_server
 from protege.v1 import (
     generator_pb2,
@@ -317,26 +317,6 @@ def _mutated(method: Method, changes: list[tuple[str, Callable[[Message], None]]
 # ------------------------------------------------------------------------------ the services
 
 
-class Background:
-    """An asyncio loop in a daemon thread hosting the servers for this module."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="fuzz-servers")
-        self.thread.start()
-        self.servers: list[RunningServer] = []
-
-    def run(self, coro: Any, timeout: float = 180.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        for server in reversed(self.servers):
-            self.run(server.stop(1.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 def _options() -> dict[str, Any]:
     return {"host": "127.0.0.1", "port": 0, "metrics_port": -1, "grace_s": 1.0}
 
@@ -402,7 +382,7 @@ class Services:
 @pytest.fixture(scope="module")
 def services(tiny_pair, tmp_path_factory) -> Iterator[Services]:
     student, teacher = tiny_pair
-    bg = Background()
+    bg = Background("fuzz-servers")
     try:
         for start in (_generator(student), _reference(teacher), _reward(),
                       _learner(tmp_path_factory.mktemp("learner"))):

@@ -7,16 +7,19 @@ reward is a plain function served by the reward kit, scripted so that tests can 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from protege.serving import ServerOptions, start_server
+from protege.services.common.loopback import (
+    Background,
+    start_generator,
+    start_reference,
+    start_reward,
+)
 
 
 def scripted_reward(sample: Any) -> float:
@@ -24,26 +27,6 @@ def scripted_reward(sample: Any) -> float:
     if sample.metadata.get("fail"):
         raise ValueError("scripted reward failure")
     return sum(ch.isdigit() for ch in sample.completion) / 2
-
-
-class Background:
-    """An asyncio loop in a daemon thread that hosts servers for the whole session."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="learner-test-servers")
-        self.thread.start()
-        self.servers: list[Any] = []
-
-    def run(self, coro: Any, timeout: float = 120.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        for server in self.servers:
-            self.run(server.stop(0.5))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @dataclasses.dataclass
@@ -61,33 +44,6 @@ class Backend:
     background: Background
 
 
-def _opts() -> ServerOptions:
-    return ServerOptions(host="127.0.0.1", port=0, metrics_port=-1, grace_s=1.0)
-
-
-async def _generator(model: Path) -> Any:
-    from protege.services.generator.engine import HFEngine
-    from protege.services.generator.servicer import SERVICE_NAME, register
-
-    engine = await asyncio.to_thread(HFEngine, str(model))
-    return await start_server("generator", _opts(), register(engine, 256), [SERVICE_NAME])
-
-
-async def _reference(model: Path) -> Any:
-    from protege.services.reference.engine import ReferenceEngine
-    from protege.services.reference.servicer import SERVICE_NAME, ReferenceServicer
-
-    engine = await asyncio.to_thread(ReferenceEngine.load, str(model))
-    servicer = ReferenceServicer(engine, 256, 64 << 20)
-    return await start_server("reference", _opts(), servicer.register, [SERVICE_NAME])
-
-
-async def _reward() -> Any:
-    from protege import reward
-
-    return await reward.start(scripted_reward, name="scripted", options=_opts())
-
-
 def _softcapped_copy(teacher: Path, out: Path) -> Path:
     """The teacher with `final_logit_softcapping` in its config: the reference then reports
     hidden_supported=false (Llama ignores the field, so the model still loads and runs)."""
@@ -102,11 +58,11 @@ def _softcapped_copy(teacher: Path, out: Path) -> Path:
 def backend(tiny_pair, mismatched_model, tmp_path_factory):
     student, teacher = tiny_pair
     capped = _softcapped_copy(teacher, tmp_path_factory.mktemp("capped") / "teacher")
-    bg = Background()
+    bg = Background("learner-test-servers")
     try:
-        servers = [bg.run(_generator(student)), bg.run(_generator(mismatched_model)),
-                   bg.run(_reference(teacher)), bg.run(_reference(capped)), bg.run(_reward())]
-        bg.servers.extend(servers)
+        servers = [bg.start(start_generator(student)), bg.start(start_generator(mismatched_model)),
+                   bg.start(start_reference(teacher)), bg.start(start_reference(capped)),
+                   bg.start(start_reward(scripted_reward, "scripted"))]
         gen, gen_bad, ref, ref_capped, rew = (s.address for s in servers)
         yield Backend(gen, gen_bad, ref, ref_capped, rew, student, teacher, mismatched_model, bg)
     finally:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from protege.services.common.loopback import start_generator, start_reference
 from protege.services.common.models import load_causal_lm, load_tokenizer
 from protege.services.common.tiny import STUDENT_SPEC, build_char_tokenizer, new_tiny_llama
 from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import SUCCEEDED
 
-from .conftest import _generator, _reference
 from .test_loop import assert_finite, config, run_job
 from .test_loop import job_spec as _job_spec
 
@@ -83,9 +83,8 @@ def families(backend, tmp_path_factory):
     padded = pad_vocabulary(backend.teacher, root / "padded-teacher")
     dropout = build_dropout_student(root / "dropout-student")
     bg = backend.background
-    servers = [bg.run(_generator(gemma_student)), bg.run(_reference(gemma_teacher)),
-               bg.run(_reference(padded)), bg.run(_generator(dropout))]
-    bg.servers.extend(servers)
+    servers = [bg.start(start_generator(gemma_student)), bg.start(start_reference(gemma_teacher)),
+               bg.start(start_reference(padded)), bg.start(start_generator(dropout))]
     return {"gemma_student": gemma_student, "gemma_generator": servers[0].address,
             "gemma_reference": servers[1].address, "padded": padded,
             "padded_reference": servers[2].address, "dropout": dropout,

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 from protege import errors
+from protege.services.common.loopback import loopback_options, start_generator
 from protege.services.learner.clients import Clients
 from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import FAILED, SUCCEEDED
-from protege.serving import ServerOptions, start_server
 from protege.v1 import jobs_pb2
 
 from .test_loop import config, job_spec, run_job
@@ -99,16 +99,11 @@ def test_an_outage_past_the_budget_fails_naming_the_dependency(backend, tmp_path
 def test_a_restarted_generator_gets_the_weights_back(backend, tmp_path, tiny_student):
     """The job's own generator is stopped and started again on the same port before step 2's
     Generate: it serves version 0, so the learner pushes the current weights and goes on."""
-    from protege.services.generator.engine import HFEngine
-    from protege.services.generator.servicer import SERVICE_NAME, register
-
     bg = backend.background
     state: dict[str, Any] = {}
 
-    async def start(port: int) -> Any:
-        engine = await asyncio.to_thread(HFEngine, str(tiny_student))
-        opts = ServerOptions(host="127.0.0.1", port=port, metrics_port=-1, grace_s=0.5)
-        return await start_server("generator", opts, register(engine, 256), [SERVICE_NAME])
+    def start(port: int) -> Any:
+        return start_generator(tiny_student, loopback_options(port, grace_s=0.5))
 
     state["server"] = bg.run(start(0))
     address = state["server"].address
