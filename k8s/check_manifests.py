@@ -2,11 +2,17 @@
 
 kubernetes-validate checks every object against the API schemas. It cannot see how objects
 refer to each other (a Service selector that matches no pod, a volume naming a missing ConfigMap),
-the rules this deployment sets itself (non-root, probes, one learner), CRD kinds such as
-ServiceMonitor, or whether the service configs and the dashboard match the code.
+the rules this deployment sets itself (non-root, probes, one learner; least privilege: a default
+deny and exactly the network flows the services need, each pod with only its own credentials as
+files, one TLS identity per component; data safety, rollout and image-pinning rules), CRD kinds
+such as ServiceMonitor and cert-manager's, or whether the service configs and the dashboard match
+the code.
 k8s/validate.sh runs these checks:
 
-    python k8s/check_manifests.py manifests RENDERED.yaml   # one `kubectl kustomize` output
+    python k8s/check_manifests.py manifests RENDERED.yaml [OVERLAY [CLUSTER.yaml]]
+        # one `kubectl kustomize` output; OVERLAY (e.g. overlays/local) selects the per-overlay
+        # rules; CLUSTER.yaml is the rendered k8s/cluster (its priority and storage classes)
+    python k8s/check_manifests.py cluster RENDERED_CLUSTER.yaml   # k8s/cluster
     python k8s/check_manifests.py dashboard k8s/dashboards/protege-job.json
     python k8s/check_manifests.py job k8s/examples/job.yaml
     python k8s/check_manifests.py prometheus k8s/prometheus/prometheus.yml STATIC_COPY.yml
@@ -20,9 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -33,13 +41,44 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
-CLUSTER_SCOPED = ("Namespace",)
-# Secrets the deployment expects to be created with `kubectl create secret` (k8s/README.md).
-EXTERNAL_SECRETS = ("protege-auth", "protege-tls")
-# CRD kinds the Kubernetes schemas do not know; each has a check here.
-CRD_KINDS = ("ServiceMonitor",)
+# Kinds without a namespace. A namespaced object with no namespace lands in kubectl's current one.
+CLUSTER_SCOPED = (
+    "Namespace", "PriorityClass", "StorageClass", "PersistentVolume", "ClusterRole",
+    "ClusterRoleBinding", "CustomResourceDefinition", "ValidatingWebhookConfiguration",
+    "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy", "IngressClass", "RuntimeClass",
+    "CSIDriver", "VolumeSnapshotClass", "ClusterIssuer",
+)
+# CRD kinds the Kubernetes schemas do not know; each has a check here. Keep in sync with
+# CRD_KINDS in k8s/validate.sh.
+CRD_KINDS = ("ServiceMonitor", "Certificate", "Issuer")
 SERVICES = ("generator", "reference", "reward", "learner")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+# The only overlay that may ship Secrets (INSECURE placeholders for a throwaway cluster): every
+# other overlay, and any overlay built on the base, leaves real Secrets alone.
+PLACEHOLDER_SECRET_OVERLAYS = ("overlays/local",)
+# Production overlays: every image pinned by digest.
+DIGEST_PINNED_OVERLAYS = ("overlays/gpu-full",)
+# The "not released yet" digest in a pinned overlay: a NOTE, or an ERROR with PROTEGE_RELEASE=1.
+UNRELEASED_DIGEST = "sha256:" + "0" * 64
+# The label that admits a pod to the learner's Jobs port (and lets it reach the learner); such pods
+# are the users', not part of these manifests.
+JOBS_CLIENT_LABEL = "protege.io/jobs-client"
+# The only network flows the policies may allow between the deployment's own pods.
+ALLOWED_FLOWS = {
+    ("learner", "generator", 50051),
+    ("learner", "reference", 50051),
+    ("learner", "reward", 50051),
+}
+# The learner's client certificate's identity; the mTLS servers accept no other, on any method.
+LEARNER_CLIENT_IDENTITY = "protege-learner-client"
+GRPC_SERVICES = {"generator": "Generator", "reference": "Reference", "reward": "Reward"}
+# What each component's tokens file may grant (the learner's Jobs API: users and operators).
+TOKEN_SCOPES = {
+    "generator": {"generate", "weights"},
+    "reference": {"reference"},
+    "reward": {"reward"},
+    "learner": {"jobs", "admin"},
+}
 
 
 class Report:
@@ -72,7 +111,49 @@ def kn(obj: dict[str, Any]) -> str:
 
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """A Service's plain label map: an empty one selects nothing (the Service has no endpoints)."""
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A metav1.LabelSelector (NetworkPolicy, PDB, spread constraints): `{}` selects every pod."""
+    selector = selector or {}
+    if not all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }.get(op)
+        if not ok:
+            return False
+    return True
+
+
+def selector_labels(selector: dict[str, Any] | None) -> set[str]:
+    """The label keys a LabelSelector mentions."""
+    selector = selector or {}
+    return set(selector.get("matchLabels") or {}) | {
+        e["key"] for e in selector.get("matchExpressions") or []
+    }
+
+
+QUANTITY_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "m": 10**-3,
+}
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes resource quantity ("500m", "2Gi", 4) as a number."""
+    text = str(value)
+    for suffix, factor in QUANTITY_SUFFIXES.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
 
 
 # ------------------------------------------------------------------------------------ manifests
@@ -94,12 +175,24 @@ class Manifests:
         return [o for k in WORKLOAD_KINDS for o in self.kind(k).values()]
 
     def pods_matching(self, selector: dict[str, str]) -> list[dict[str, Any]]:
-        """Workloads whose pod template carries every label of `selector`."""
-        return [
-            w
-            for w in self.workloads()
-            if matches(selector, w["spec"]["template"]["metadata"].get("labels", {}))
-        ]
+        """Workloads whose pod template carries every label of `selector` (a Service's map)."""
+        return [w for w in self.workloads() if matches(selector, pod_labels(w))]
+
+    def pods_selected(self, selector: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """Workloads whose pod template a LabelSelector selects (`{}`: all of them)."""
+        return [w for w in self.workloads() if selects(selector, pod_labels(w))]
+
+    def namespace(self) -> str | None:
+        found = {o["metadata"].get("namespace") for o in self.objects} - {None}
+        return found.pop() if len(found) == 1 else None
+
+
+def pod_labels(w: dict[str, Any]) -> dict[str, str]:
+    return w["spec"]["template"]["metadata"].get("labels", {})
+
+
+def component(w: dict[str, Any]) -> str:
+    return pod_labels(w).get("app.kubernetes.io/component", "")
 
 
 def check_namespaces(m: Manifests, r: Report) -> None:
@@ -158,7 +251,7 @@ def check_secret_ref(
     if secret is None:
         if optional:
             r.note(f"optional Secret {name} is not in this output; it is used only once created")
-        elif name in EXTERNAL_SECRETS:
+        elif name.startswith("protege-"):
             r.note(
                 f"Secret {name} is not in this output: create it before applying (k8s/README.md)"
             )
@@ -290,24 +383,381 @@ def check_services(m: Manifests, r: Report) -> None:
 def check_selectors(m: Manifests, r: Report) -> None:
     for pdb in m.kind("PodDisruptionBudget").values():
         r.check(
-            bool(m.pods_matching(pdb["spec"]["selector"].get("matchLabels", {}))),
+            bool(m.pods_selected(pdb["spec"].get("selector"))),
             f"{kn(pdb)}: selector matches no pod template",
         )
-    for np in m.kind("NetworkPolicy").values():
-        pods = m.pods_matching(np["spec"]["podSelector"].get("matchLabels", {}))
-        r.check(bool(pods), f"{kn(np)}: podSelector matches no pod template")
-        ports = container_ports(pods)
-        for rule in np["spec"].get("ingress", []):
+
+
+# ------------------------------------------------------------------------------- network policy
+
+
+def for_clients(selector: dict[str, Any] | None) -> bool:
+    """Whether a selector picks the users' jobs clients, which are not in these manifests."""
+    return JOBS_CLIENT_LABEL in selector_labels(selector)
+
+
+def check_policy_shape(m: Manifests, np: dict[str, Any], r: Report) -> None:
+    """Selectors that exist, peers that are pinned, ports that are the destination's."""
+    spec = np["spec"]
+    pods = m.pods_selected(spec.get("podSelector"))
+    r.check(bool(pods) or for_clients(spec.get("podSelector")),
+            f"{kn(np)}: podSelector matches no pod template")
+    for direction, key in (("ingress", "from"), ("egress", "to")):
+        for rule in spec.get(direction, []):
+            peers = rule.get(key)
+            r.check(bool(peers), f"{kn(np)}: an {direction} rule without `{key}` admits every "
+                    "address; name the peers")
+            in_namespace = []
+            for peer in peers or []:
+                in_namespace += check_peer(m, np, direction, peer, r)
+            # A port is the destination pod's: the selected pods' on ingress, the peers' on egress.
+            destination = pods if direction == "ingress" else in_namespace
+            ports = container_ports(destination)
             for p in rule.get("ports", []):
-                r.check(p["port"] in ports, f"{kn(np)}: port {p['port']} is not a port of its pods")
-            for peer in rule.get("from", []):
-                # Peers in this namespace must exist here; those elsewhere (Prometheus) cannot be.
-                labels = peer.get("podSelector", {}).get("matchLabels", {})
-                if labels and "namespaceSelector" not in peer:
-                    r.check(
-                        bool(m.pods_matching(labels)),
-                        f"{kn(np)}: ingress peer {labels} matches no pod template",
-                    )
+                if destination:
+                    r.check(p["port"] in ports,
+                            f"{kn(np)}: {direction} port {p['port']} is not a port of those pods")
+
+
+def check_peer(
+    m: Manifests, np: dict[str, Any], direction: str, peer: dict[str, Any], r: Report
+) -> list[dict[str, Any]]:
+    """One from/to peer; returns the workloads here it selects."""
+    if "ipBlock" in peer:
+        r.check(peer["ipBlock"].get("cidr") not in ("0.0.0.0/0", "::/0"),
+                f"{kn(np)}: {direction} peer ipBlock {peer['ipBlock'].get('cidr')} is the internet")
+        return []
+    if "namespaceSelector" in peer:
+        # Another namespace (Prometheus, kube-dns): pinned to one namespace by name, and to pods.
+        names = (peer["namespaceSelector"].get("matchLabels") or {})
+        r.check("kubernetes.io/metadata.name" in names,
+                f"{kn(np)}: {direction} peer's namespaceSelector must name one namespace "
+                "(matchLabels kubernetes.io/metadata.name), not every namespace with a label")
+        r.check(bool(selector_labels(peer.get("podSelector"))),
+                f"{kn(np)}: {direction} peer in namespace {names} must also select pods "
+                "(podSelector), not the whole namespace")
+        return []
+    selector = peer.get("podSelector")
+    r.check(bool(selector_labels(selector)), f"{kn(np)}: {direction} peer `podSelector: {{}}` is "
+            "every pod in the namespace, whoever runs it; select the pods by label")
+    selected = m.pods_selected(selector)
+    r.check(bool(selected) or for_clients(selector),
+            f"{kn(np)}: {direction} peer {selector} matches no pod template")
+    return selected
+
+
+def policy_allows(
+    policies: list[dict[str, Any]], direction: str, pod: dict[str, Any], peer: dict[str, Any],
+    port: int,
+) -> bool:
+    """NetworkPolicy semantics for traffic between two pods of this namespace, seen from `pod`:
+    allowed when no policy of that direction selects `pod`, or when a rule of one that does admits
+    `peer` on `port`."""
+    kind, key = ("Ingress", "from") if direction == "ingress" else ("Egress", "to")
+    applying = [np for np in policies if kind in np["spec"].get("policyTypes", ["Ingress"])
+                and selects(np["spec"].get("podSelector"), pod_labels(pod))]
+    if not applying:
+        return True
+    names = {p["containerPort"]: p.get("name") for c in
+             (peer if direction == "egress" else pod)["spec"]["template"]["spec"]["containers"]
+             for p in c.get("ports", [])}
+    for np in applying:
+        for rule in np["spec"].get(direction, []):
+            port_ok = not rule.get("ports") or any(
+                p["port"] in (port, names.get(port)) for p in rule["ports"])
+            peer_ok = any("namespaceSelector" not in x and "ipBlock" not in x
+                          and selects(x.get("podSelector"), pod_labels(peer))
+                          for x in rule.get(key) or [])
+            if port_ok and peer_ok:
+                return True
+    return False
+
+
+def check_network_policies(m: Manifests, r: Report) -> None:
+    policies = list(m.kind("NetworkPolicy").values())
+    for np in policies:
+        check_policy_shape(m, np, r)
+    deny = [np for np in policies
+            if np["spec"].get("podSelector") in ({}, None)
+            and {"Ingress", "Egress"} <= set(np["spec"].get("policyTypes", []))
+            and not np["spec"].get("ingress") and not np["spec"].get("egress")]
+    r.check(bool(deny), "no default-deny NetworkPolicy (podSelector: {}, policyTypes [Ingress, "
+            "Egress], no rules): pods not named by a policy would be open both ways")
+    # Between our own pods, exactly the flows the deployment needs: both ends must allow each.
+    workloads = m.workloads()
+    for src in workloads:
+        for dst in workloads:
+            for port in sorted({p for c in dst["spec"]["template"]["spec"]["containers"]
+                                for p in (x["containerPort"] for x in c.get("ports", []))}):
+                allowed = (policy_allows(policies, "egress", src, dst, port)
+                           and policy_allows(policies, "ingress", dst, src, port))
+                wanted = (component(src), component(dst), port) in ALLOWED_FLOWS
+                if allowed != wanted:
+                    r.error(f"NetworkPolicies {'allow' if allowed else 'block'} {kn(src)} -> "
+                            f"{kn(dst)}:{port}; the flows between the services must be exactly "
+                            f"{sorted(ALLOWED_FLOWS)}")
+
+
+# --------------------------------------------------------------------------------- credentials
+
+
+def mounted_secrets(w: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(Secret name, volume source) for every Secret the pod mounts, directly or projected."""
+    found = []
+    for v in w["spec"]["template"]["spec"].get("volumes", []):
+        for s in [v, *v.get("projected", {}).get("sources", [])]:
+            if "secret" in s:
+                found.append((s["secret"].get("secretName", s["secret"].get("name")), s["secret"]))
+    return found
+
+
+def check_credentials(m: Manifests, overlay: str, r: Report) -> None:
+    """Each pod holds only its own credentials, as files; Secrets ship only as placeholders."""
+    for w in m.workloads():
+        own = f"protege-{component(w)}-"
+        for name, _ in mounted_secrets(w):
+            r.check(name.startswith(own), f"{kn(w)}: mounts Secret {name}; a pod mounts only its "
+                    f"own component's Secrets ({own}*), so one compromised pod leaks nothing else")
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            for env in c.get("env", []):
+                r.check("secretKeyRef" not in env.get("valueFrom", {}),
+                        f"{kn(w)}/{c['name']}: env {env['name']} comes from a Secret; mount "
+                        "credentials as files (environment variables leak into crash dumps, "
+                        "/proc and child processes)")
+            for e in c.get("envFrom", []):
+                r.check("secretRef" not in e, f"{kn(w)}/{c['name']}: envFrom a Secret")
+            volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+            for mount in c.get("volumeMounts", []):
+                v = volumes.get(mount["name"], {})
+                r.check(not (mount.get("subPath") and ("secret" in v or "projected" in v)),
+                        f"{kn(w)}/{c['name']}: subPath mount of {mount['name']}: the kubelet never "
+                        "updates subPath mounts, so renewed certificates and rotated tokens "
+                        "would not arrive")
+    secrets = m.kind("Secret")
+    if secrets and overlay not in PLACEHOLDER_SECRET_OVERLAYS:
+        r.error(f"ships Secrets {sorted(secrets)}: only {PLACEHOLDER_SECRET_OVERLAYS} may "
+                "(INSECURE placeholders); elsewhere `kubectl apply -k` would overwrite real ones")
+    for s in secrets.values():
+        values = {**s.get("stringData", {}), **s.get("data", {})}
+        r.check(all("INSECURE" in str(v) or k == "tokens.yaml" for k, v in values.items()),
+                f"{kn(s)}: a Secret in git must be a placeholder (every token says INSECURE)")
+    check_placeholder_tokens(secrets, r)
+
+
+def check_placeholder_tokens(secrets: dict[str, dict[str, Any]], r: Report) -> None:
+    """The placeholder Secrets work together: each server's tokens file holds hashes (never a
+    plaintext token), grants only its component's scopes, and accepts the learner's token for it."""
+    client = secrets.get("protege-learner-client", {}).get("stringData", {})
+    for comp, scopes in TOKEN_SCOPES.items():
+        secret = secrets.get(f"protege-{comp}-auth")
+        if secret is None:
+            continue
+        entries = yaml.safe_load(secret.get("stringData", {}).get("tokens.yaml", "")) or {}
+        for key, granted in entries.items():
+            granted = {granted} if isinstance(granted, str) else set(granted)
+            r.check(re.fullmatch(r"sha256\$[0-9a-f]+\$[0-9a-f]{64}", str(key)) is not None,
+                    f"{kn(secret)}: tokens.yaml entries must be hashes (`protege token hash`)")
+            r.check(granted <= scopes, f"{kn(secret)}: grants {sorted(granted - scopes)}; "
+                    f"{comp} needs at most {sorted(scopes)}")
+        token = client.get(f"{comp}-token")
+        if token is not None:
+            r.check(any(token_matches(str(k), token) for k in entries),
+                    f"{kn(secret)}: no entry accepts the learner's {comp}-token")
+
+
+def token_matches(hashed: str, token: str) -> bool:
+    """Whether `hashed` ('sha256$<salt hex>$<digest hex>') is the hash of `token`."""
+    parts = hashed.split("$")
+    if len(parts) != 3:
+        return False
+    return hashlib.sha256(bytes.fromhex(parts[1]) + token.encode()).hexdigest() == parts[2]
+
+
+# ------------------------------------------------------------------------------------------ TLS
+
+
+def check_tls_identities(w: dict[str, Any], data: dict[str, Any], r: Report) -> None:
+    """An mTLS server must accept only the learner's client certificate, on every method, not any
+    certificate of the CA (every component's own certificate is signed by it too)."""
+    service = GRPC_SERVICES.get(component(w))
+    if data.get("tls_client_ca") and service:
+        want = {f"/protege.v1.{service}/": [LEARNER_CLIENT_IDENTITY]}
+        r.check(data.get("tls_client_identities") == want,
+                f"{kn(w)}: mTLS needs tls_client_identities {json.dumps(want)}; without it any "
+                "certificate the CA signed (a generator's, a reward service's) may call it")
+    if data.get("client_tls_cert"):
+        r.check(str(data["client_tls_cert"]).startswith("/etc/protege/tls/client/"),
+                f"{kn(w)}: the learner's client certificate must be its own (protege-learner-"
+                "client-tls at /etc/protege/tls/client), not its server certificate")
+
+
+def check_certificates(m: Manifests, r: Report) -> None:
+    """cert-manager Certificates and Issuers (CRD kinds): each Secret mounted, names that match."""
+    namespace = m.namespace() or "protege"
+    mounted = {name: w for w in m.workloads() for name, _ in mounted_secrets(w)}
+    issuers = m.kind("Issuer")
+    ca_secrets = {i["spec"].get("ca", {}).get("secretName") for i in issuers.values()}
+    for cert in m.kind("Certificate").values():
+        spec = cert.get("spec", {})
+        r.check(cert["apiVersion"] == "cert-manager.io/v1", f"{kn(cert)}: apiVersion")
+        ref = spec.get("issuerRef", {})
+        r.check(ref.get("kind") == "ClusterIssuer" or ref.get("name") in issuers,
+                f"{kn(cert)}: issuerRef {ref.get('name')} is not an Issuer here")
+        secret, usages = spec.get("secretName"), set(spec.get("usages", []))
+        if secret in ca_secrets:
+            r.check(spec.get("isCA") is True, f"{kn(cert)}: a CA Issuer's Secret needs isCA: true")
+            continue
+        r.check(secret in mounted, f"{kn(cert)}: Secret {secret} is mounted by no workload")
+        if secret == "protege-learner-client-tls":
+            r.check(usages == {"client auth", "digital signature"},
+                    f"{kn(cert)}: the learner's client certificate is for client auth only")
+            names = {spec.get("commonName"), *spec.get("dnsNames", [])}
+            r.check(LEARNER_CLIENT_IDENTITY in names,
+                    f"{kn(cert)}: must carry the identity {LEARNER_CLIENT_IDENTITY}")
+        elif secret in mounted:
+            comp = component(mounted[secret])
+            r.check("server auth" in usages and "client auth" not in usages,
+                    f"{kn(cert)}: a server certificate is for server auth only, so it cannot "
+                    "stand in for the learner's client identity")
+            dialed = {f"{s}.{namespace}.svc.cluster.local" for s, svc in m.kind("Service").items()
+                      if svc["spec"].get("selector", {}).get("app.kubernetes.io/component") == comp}
+            missing = sorted(dialed - set(spec.get("dnsNames", [])))
+            r.check(not missing, f"{kn(cert)}: dnsNames lack {missing}, the names clients dial")
+    for issuer in issuers.values():
+        kinds = set(issuer.get("spec", {})) & {"selfSigned", "ca", "acme", "vault", "venafi"}
+        r.check(len(kinds) == 1, f"{kn(issuer)}: needs exactly one issuer type, got {kinds}")
+
+
+# -------------------------------------------------------------------------------- data safety
+
+
+def check_data_safety(m: Manifests, cluster: Manifests | None, r: Report) -> None:
+    """No Namespace in an overlay; the learner's volume on a Retain class; priority classes."""
+    r.check(not m.kind("Namespace"), "the Namespace belongs in k8s/cluster, not in an overlay: "
+            "`kubectl delete -k` would delete it and every claim in it")
+    learner = m.kind("StatefulSet").get("protege-learner")
+    if learner is None:
+        return
+    retention = learner["spec"].get("persistentVolumeClaimRetentionPolicy", {})
+    r.check(retention.get("whenDeleted") == "Retain",
+            f"{kn(learner)}: persistentVolumeClaimRetentionPolicy.whenDeleted must be Retain")
+    classes = cluster.kind("StorageClass") if cluster else {}
+    priorities = cluster.kind("PriorityClass") if cluster else {}
+    for t in learner["spec"].get("volumeClaimTemplates", []):
+        name = t["spec"].get("storageClassName")
+        sc = classes.get(name)
+        r.check(cluster is None or (sc is not None and sc.get("reclaimPolicy") == "Retain"
+                                    and sc.get("volumeBindingMode") == "WaitForFirstConsumer"),
+                f"{kn(learner)}: claim {t['metadata']['name']} uses storage class {name!r}; it "
+                "must be a k8s/cluster class with reclaimPolicy Retain and WaitForFirstConsumer")
+    for w in m.workloads():
+        name = w["spec"]["template"]["spec"].get("priorityClassName")
+        r.check(name is not None and (cluster is None or name in priorities),
+                f"{kn(w)}: priorityClassName {name!r} is not a PriorityClass of k8s/cluster")
+
+
+def check_cluster(path: Path) -> int:
+    """k8s/cluster: the namespace, the priority classes and the Retain storage class."""
+    m, r = Manifests(path), Report()
+    r.check(all(o["kind"] in CLUSTER_SCOPED for o in m.objects),
+            "k8s/cluster holds cluster-scoped objects only")
+    r.check(all(o["metadata"].get("namespace") is None for o in m.objects),
+            "cluster-scoped objects take no namespace")
+    for ns in m.kind("Namespace").values():
+        labels = ns["metadata"].get("labels", {})
+        r.check(labels.get("pod-security.kubernetes.io/enforce") == "restricted",
+                f"{kn(ns)}: must enforce the restricted Pod Security Standard")
+    r.check(any(sc.get("reclaimPolicy") == "Retain"
+                and sc.get("volumeBindingMode") == "WaitForFirstConsumer"
+                for sc in m.kind("StorageClass").values()),
+            "no StorageClass with reclaimPolicy Retain and volumeBindingMode WaitForFirstConsumer")
+    for pc in m.kind("PriorityClass").values():
+        r.check(not pc.get("globalDefault"), f"{kn(pc)}: must not be the cluster's global default")
+        r.check(pc.get("value", 0) < 1_000_000_000,
+                f"{kn(pc)}: values from 1e9 up are the system's")
+    return r.finish()
+
+
+# ----------------------------------------------------------------------------------- rollouts
+
+
+def gpu_count(w: dict[str, Any]) -> float:
+    return sum(quantity(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+               for c in w["spec"]["template"]["spec"]["containers"])
+
+
+def check_rollouts(m: Manifests, r: Report) -> None:
+    for w in m.workloads():
+        pod = w["spec"]["template"]["spec"]
+        check_ephemeral_storage(w, r)
+        if w["kind"] != "Deployment":
+            continue
+        rolling = w["spec"].get("strategy", {}).get("rollingUpdate", {})
+        if gpu_count(w):
+            r.check(str(rolling.get("maxSurge")) in ("0", "0%") and rolling.get("maxUnavailable"),
+                    f"{kn(w)}: a GPU Deployment needs maxSurge: 0 and maxUnavailable >= 1; a surge "
+                    "pod needs one more free GPU than the cluster has, and the rollout stalls")
+        spread = [c for c in pod.get("topologySpreadConstraints", [])
+                  if c.get("topologyKey") == "kubernetes.io/hostname"
+                  and selects(c.get("labelSelector"), pod_labels(w))
+                  and selector_labels(c.get("labelSelector"))]
+        r.check(bool(spread), f"{kn(w)}: no topologySpreadConstraints over kubernetes.io/hostname "
+                "selecting its own pods")
+        r.check(all(c.get("whenUnsatisfiable") == "ScheduleAnyway" for c in spread),
+                f"{kn(w)}: the spread must be soft (ScheduleAnyway), or a small cluster cannot "
+                "schedule every replica")
+    learner = m.kind("StatefulSet").get("protege-learner")
+    for c in learner["spec"]["template"]["spec"]["containers"] if learner else []:
+        res = c.get("resources", {})
+        for name in ("cpu", "memory"):
+            req, lim = res.get("requests", {}).get(name), res.get("limits", {}).get(name)
+            r.check(req is not None and lim is not None and quantity(req) == quantity(lim),
+                    f"{kn(learner)}/{c['name']}: requests.{name} {req} != limits.{name} {lim}; "
+                    "the learner must be Guaranteed QoS")
+
+
+def check_ephemeral_storage(w: dict[str, Any], r: Report) -> None:
+    """Requests so the scheduler counts disk; limits that leave room for the emptyDirs on disk."""
+    pod = w["spec"]["template"]["spec"]
+    on_disk = sum(quantity(v["emptyDir"].get("sizeLimit", 0)) for v in pod.get("volumes", [])
+                  if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+    for c in pod["containers"]:
+        res = c.get("resources", {})
+        req = res.get("requests", {}).get("ephemeral-storage")
+        lim = res.get("limits", {}).get("ephemeral-storage")
+        r.check(req is not None and lim is not None,
+                f"{kn(w)}/{c['name']}: needs requests and limits of ephemeral-storage")
+        if lim is not None:
+            r.check(quantity(lim) > on_disk,
+                    f"{kn(w)}/{c['name']}: limits.ephemeral-storage {lim} must exceed the disk "
+                    f"emptyDirs' sizeLimits ({on_disk / 2**30:g}Gi), or the kubelet evicts the pod "
+                    "before they fill")
+
+
+# -------------------------------------------------------------------------------- supply chain
+
+
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def check_images(m: Manifests, overlay: str, r: Report) -> None:
+    for w in m.workloads():
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            image = c.get("image", "")
+            if overlay in DIGEST_PINNED_OVERLAYS:
+                r.check(bool(DIGEST.search(image)), f"{kn(w)}/{c['name']}: image {image} is not "
+                        "pinned by digest (@sha256:...) in a production overlay")
+                if image.endswith(UNRELEASED_DIGEST):
+                    message = (f"{overlay}: {c['name']} image digest is the unreleased marker; the "
+                               "release sets the real one (k8s/README.md, \"Supply chain\")")
+                    if os.environ.get("PROTEGE_RELEASE") == "1":
+                        r.error(message)
+                    else:
+                        r.note(message)
+            else:
+                tag = image.rsplit("/", 1)[-1].partition(":")[2]
+                r.check(bool(tag) and tag != "latest" or "@sha256:" in image,
+                        f"{kn(w)}/{c['name']}: image {image} needs a version tag or a digest")
 
 
 def check_hpa(m: Manifests, r: Report) -> None:
@@ -326,6 +776,26 @@ def check_hpa(m: Manifests, r: Report) -> None:
                 "cpu" in c.get("resources", {}).get("requests", {}),
                 f"{kn(hpa)}: {kn(target)}/{c['name']} has no CPU request to scale on",
             )
+        check_hpa_budget(m, hpa, target, r)
+
+
+def check_hpa_budget(m: Manifests, hpa: dict[str, Any], target: dict[str, Any], r: Report) -> None:
+    """At the autoscaler's floor, a drain must leave a pod serving and still be able to proceed."""
+    low = hpa["spec"].get("minReplicas", 1)
+    for pdb in m.kind("PodDisruptionBudget").values():
+        if not selects(pdb["spec"].get("selector"), pod_labels(target)):
+            continue
+        spec = pdb["spec"]
+        if "maxUnavailable" in spec:
+            left = low - int(quantity(str(spec["maxUnavailable"]).rstrip("%")))
+            r.check(left >= 1 and "%" not in str(spec["maxUnavailable"]),
+                    f"{kn(hpa)}: minReplicas {low} with {kn(pdb)} maxUnavailable "
+                    f"{spec['maxUnavailable']} lets a drain evict every pod; keep minReplicas >= 2")
+        else:
+            need = spec.get("minAvailable", 0)
+            r.check(isinstance(need, int) and 1 <= need < low,
+                    f"{kn(hpa)}: minReplicas {low} with {kn(pdb)} minAvailable {need}: a drain "
+                    "must leave one pod and still be able to evict one")
 
 
 def check_service_monitors(m: Manifests, r: Report) -> None:
@@ -475,7 +945,27 @@ def check_service_config(m: Manifests, w: dict[str, Any], r: Report) -> str | No
         check_config_values(cls, data, f"{kn(w)} ({service}.yaml + args)", r)
         check_grace(w, service, float(data.get("grace_s", 10.0)), r)
         check_probes(w, data, r)
+        check_tls_identities(w, data, r)
+        files = projected_files(w)
+        for key, value in data.items():
+            r.check(not str(value).startswith("/etc/protege/") or value in files,
+                    f"{kn(w)}: {key} names {value}, which no volume projects into the pod")
     return service
+
+
+def projected_files(w: dict[str, Any]) -> set[str]:
+    """Every file path a ConfigMap or Secret item puts into the pod's containers."""
+    pod = w["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    found = set()
+    for c in pod["containers"]:
+        for mount in c.get("volumeMounts", []):
+            v = volumes.get(mount["name"], {})
+            for s in [v, *v.get("projected", {}).get("sources", [])]:
+                for source in (s.get("configMap"), s.get("secret")):
+                    for item in (source or {}).get("items", []):
+                        found.add(f"{mount['mountPath'].rstrip('/')}/{item['path']}")
+    return found
 
 
 def check_probes(w: dict[str, Any], data: dict[str, Any], r: Report) -> None:
@@ -528,13 +1018,20 @@ def check_service_configs(m: Manifests, r: Report) -> None:
     r.check(not missing, f"no workload runs {missing}")
 
 
-def check_manifests(path: Path) -> int:
+def check_manifests(path: Path, overlay: str = "", cluster_path: Path | None = None) -> int:
     m, r = Manifests(path), Report()
+    cluster = Manifests(cluster_path) if cluster_path else None
     for check in (
         check_namespaces,
         check_workloads,
         check_services,
         check_selectors,
+        check_network_policies,
+        lambda m, r: check_credentials(m, overlay, r),
+        check_certificates,
+        lambda m, r: check_data_safety(m, cluster, r),
+        check_rollouts,
+        lambda m, r: check_images(m, overlay, r),
         check_hpa,
         check_service_monitors,
         check_dashboard_configmaps,
@@ -544,7 +1041,8 @@ def check_manifests(path: Path) -> int:
             check(m, r)
         except (KeyError, TypeError, AttributeError) as e:
             # A malformed object; the schema validation run before this names it.
-            r.error(f"{check.__name__}: malformed object ({type(e).__name__}: {e})")
+            name = getattr(check, "__name__", "check")
+            r.error(f"{name}: malformed object ({type(e).__name__}: {e})")
     return r.finish()
 
 
@@ -663,7 +1161,9 @@ def check_prometheus(path: Path, static_copy: Path) -> int:
 
 def main(argv: list[str]) -> int:
     commands = {
-        "manifests": check_manifests,
+        "manifests": lambda path, overlay="", cluster=None: check_manifests(
+            path, str(overlay), cluster),
+        "cluster": check_cluster,
         "dashboard": check_dashboard,
         "job": check_job,
         "prometheus": check_prometheus,

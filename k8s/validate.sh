@@ -3,25 +3,30 @@
 #
 #   bash k8s/validate.sh            # what `make k8s-validate` runs
 #
+# k8s/cluster (the namespace, priority classes and storage class, applied once outside the overlays):
+# rendered, schema-checked and checked by `k8s/check_manifests.py cluster`.
 # For k8s/base and every overlay under k8s/overlays/:
 #   1. render it with `kubectl kustomize`;
 #   2. validate every object against the Kubernetes API schemas with `kubernetes-validate --strict`
 #      (unknown fields are errors), for the oldest and the newest Kubernetes version we support.
 #      CRD kinds (ServiceMonitor) have no bundled schema: kubernetes-validate only warns about them, so
 #      any such warning fails here, except for the kinds k8s/check_manifests.py checks field by field;
-#   3. run k8s/check_manifests.py: references, selectors, security rules, the learner's single replica,
-#      and each service config against the service's config dataclass.
+#   3. run k8s/check_manifests.py: references, selectors, security rules, the NetworkPolicy model
+#      (default deny; exactly the flows the services need), credentials, TLS identities, data safety,
+#      rollout rules, image pins, the learner's single replica, and each service config against the
+#      service's config dataclass.
 # Then the Grafana dashboard (JSON, variables, metric names against the code), the example job (the SDK's
 # JobSpec and the learner's checks), the example Prometheus config (promtool) and the models-loader pod.
 #
 # One PASS/FAIL/SKIP line per item; exits 1 if anything failed.
 # Environment: VENV (default .venv: kubernetes-validate and the protege package, from `make setup`),
-# K8S_VERSIONS (default "1.30.0 <newest version kubernetes-validate bundles>").
+# K8S_VERSIONS (default "1.30.0 <newest version kubernetes-validate bundles>"), PROTEGE_RELEASE=1 (fail
+# on the unreleased-digest marker of a production overlay instead of noting it).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
 VENV=${VENV:-.venv}
-CRD_KINDS="ServiceMonitor" # keep in sync with CRD_KINDS in k8s/check_manifests.py
+CRD_KINDS="ServiceMonitor Certificate Issuer" # keep in sync with CRD_KINDS in k8s/check_manifests.py
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 failures=0
@@ -98,7 +103,7 @@ validate_kustomization() {
   count=$(grep -c '^kind:' "$out")
   problems=$(schema_check "$out")
   crds=$(paste -sd, "$TMP/crds")
-  checks=$("$PY" k8s/check_manifests.py manifests "$out" 2>&1)
+  checks=$("$PY" k8s/check_manifests.py manifests "$out" "$name" "$TMP/cluster.yaml" 2>&1)
   local rc=$?
   printf '%s\n' "$checks" | grep '^NOTE' >>"$TMP/notes"
   checks=$(printf '%s\n' "$checks" | grep -v '^NOTE' || true)
@@ -107,6 +112,23 @@ validate_kustomization() {
   else
     [ -n "$crds" ] && crds="; CRD kinds by field checks: $crds"
     pass "$name: $count objects, schemas $K8S_VERSIONS --strict, reference checks$crds"
+  fi
+}
+
+validate_cluster() {
+  local out=$TMP/cluster.yaml problems checks rc
+  if ! "${RENDER[@]}" k8s/cluster >"$out" 2>"$TMP/render.err"; then
+    fail "cluster: kustomize build failed" "$(tail -5 "$TMP/render.err")"
+    return
+  fi
+  problems=$(schema_check "$out")
+  checks=$("$PY" k8s/check_manifests.py cluster "$out" 2>&1)
+  rc=$?
+  if [ -n "$problems" ] || [ $rc -ne 0 ]; then
+    fail "cluster" "$(printf '%s\n%s' "$problems" "$checks" | grep -v '^$')"
+  else
+    pass "cluster: $(grep -c '^kind:' "$out") objects, schemas $K8S_VERSIONS --strict, restricted" \
+      "namespace, Retain + WaitForFirstConsumer storage class"
   fi
 }
 
@@ -187,6 +209,7 @@ check_prometheus_config() {
 # ------------------------------------------------------------------------------------------- main
 
 if find_tools; then
+  validate_cluster
   validate_kustomization k8s/base
   for overlay in k8s/overlays/*/; do
     validate_kustomization "${overlay%/}"
