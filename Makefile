@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
+SCAN_VENV := .venv-scan
 PROTOS := $(wildcard protos/protege/v1/*.proto)
 PYTEST_FLAGS ?=
 
-.PHONY: help setup system-deps protos protos-check lint test test-slow test-vllm bench demo up k8s-validate clean
+.PHONY: help setup system-deps protos protos-check lint test test-slow test-vllm bench demo up k8s-validate \
+	security-scan clean
 
 help: ## List targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,5 +73,15 @@ up: setup ## Start all four services on 127.0.0.1 with tiny models
 k8s-validate: setup system-deps ## Render every overlay and validate it offline (--strict)
 	VENV=$(VENV) bash k8s/validate.sh
 
+# Checkov in a venv of its own, installed only from the hashed lock file (requirements/lock.sh).
+$(SCAN_VENV)/.installed: requirements/scan.txt
+	test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install -q --require-hashes --no-deps -r requirements/scan.txt
+	$(SCAN_VENV)/bin/pip check
+	touch $(SCAN_VENV)/.installed
+
+security-scan: $(SCAN_VENV)/.installed ## Checkov on the rendered overlays and the Dockerfile (waivers: k8s/security)
+	SCAN_VENV=$(SCAN_VENV) bash k8s/security/scan.sh
+
 clean: ## Remove the venvs and caches
-	rm -rf $(VENV) $(VLLM_VENV) .protege .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(SCAN_VENV) .protege .pytest_cache .ruff_cache
