@@ -47,11 +47,13 @@ ENCODINGS = ("full", "hidden", "topk")
 BASELINES = ("rloo", "group_mean", "none")
 NORMALIZATIONS = ("sequence", "token")
 FAILURE_POLICIES = ("drop", "fail")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 JOB_CHOICES: dict[str, tuple[str, ...]] = {
     "reference_encoding": ENCODINGS,
     "baseline": BASELINES,
     "normalization": NORMALIZATIONS,
     "reward_failure_policy": FAILURE_POLICIES,
+    "lr_schedule": LR_SCHEDULES,
 }
 JOB_DEFAULTS: dict[str, Any] = {
     "beta": 0.0,  # pure RL unless asked
@@ -77,13 +79,23 @@ JOB_DEFAULTS: dict[str, Any] = {
     # dataset without the metadata it needs fails ~every sample; transient item timeouts stay far
     # below. So the default fails loudly on the first and rides out the second.
     "max_reward_failure_rate": 0.5,
+    # A fresh AdamW at full rate makes early steps overshoot; warm-up is opt-in, so that a job
+    # that sets neither field trains as before.
+    "warmup_steps": 0,
+    "lr_schedule": "constant",
+    "top_p": 1.0,  # no truncation: the behaviour policy is the student itself (DESIGN §1)
+    "sampling_top_k": 0,
 }
 DEFAULT_PROMPT_FIELD = "prompt"  # Dataset.prompt_field
+DEFAULT_SPLIT = "train"  # Dataset.split
+DATASET_SOURCES = ("inline", "jsonl_path", "hf_disk_path", "parquet_path", "csv_path")
 # Upper bounds that keep one step's work sane (a value past them is a typo, not a job).
 MAX_STEP_SEQUENCES = 65_536  # prompts_per_step x samples_per_prompt
 MAX_SAMPLES_PER_PROMPT = 4_096
 MAX_NEW_TOKENS = 1_048_576
 MAX_TOP_K = 1_048_576
+MAX_STOP_STRINGS = 64  # GenerateRequest's limits on stop strings
+MAX_STOP_LENGTH = 1024
 MIN_TEMPERATURE = 0.01
 # Phases of a step, as reported in StepMetrics.phase_seconds (0 for a phase the job skips).
 PHASES = ("generate", "reward", "reference", "forward_backward", "optimizer", "weight_sync",
@@ -188,7 +200,13 @@ class InlinePrompt(_Strict):
 
 
 class Dataset(_Strict):
-    """Where the job's prompts come from: exactly one of inline, jsonl_path or hf_disk_path."""
+    """Where the job's prompts come from: exactly one of `DATASET_SOURCES`.
+
+    One row shape for every source: the prompt field holds text, or a chat (a list of
+    {role, content} messages rendered with the student's chat template); a row without it but with
+    a `messages` column is a chat whose last assistant turn is dropped. Every other field is
+    metadata for the reward, and a nested `metadata` object is merged into it.
+    """
 
     inline: list[InlinePrompt] | None = Field(None, description="Prompts listed inline.")
     jsonl_path: str | None = Field(
@@ -201,6 +219,15 @@ class Dataset(_Strict):
     prompt_field: str | None = Field(
         None, max_length=256, description=f"Column holding the prompt text. Learner default: "
         f"{DEFAULT_PROMPT_FIELD!r}.")
+    parquet_path: str | None = Field(
+        None, max_length=4096, description="A parquet file, or a directory of them whose file "
+        "names name the splits (train-*.parquet, ...); read through `datasets` on the learner.")
+    csv_path: str | None = Field(
+        None, max_length=4096, description="A CSV file with a header row; read through "
+        "`datasets` on the learner.")
+    split: str | None = Field(
+        None, max_length=256, description="The split of an hf_disk_path DatasetDict or a "
+        f"parquet/CSV directory. Learner default: {DEFAULT_SPLIT!r}.")
 
     @field_validator("inline", mode="before")
     @classmethod
@@ -211,17 +238,19 @@ class Dataset(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Dataset:
-        sources = [n for n in ("inline", "jsonl_path", "hf_disk_path") if getattr(self, n)]
+        sources = [n for n in DATASET_SOURCES if getattr(self, n)]
         if len(sources) != 1:
-            raise ValueError("dataset needs exactly one source: inline, jsonl_path or "
-                             f"hf_disk_path; got {sources or 'none'}")
+            raise ValueError(f"dataset needs exactly one source of {', '.join(DATASET_SOURCES)}; "
+                             f"got {sources or 'none'}")
         return self
 
     def to_proto(self) -> jobs_pb2.Dataset:
         return jobs_pb2.Dataset(inline=[p.to_proto() for p in self.inline or ()],
                                 jsonl_path=self.jsonl_path or "",
                                 hf_disk_path=self.hf_disk_path or "",
-                                prompt_field=self.prompt_field or "")
+                                prompt_field=self.prompt_field or "",
+                                parquet_path=self.parquet_path or "",
+                                csv_path=self.csv_path or "", split=self.split or "")
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.Dataset, validate: bool = True) -> Dataset:
@@ -230,6 +259,9 @@ class Dataset(_Strict):
             "jsonl_path": msg.jsonl_path or None,
             "hf_disk_path": msg.hf_disk_path or None,
             "prompt_field": msg.prompt_field or None,
+            "parquet_path": msg.parquet_path or None,
+            "csv_path": msg.csv_path or None,
+            "split": msg.split or None,
         }
         return cls.model_validate(data) if validate else cls.model_construct(**data)
 
@@ -323,6 +355,27 @@ class JobSpec(_Strict):
         "max_reward_failure_rate", "With reward_failure_policy 'drop', a step where more than this "
         "fraction of rewards failed fails the job, quoting the item errors; 1 never fails.",
         ge=0, le=1)
+    warmup_steps: int | None = _int32(
+        "warmup_steps", 0, "Learning-rate warm-up: step s <= warmup_steps (1-based) uses "
+        "learning_rate * s / warmup_steps; at most `steps`.")
+    lr_schedule: Literal[LR_SCHEDULES] | None = _optional(
+        "lr_schedule", "Learning-rate schedule after warm-up: 'constant', or 'linear' / 'cosine' "
+        "decay from learning_rate on the first step after warm-up towards 0 at the end of "
+        "`steps`; checkpoints store it and a resume continues it exactly.")
+    teacher_model: str | None = Field(
+        None, max_length=4096, description="The teacher this job expects (a path or name); when "
+        "set, the job is refused at submit unless the reference serves it (same name, or a model "
+        "directory on the learner with the reference's tokenizer and weights layout).")
+    top_p: float | None = _optional(
+        "top_p", "Nucleus-sampling mass for rollouts, in (0, 1]. Below 1 the behaviour policy is "
+        "not the student: the generator's log-probs are of the truncated distribution and the "
+        "importance ratio against them corrects for it (DESIGN §1).", gt=0, le=1)
+    sampling_top_k: int | None = _int32(
+        "sampling_top_k", 0, "Sample rollouts from the k most likely tokens only; 0 keeps all. "
+        "Corrected like top_p. (`top_k` is the reference's TOPK encoding.)", le=MAX_TOP_K)
+    stop: list[str] | None = Field(
+        None, max_length=MAX_STOP_STRINGS, description="Strings that end a completion (cut "
+        f"before the match); at most {MAX_STOP_STRINGS}, each 1 to {MAX_STOP_LENGTH} characters.")
 
     @field_validator("generator_targets")
     @classmethod
@@ -341,11 +394,18 @@ class JobSpec(_Strict):
         return value
 
     @field_validator("beta", "temperature", "learning_rate", "weight_decay", "max_grad_norm",
-                     "importance_cap", "max_reward_failure_rate")
+                     "importance_cap", "max_reward_failure_rate", "top_p")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not all(0 < len(s) <= MAX_STOP_LENGTH for s in value):
+            raise ValueError(f"each stop string must have 1 to {MAX_STOP_LENGTH} characters")
         return value
 
     @field_validator("max_grad_norm")
@@ -379,6 +439,14 @@ class JobSpec(_Strict):
         keys = list(self.labels or ())
         if len(keys) > 64 or not all(0 < len(k) <= 63 for k in keys):
             raise ValueError("labels: at most 64, with keys of 1 to 63 characters")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> JobSpec:
+        steps = self.steps or JOB_DEFAULTS["steps"]
+        if self.warmup_steps and self.warmup_steps > steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} is more than the job's {steps} "
+                             "steps; lower warmup_steps or raise steps")
         return self
 
     @model_validator(mode="after")
@@ -446,8 +514,8 @@ class JobSpec(_Strict):
                 msg.dataset.CopyFrom(value.to_proto())
             elif name == "labels":
                 msg.labels.update(value)
-            elif name == "generator_targets":
-                msg.generator_targets.extend(value)
+            elif name in ("generator_targets", "stop"):
+                getattr(msg, name).extend(value)
             else:
                 setattr(msg, name, value)
         return msg
@@ -511,6 +579,7 @@ class StepMetrics(BaseModel):
     success_rate: float = Field(description="Fraction of samples with reward >= 1.")
     policy_version: int = Field(description="Policy version after this step's weight sync.")
     ratio_mean: float = Field(description="Mean truncated importance ratio (1 on-policy).")
+    learning_rate: float = Field(description="Learning rate of this step's update (scheduled).")
 
     @classmethod
     def from_proto(cls, msg: jobs_pb2.StepMetrics) -> StepMetrics:

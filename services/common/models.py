@@ -1,4 +1,5 @@
-"""Model and tokenizer loading shared by the services, plus the tokenizer fingerprint.
+"""Model and tokenizer loading shared by the services, plus the tokenizer and weights-layout
+fingerprints.
 
 Everything loads through `from_pretrained(path)` with `local_files_only=True`: the tiny models the
 project builds for itself and real checkpoints take the same path.
@@ -63,6 +64,25 @@ def load_tokenizer(path: str | Path) -> Any:
 
     p = check_model_dir(path)
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def meta_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The AutoModelForCausalLM of a model directory's config on the meta device: its class,
+    parameter names and shapes, with no weights read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(check_model_dir(path)), local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's class and state_dict layout (sorted names and shapes). dtype and values
+    are left out, so a bf16 server, an fp32 learner and a meta-device copy of one checkpoint
+    agree, and two models a weight push could not go between differ."""
+    layout = sorted((name, list(t.shape)) for name, t in model.state_dict(keep_vars=True).items())
+    blob = json.dumps([type(model).__name__, layout], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> Any:

@@ -146,6 +146,7 @@ class EngineInfo:
     device: str
     dtype: str
     vocab: dict[str, Any]  # the fields of protege.v1.VocabInfo (see models.vocab_info)
+    weights_fingerprint: str = ""  # models.weights_fingerprint of the served model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,6 +479,7 @@ class HFEngine(Engine):
             load_tokenizer,
             text_config,
             vocab_info,
+            weights_fingerprint,
         )
 
         tokenizer = load_tokenizer(model_path)
@@ -491,6 +493,7 @@ class HFEngine(Engine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids(tokenizer, self.model)
         self.weight_spec = WeightSpec.of(self.model)
+        self.weights_fingerprint = weights_fingerprint(self.model)
         forward_args = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in forward_args
         # transformers >= 5.24 renamed past_key_values (argument and output) to cache.
@@ -512,7 +515,8 @@ class HFEngine(Engine):
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(self.model_name, self.backend, str(self.device),
-                          str(self.dtype).removeprefix("torch."), self.vocab)
+                          str(self.dtype).removeprefix("torch."), self.vocab,
+                          self.weights_fingerprint)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
                  cancel: threading.Event | None = None) -> Iterator[list[Completion]]:

@@ -229,7 +229,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         info = self._engine.info
         return generator_pb2.GeneratorInfo(
             model=info.model, backend=info.backend, vocab=tensor_pb2.VocabInfo(**info.vocab),
-            policy_version=self._engine.policy_version, device=info.device, dtype=info.dtype)
+            policy_version=self._engine.policy_version, device=info.device, dtype=info.dtype,
+            weights_fingerprint=info.weights_fingerprint)
 
 
 def _record_batch(batch: list[Completion], seconds: float) -> None:

@@ -35,7 +35,14 @@ from typing import Any
 
 import torch
 from protege.errors import FailedPrecondition
-from protege.services.common.models import check_model_dir, load_tokenizer, parse_dtype, vocab_info
+from protege.services.common.models import (
+    check_model_dir,
+    load_tokenizer,
+    meta_causal_lm,
+    parse_dtype,
+    vocab_info,
+    weights_fingerprint,
+)
 from protege.services.generator.engine import (
     Completion,
     Engine,
@@ -110,12 +117,7 @@ def finish_reason(output: Any) -> FinishReason:
 
 def meta_weight_spec(model_path: str | Path, dtype: torch.dtype) -> WeightSpec:
     """The HF state_dict names/shapes of the checkpoint, at the served dtype, without weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_path), local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return WeightSpec.of(model)
+    return WeightSpec.of(meta_causal_lm(model_path, dtype))
 
 
 class VLLMEngine(Engine):
@@ -137,7 +139,9 @@ class VLLMEngine(Engine):
                          vocab_info(tokenizer, model_config.hf_config),
                          int(model_config.max_model_len), max_batch_prompts)
         self.dtype = dtype
-        self.weight_spec = meta_weight_spec(path, parse_dtype(dtype))
+        meta = meta_causal_lm(path, parse_dtype(dtype))
+        self.weight_spec = WeightSpec.of(meta)
+        self.weights_fingerprint = weights_fingerprint(meta)
         from vllm.platforms import current_platform
 
         self.device = str(current_platform.device_type)
@@ -166,7 +170,8 @@ class VLLMEngine(Engine):
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(self.model_name, self.backend, self.device, self.dtype, self.vocab)
+        return EngineInfo(self.model_name, self.backend, self.device, self.dtype, self.vocab,
+                          self.weights_fingerprint)
 
     def _sampling(self, params: SamplingParams, n: int, prompt_index: int) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams

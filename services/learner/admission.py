@@ -5,17 +5,37 @@ defaults (`protege.spec.JOB_DEFAULTS`, the one source of them), `check_spec` ref
 never run, naming the field and the fix, `check_targets` refuses any target off the learner's
 allow-list before a connection (and so a credential) goes anywhere, and then the student's
 tokenizer, the dataset, the reachability of every endpoint and the tokenizer agreement between
-student, generators and reference are checked. A refused job leaves no trace in the store.
+student, generators and reference are checked, and so are the models the job names: the student
+must have the weights layout each generator serves (`weights_fingerprint`: model class, parameter
+names and shapes, computed from the student's config on the meta device, no weights loaded), and
+an optional `teacher_model` must be what the reference serves. A refused job leaves no trace in
+the store.
+
+`teacher_model` matches the reference when the two names agree (as paths, normalised), or when it
+is a model directory on the learner with the reference's tokenizer and weights layout. Names are
+compared first because a learner and a reference often mount one model at different paths; the
+layout check then catches a wrong directory, though not two checkpoints of one architecture.
 
 proto3 scalars carry no presence, so "unset" means 0 / "". Two fields therefore read a negative
 value as "off": `max_grad_norm < 0` disables clipping and `checkpoint_every < 0` checkpoints only
 at the end (0 means "unset" and takes the default).
+
+Reward dry-run: after the endpoint probes, the reward service scores the first `DRY_RUN_ROWS` rows
+with an empty completion. The dry-run asks whether the scorer can read the rows' metadata, so the
+stand-in must not depend on the task: an empty completion is one every model can produce, which a
+scorer has to handle anyway (it usually scores 0), whereas echoing the prompt could pass or fail by
+accident of its text. When every row fails (ERROR or INVALID) and the scorer's reason names the
+metadata (e.g. "metadata has no 'answer'"), the job is refused with that reason as
+INVALID_ARGUMENT. Other failures are left to the step-time guard (`max_reward_failure_rate`), since
+a scorer may rightly refuse an empty answer, and so is a reward outage during the dry-run (the
+step-time outage budget rides it out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,17 +44,28 @@ from protege import errors
 from protege.services.common.models import (
     check_model_dir,
     load_tokenizer,
+    meta_causal_lm,
     tokenizer_difference,
     vocab_info,
+    weights_fingerprint,
 )
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
-from protege.services.learner.data import load_rows
+from protege.services.learner.data import PromptRow, load_prompts
 from protege.services.learner.targets import TargetAllowList
-from protege.spec import DEFAULT_PROMPT_FIELD, JOB_CHOICES, JOB_DEFAULTS, JobSpec
-from protege.v1 import jobs_pb2, tensor_pb2
+from protege.spec import (
+    DATASET_SOURCES,
+    DEFAULT_PROMPT_FIELD,
+    DEFAULT_SPLIT,
+    JOB_CHOICES,
+    JOB_DEFAULTS,
+    JobSpec,
+)
+from protege.v1 import jobs_pb2, reward_pb2, tensor_pb2
 
 logger = logging.getLogger(__name__)
+
+DRY_RUN_ROWS = 4  # rows the reward scores at submit
 
 # ------------------------------------------------------------------------------- static checks
 
@@ -48,6 +79,8 @@ def with_defaults(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
             setattr(out, name, value)
     if not out.dataset.prompt_field:
         out.dataset.prompt_field = DEFAULT_PROMPT_FIELD
+    if not out.dataset.split and not out.dataset.inline and not out.dataset.jsonl_path:
+        out.dataset.split = DEFAULT_SPLIT
     return out
 
 
@@ -93,15 +126,15 @@ def _check_endpoints(spec: jobs_pb2.JobSpec) -> None:
              "service's address, or set beta to 0 for pure RL")
     _require(bool(spec.student_model), "student_model is required: the path (on the learner) of a "
              "save_pretrained directory")
+    _require(not spec.teacher_model or spec.beta > 0,
+             f"teacher_model is set ({spec.teacher_model}) but beta is 0, so no teacher is used; "
+             "set beta > 0 or leave teacher_model unset")
 
 
 def _check_dataset_sources(spec: jobs_pb2.JobSpec) -> None:
-    ds = spec.dataset
-    given = (("inline", len(ds.inline) > 0), ("jsonl_path", ds.jsonl_path),
-             ("hf_disk_path", ds.hf_disk_path))
-    sources = [name for name, set_ in given if set_]
-    _require(len(sources) == 1, f"dataset must have exactly one source (inline, jsonl_path or "
-             f"hf_disk_path); got {sources or 'none'}")
+    sources = [name for name in DATASET_SOURCES if getattr(spec.dataset, name)]
+    _require(len(sources) == 1, f"dataset must have exactly one source of "
+             f"{', '.join(DATASET_SOURCES)}; got {sources or 'none'}")
 
 
 def check_model_root(path: str, allowed_roots: Sequence[str]) -> None:
@@ -146,6 +179,52 @@ def student_vocab(path: str) -> tensor_pb2.VocabInfo:
     tokenizer = load_tokenizer(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     return tensor_pb2.VocabInfo(**vocab_info(tokenizer, config))
+
+
+def model_layout(path: str) -> str:
+    """`weights_fingerprint` of a model directory, from its config alone (meta device)."""
+    return weights_fingerprint(meta_causal_lm(check_model_dir(path)))
+
+
+def check_student_layout(student_model: str, layout: str, target: str,
+                         info: Any) -> None:
+    """Refuse a generator whose served model's weights layout is not the student's."""
+    if not info.weights_fingerprint:
+        logger.warning("the generator at %s reports no weights fingerprint (an older Protégé); "
+                       "the student's layout is not checked against it", target)
+        return
+    if info.weights_fingerprint != layout:
+        raise errors.InvalidJobSpec(
+            f"student_model {student_model} is not the model the generator at {target} serves "
+            f"({info.model}): their model classes or parameter names and shapes differ, so set "
+            f"student_model to a checkpoint of {info.model} or restart the generator with "
+            f"{student_model}")
+
+
+def _same_name(a: str, b: str) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def check_teacher(teacher_model: str, target: str, info: Any,
+                  allowed_roots: Sequence[str] = ()) -> None:
+    """Refuse a reference that does not serve `teacher_model` (see the module docstring)."""
+    if _same_name(teacher_model, info.model):
+        return
+    if not Path(teacher_model).is_dir():
+        why = "the names differ and teacher_model is no model directory on the learner"
+    else:
+        check_model_root(teacher_model, list(allowed_roots))
+        local = student_vocab(teacher_model)
+        if local.tokenizer_fingerprint != info.vocab.tokenizer_fingerprint:
+            why = "their tokenizers differ"
+        elif info.weights_fingerprint != model_layout(teacher_model):
+            why = "their model classes or parameter names and shapes differ"
+        else:
+            return
+    raise errors.InvalidJobSpec(
+        f"teacher_model {teacher_model} is not the model the reference at {target} serves "
+        f"({info.model}): {why}, so set teacher_model to {info.model} or restart the reference "
+        f"with {teacher_model}")
 
 
 def _endpoint_error(what: str, target: str, exc: BaseException, timeout: float) -> Exception:
@@ -206,8 +285,11 @@ def check_vocab(student: tensor_pb2.VocabInfo, what: str, target: str,
 
 
 async def check_endpoints(spec: jobs_pb2.JobSpec, student: tensor_pb2.VocabInfo,
-                          clients: Clients, timeout: float) -> None:
-    """Every endpoint answers Info in time; generators/reference share the student's tokenizer."""
+                          clients: Clients, timeout: float, student_layout: str = "",
+                          allowed_roots: Sequence[str] = ()) -> None:
+    """Every endpoint answers Info in time; generators/reference share the student's tokenizer;
+    generators serve the student's weights layout (when `student_layout` is given) and the
+    reference serves `teacher_model` (when set)."""
     probes = [probe("generator", t, clients.generator([t]), timeout)
               for t in spec.generator_targets]
     if spec.beta > 0:
@@ -219,14 +301,55 @@ async def check_endpoints(spec: jobs_pb2.JobSpec, student: tensor_pb2.VocabInfo,
     infos = await asyncio.gather(*probes)
     for target, info in zip(spec.generator_targets, infos, strict=False):
         check_vocab(student, "generator", target, info.vocab)
+        if student_layout:
+            check_student_layout(spec.student_model, student_layout, target, info)
     if spec.beta > 0:
         info = infos[len(spec.generator_targets)]
         check_vocab(student, "reference", spec.reference_target, info.vocab, padded_ok=True)
+        if spec.teacher_model:
+            await asyncio.to_thread(check_teacher, spec.teacher_model, spec.reference_target,
+                                    info, allowed_roots)
         if spec.reference_encoding == "hidden" and not info.hidden_supported:
             raise errors.InvalidJobSpec(
                 f"reference_encoding 'hidden' is not exact for the reference at "
                 f"{spec.reference_target}: {info.hidden_unsupported_reason or 'not supported'}; "
                 "use 'full' or 'topk'")
+
+
+def _dry_run_refusal(results: Sequence[reward_pb2.ScoreResult]) -> str | None:
+    """The scorer's reason when every result failed for a reason that names the metadata."""
+    failed = (reward_pb2.SCORE_STATUS_ERROR, reward_pb2.SCORE_STATUS_INVALID)
+    if not results or any(r.status not in failed for r in results):
+        return None
+    reasons = [r.error for r in results if "metadata" in r.error.lower()]
+    return reasons[0] if len(reasons) == len(results) else None
+
+
+async def dry_run_reward(target: str, rows: Sequence[PromptRow], clients: Clients,
+                         timeout: float) -> None:
+    """Score the first rows with an empty completion; refuse the job when the scorer cannot read
+    their metadata (see the module docstring)."""
+    head = [rows[i] for i in range(min(DRY_RUN_ROWS, len(rows)))]
+    samples = [reward_pb2.Sample(id=str(i), prompt=row.prompt, completion="",
+                                 metadata_json=row.metadata_json) for i, row in enumerate(head)]
+    client = clients.reward(target)
+    try:
+        results = await asyncio.wait_for(client.score(samples), timeout)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a clear, typed error
+        error = _endpoint_error("reward", target, e, timeout)
+        if not isinstance(error, errors.Unavailable):
+            raise error from e
+        # Info answered moments ago: an outage now is the step-time outage budget's to ride out.
+        logger.warning("reward dry-run skipped: %s", error)
+        return
+    finally:
+        await client.close()
+    reason = _dry_run_refusal(results)
+    if reason is not None:
+        raise errors.InvalidJobSpec(
+            f"the reward at {target} failed on all of the first {len(head)} rows at submit, "
+            f"scoring an empty completion: {reason}; give the dataset the metadata its scorer "
+            "reads (fields beside the prompt, or a nested 'metadata' object)")
 
 
 async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
@@ -237,9 +360,13 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
     check_targets(spec, config.target_allow_list())
     JobSpec.from_proto(spec, source="job spec")  # the SDK's bounds and finiteness checks too
     student = await asyncio.to_thread(student_vocab, spec.student_model)
+    layout = await asyncio.to_thread(model_layout, spec.student_model)
     if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student.vocab_size:
         raise errors.InvalidJobSpec(f"top_k must be in [1, {student.vocab_size}] (the vocab "
                                     f"size) for the topk encoding, got {spec.top_k}")
-    await asyncio.to_thread(load_rows, spec.dataset)
-    await check_endpoints(spec, student, clients, config.submit_timeout_s)
+    rows = await asyncio.to_thread(load_prompts, spec.dataset, spec.student_model)
+    await check_endpoints(spec, student, clients, config.submit_timeout_s, layout,
+                          config.allowed_model_roots)
+    if spec.reward_target:
+        await dry_run_reward(spec.reward_target, rows, clients, config.submit_timeout_s)
     return spec

@@ -2,11 +2,11 @@
 
 A checkpoint directory holds the student as a plain `save_pretrained` directory (safetensors plus
 the tokenizer), so `AutoModelForCausalLM.from_pretrained(dir)` loads it with no Protégé code, and
-next to it what a resume needs: `optimizer.pt` (AdamW state), `rng.pt` (torch and Python RNG
-states) and `state.json` (step, data cursor, policy version). Everything is written into a hidden
-temporary directory that is renamed into place only when complete; then the `latest` pointer file
-is replaced atomically. A crash mid-write leaves a `.tmp-*` directory that readers ignore and the
-next save removes.
+next to it what a resume needs: `optimizer.pt` (AdamW state), `scheduler.pt` (the learning-rate
+schedule's state), `rng.pt` (torch and Python RNG states) and `state.json` (step, data cursor,
+policy version). Everything is written into a hidden temporary directory that is renamed into
+place only when complete; then the `latest` pointer file is replaced atomically. A crash
+mid-write leaves a `.tmp-*` directory that readers ignore and the next save removes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -53,7 +54,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
-         optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+         optimizer: torch.optim.Optimizer, state: dict[str, Any],
+         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> Path:
     """Write checkpoint `step` of a job atomically and point `latest` at it; returns its path."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +67,8 @@ def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save(rng_state(), tmp / "rng.pt")
         # state.json last: a directory with it is complete.
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
@@ -137,6 +141,17 @@ def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
 def load_optimizer(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer) -> None:
     state = torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state)
+
+
+def load_scheduler(ckpt_dir: str | Path,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> bool:
+    """Restore the schedule's state (load the optimizer first: it holds the current rate); False
+    for a checkpoint written before schedules existed, whose job can only be at a constant rate."""
+    path = Path(ckpt_dir) / SCHEDULER_FILE
+    if not path.is_file():
+        return False
+    scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return True
 
 
 def load_rng(ckpt_dir: str | Path) -> None:

@@ -34,6 +34,8 @@ GRAD_NORM = prometheus_client.Gauge(
     "protege_learner_grad_norm", "Parameter gradient norm before clipping", _JOB)
 SUCCESS_RATE = prometheus_client.Gauge(
     "protege_learner_success_rate", "Fraction of scored samples with reward >= 1", _JOB)
+LEARNING_RATE = prometheus_client.Gauge(
+    "protege_learner_learning_rate", "Learning rate of the latest step (after the schedule)", _JOB)
 STEPS = prometheus_client.Counter(
     "protege_learner_steps", "Optimizer steps completed", _JOB)
 JOBS = prometheus_client.Gauge("protege_learner_jobs", "Jobs in each state", ["state"])
@@ -50,7 +52,7 @@ _GAUGES = {
     "reward_mean": REWARD_MEAN, "kl_mean": KL_MEAN, "tokens_per_s": TOKENS_PER_SECOND,
     "policy_version": POLICY_VERSION, "dense_grad_norm": DENSE_GRAD_NORM,
     "sparse_grad_norm": SPARSE_GRAD_NORM, "staleness": STALENESS, "grad_norm": GRAD_NORM,
-    "success_rate": SUCCESS_RATE,
+    "success_rate": SUCCESS_RATE, "learning_rate": LEARNING_RATE,
 }
 _unknown = set(_GAUGES) - set(StepMetrics.model_fields)
 if _unknown:

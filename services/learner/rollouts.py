@@ -128,7 +128,7 @@ def _prefetch_error(exc: Exception, draw: Draw, max_staleness: int) -> Exception
 class Rollouts:
     """Draws, generates and scores a job's batches; holds the one drawn ahead (`next`)."""
 
-    def __init__(self, job_id: str, spec: jobs_pb2.JobSpec, rows: list[PromptRow],
+    def __init__(self, job_id: str, spec: jobs_pb2.JobSpec, rows: Sequence[PromptRow],
                  generator: Any, reference: Any | None, reward: Any | None, log: Any,
                  vocab_size: int = 0, policy: OutagePolicy = OutagePolicy(),
                  notify: Callable[[str], None] | None = None,
@@ -286,6 +286,7 @@ class Rollouts:
         def call() -> Awaitable[list[Any]]:
             return self.generator.generate(
                 [r.prompt for r in rows], n=spec.samples_per_prompt, temperature=spec.temperature,
+                top_p=spec.top_p, top_k=spec.sampling_top_k, stop_strings=list(spec.stop),
                 max_new_tokens=spec.max_new_tokens, seed=step_seed(spec.seed, step),
                 min_policy_version=min_version)
 

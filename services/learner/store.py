@@ -10,6 +10,7 @@ lock guards the connection.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sqlite3
 import threading
@@ -144,7 +145,7 @@ class JobStore:
             rows = self._db.execute(
                 "SELECT metrics FROM step_metrics WHERE job_id = ? ORDER BY step", (job_id,)
             ).fetchall()
-        return [StepMetrics.model_validate_json(r[0]) for r in rows]
+        return [_stored_metrics(r[0]) for r in rows]
 
     # ------------------------------------------------------------------------------------- writes
 
@@ -230,6 +231,20 @@ def _record(row: sqlite3.Row) -> JobRecord:
                      last_metrics=_metrics(row["last_metrics"]))
 
 
+# Fields StepMetrics gained after rows were first stored, and what an older row means by them:
+# NaN, "not recorded", never a plausible value.
+ADDED_FIELDS: dict[str, float] = {"learning_rate": float("nan")}
+
+
+def _stored_metrics(text: str) -> StepMetrics:
+    """A stored metrics row as the current record; fields added since it was written are
+    filled from ADDED_FIELDS, any other missing field is still an error."""
+    data = json.loads(text)
+    for name, value in ADDED_FIELDS.items():
+        data.setdefault(name, value)
+    return StepMetrics.model_validate(data)
+
+
 def _metrics(text: str) -> StepMetrics | None:
     """A stored metrics record; '{}' (or empty) means no step yet."""
-    return None if not text or text == "{}" else StepMetrics.model_validate_json(text)
+    return None if not text or text == "{}" else _stored_metrics(text)

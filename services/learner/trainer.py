@@ -6,7 +6,8 @@ Each step:
    `max_staleness >= 1`, else drawn now); the data cursor only advances once it is trained;
 2. with `max_staleness >= 1`, start drawing the next step's batch, to overlap with this step;
 3. wait for this batch's rewards and reference results;
-4. student forward on the padded batch, `hybrid_loss`, one backward, clip, AdamW step. The
+4. student forward on the padded batch, `hybrid_loss`, one backward, clip, AdamW step at the
+   scheduled learning rate (`schedule.py`; the scheduler steps once per update). The
    forward runs in eval mode (dropout off), as the generator samples: the KL, its gradient and
    the importance ratios are those of the policy that produced the rollouts;
 5. push the new weights to every generator (after the next batch is generated): the policy
@@ -29,13 +30,15 @@ import torch
 from protege import errors
 from protege.services.common.models import load_causal_lm, load_tokenizer
 from protege.services.learner import checkpoint, metrics
+from protege.services.learner.admission import with_defaults
 from protege.services.learner.batch import Batch, build_batch, reference_tensors, reference_to
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
-from protege.services.learner.data import Cursor, load_rows
+from protege.services.learner.data import Cursor, load_prompts
 from protege.services.learner.events import Event, EventHub, JobLog
 from protege.services.learner.objective import hybrid_loss
 from protege.services.learner.rollouts import Rollouts, Scored, timed
+from protege.services.learner.schedule import make_scheduler
 from protege.services.learner.store import CANCELLED, SUCCEEDED, JobRecord, JobStore
 from protege.services.learner.weight_sync import WeightSync
 from protege.spec import PHASES, StepMetrics
@@ -71,6 +74,7 @@ def step_metrics(step: int, stats: dict[str, Any], grad_norm: float, scored: Sco
         success_rate=sum(s >= 1.0 for s in scored.scored) / ok if ok else 0.0,
         policy_version=policy_version,
         ratio_mean=float(stats["ratio_mean"]),
+        learning_rate=float(stats["learning_rate"]),
     )
 
 
@@ -79,7 +83,8 @@ class Trainer:
 
     def __init__(self, record: JobRecord, config: LearnerConfig, store: JobStore, hub: EventHub,
                  clients: Clients, version_floor: int = 0):
-        self.job_id, self.spec = record.id, record.spec
+        # Defaults again: a job stored before a field existed (resumed now) takes its default.
+        self.job_id, self.spec = record.id, with_defaults(record.spec)
         self.config, self.store, self.hub, self.clients = config, store, hub, clients
         self.job_dir = Path(record.checkpoint_dir or Path(config.checkpoint_root) / record.id)
         self.log = JobLog(logger, record.id, record.step)
@@ -92,6 +97,7 @@ class Trainer:
         self.model: Any = None
         self.tokenizer: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # HIDDEN only
         self.rollouts: Rollouts | None = None
         self.weights: WeightSync | None = None
@@ -121,7 +127,7 @@ class Trainer:
         """Load the dataset, the student (from the latest checkpoint if any) and the clients, then
         push the student to every generator so generation uses this job's weights."""
         spec = self.spec
-        rows = await asyncio.to_thread(load_rows, spec.dataset)
+        rows = await asyncio.to_thread(load_prompts, spec.dataset, spec.student_model)
         ckpt = checkpoint.latest(self.job_dir)
         state = await asyncio.to_thread(self._load_student, ckpt)
         self.step = int(state.get("step", 0))
@@ -184,10 +190,13 @@ class Trainer:
         self.model = load_causal_lm(source, self.config.device, self.config.dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.spec.learning_rate,
                                            weight_decay=self.spec.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, self.spec.warmup_steps, self.spec.steps,
+                                        self.spec.lr_schedule)
         if ckpt is None:
             torch.manual_seed(self.spec.seed)
             return {}
-        checkpoint.load_optimizer(ckpt, self.optimizer)
+        checkpoint.load_optimizer(ckpt, self.optimizer)  # before the scheduler: holds the rate
+        checkpoint.load_scheduler(ckpt, self.scheduler)
         checkpoint.load_rng(ckpt)
         return checkpoint.read_state(ckpt)
 
@@ -271,7 +280,9 @@ class Trainer:
                 raise errors.FailedPrecondition(
                     f"gradient norm is {grad_norm}; the step was skipped. Lower learning_rate or "
                     "check the rewards and the reference")
+            stats["learning_rate"] = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
+            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return stats, grad_norm
 
@@ -298,7 +309,7 @@ class Trainer:
             state["prefetched"] = prefetched
         with timed(phases, "checkpoint"):
             path = await asyncio.to_thread(checkpoint.save, self.job_dir, self.step, self.model,
-                                           self.tokenizer, self.optimizer, state)
+                                           self.tokenizer, self.optimizer, state, self.scheduler)
         self.last_checkpoint = self.step
         self.hub.publish(Event.checkpoint(self.job_id, self.step, str(path)))
         self.log.info("checkpoint %s (%.2fs)", path, phases["checkpoint"])

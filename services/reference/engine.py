@@ -31,6 +31,7 @@ from protege.services.common.models import (
     load_tokenizer,
     text_config,
     vocab_info,
+    weights_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class ReferenceEngine:
         # One forward at a time: max_batch_positions bounds memory only if calls do not overlap.
         self._lock = threading.Lock()
         self.hidden = hidden_support(model)
+        self.weights_fingerprint = weights_fingerprint(model)
         logger.info("reference %s on %s/%s: V=%d d=%d hidden_supported=%s %s", name, self.device,
                     self.dtype, self.vocab_size, self.hidden_size, self.hidden.supported,
                     self.hidden.reason)
@@ -196,6 +198,7 @@ class ReferenceEngine:
             "hidden_size": self.hidden_size, "hidden_supported": self.hidden.supported,
             "hidden_unsupported_reason": self.hidden.reason, "lm_head_bias": bias is not None,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "weights_fingerprint": self.weights_fingerprint,
         }
 
     def lm_head(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -394,6 +394,7 @@ class GeneratorInfo(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model path or name it was started with."""
     backend: _builtins.str
@@ -404,6 +405,11 @@ class GeneratorInfo(_message.Message):
     """Device it runs on, e.g. "cpu" or "cuda:0"."""
     dtype: _builtins.str
     """Parameter dtype, e.g. "float32"."""
+    weights_fingerprint: _builtins.str
+    """sha256 of the served model's class and its state_dict layout (sorted parameter names and
+    shapes; dtype and values left out), so a learner can check at submit that its student is the
+    model served, from the student's config alone. Empty from an older generator.
+    """
     @_builtins.property
     def vocab(self) -> _tensor_pb2.VocabInfo:
         """Vocabulary and tokenizer identity."""
@@ -417,10 +423,11 @@ class GeneratorInfo(_message.Message):
         policy_version: _builtins.int = ...,
         device: _builtins.str = ...,
         dtype: _builtins.str = ...,
+        weights_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vocab", b"vocab"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

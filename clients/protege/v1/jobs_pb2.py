@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protege/v1/jobs.proto\x12\nprotege.v1\"s\n\x07\x44\x61taset\x12(\n\x06inline\x18\x01 \x03(\x0b\x32\x18.protege.v1.InlinePrompt\x12\x12\n\njsonl_path\x18\x02 \x01(\t\x12\x14\n\x0chf_disk_path\x18\x03 \x01(\t\x12\x14\n\x0cprompt_field\x18\x04 \x01(\t\"5\n\x0cInlinePrompt\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\"\xc6\x05\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rstudent_model\x18\x02 \x01(\t\x12\x19\n\x11generator_targets\x18\x03 \x03(\t\x12\x18\n\x10reference_target\x18\x04 \x01(\t\x12\x15\n\rreward_target\x18\x05 \x01(\t\x12$\n\x07\x64\x61taset\x18\x06 \x01(\x0b\x32\x13.protege.v1.Dataset\x12\x0c\n\x04\x62\x65ta\x18\x07 \x01(\x01\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x18\n\x10prompts_per_step\x18\t \x01(\x05\x12\x1a\n\x12samples_per_prompt\x18\n \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x0b \x01(\x05\x12\x13\n\x0btemperature\x18\x0c \x01(\x01\x12\x15\n\rlearning_rate\x18\r \x01(\x01\x12\x14\n\x0cweight_decay\x18\x0e \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x0f \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x10 \x01(\t\x12\x15\n\rnormalize_std\x18\x11 \x01(\x08\x12\x15\n\rnormalization\x18\x12 \x01(\t\x12\x16\n\x0eimportance_cap\x18\x13 \x01(\x01\x12\x1a\n\x12reference_encoding\x18\x14 \x01(\t\x12\r\n\x05top_k\x18\x15 \x01(\x05\x12\x18\n\x10\x63heckpoint_every\x18\x16 \x01(\x05\x12\x0c\n\x04seed\x18\x17 \x01(\x03\x12\x1d\n\x15reward_failure_policy\x18\x18 \x01(\t\x12/\n\x06labels\x18\x19 \x03(\x0b\x32\x1f.protege.v1.JobSpec.LabelsEntry\x12\x15\n\rmax_staleness\x18\x1a \x01(\x05\x12\x1f\n\x17max_reward_failure_rate\x18\x1b \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe5\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.protege.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.protege.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12\x16\n\x0e\x63heckpoint_dir\x18\x08 \x01(\t\x12-\n\x0clast_metrics\x18\t \x01(\x0b\x32\x17.protege.v1.StepMetrics\"\xe8\x03\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0breward_mean\x18\x02 \x01(\x01\x12\x0f\n\x07kl_mean\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65nse_grad_norm\x18\x04 \x01(\x01\x12\x18\n\x10sparse_grad_norm\x18\x05 \x01(\x01\x12\x11\n\tgrad_norm\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x16\n\x0e\x61\x64vantage_mean\x18\x08 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x01\x12@\n\rphase_seconds\x18\n \x03(\x0b\x32).protege.v1.StepMetrics.PhaseSecondsEntry\x12\x11\n\tstaleness\x18\x0b \x01(\x01\x12\x1b\n\x13reward_failure_rate\x18\x0c \x01(\x01\x12\x1e\n\x16\x63ompletion_length_mean\x18\r \x01(\x01\x12\x1a\n\x12ref_tail_mass_mean\x18\x0e \x01(\x01\x12\x14\n\x0csuccess_rate\x18\x0f \x01(\x01\x12\x16\n\x0epolicy_version\x18\x10 \x01(\x03\x12\x12\n\nratio_mean\x18\x11 \x01(\x01\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07metrics\x18\x02 \x01(\x0b\x32\x17.protege.v1.StepMetricsH\x00\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x14.protege.v1.JobStateH\x00\x12\x19\n\x0f\x63heckpoint_step\x18\x04 \x01(\x05H\x00\x12\x10\n\x06notice\x18\x07 \x01(\tH\x00\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0c\n\x04time\x18\x06 \x01(\x01\x42\x07\n\x05\x65vent\"5\n\x10SubmitJobRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.protege.v1.JobSpec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.protege.v1.JobState\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.protege.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xbc\x02\n\x04Jobs\x12:\n\tSubmitJob\x12\x1c.protege.v1.SubmitJobRequest\x1a\x0f.protege.v1.Job\x12\x34\n\x06GetJob\x12\x19.protege.v1.GetJobRequest\x1a\x0f.protege.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.protege.v1.ListJobsRequest\x1a\x1c.protege.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.protege.v1.CancelJobRequest\x1a\x0f.protege.v1.Job\x12?\n\x08WatchJob\x12\x1b.protege.v1.WatchJobRequest\x1a\x14.protege.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protege/v1/jobs.proto\x12\nprotege.v1\"\xaa\x01\n\x07\x44\x61taset\x12(\n\x06inline\x18\x01 \x03(\x0b\x32\x18.protege.v1.InlinePrompt\x12\x12\n\njsonl_path\x18\x02 \x01(\t\x12\x14\n\x0chf_disk_path\x18\x03 \x01(\t\x12\x14\n\x0cprompt_field\x18\x04 \x01(\t\x12\x14\n\x0cparquet_path\x18\x05 \x01(\t\x12\x10\n\x08\x63sv_path\x18\x06 \x01(\t\x12\r\n\x05split\x18\x07 \x01(\t\"5\n\x0cInlinePrompt\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\"\xbd\x06\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rstudent_model\x18\x02 \x01(\t\x12\x19\n\x11generator_targets\x18\x03 \x03(\t\x12\x18\n\x10reference_target\x18\x04 \x01(\t\x12\x15\n\rreward_target\x18\x05 \x01(\t\x12$\n\x07\x64\x61taset\x18\x06 \x01(\x0b\x32\x13.protege.v1.Dataset\x12\x0c\n\x04\x62\x65ta\x18\x07 \x01(\x01\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x18\n\x10prompts_per_step\x18\t \x01(\x05\x12\x1a\n\x12samples_per_prompt\x18\n \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x0b \x01(\x05\x12\x13\n\x0btemperature\x18\x0c \x01(\x01\x12\x15\n\rlearning_rate\x18\r \x01(\x01\x12\x14\n\x0cweight_decay\x18\x0e \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x0f \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x10 \x01(\t\x12\x15\n\rnormalize_std\x18\x11 \x01(\x08\x12\x15\n\rnormalization\x18\x12 \x01(\t\x12\x16\n\x0eimportance_cap\x18\x13 \x01(\x01\x12\x1a\n\x12reference_encoding\x18\x14 \x01(\t\x12\r\n\x05top_k\x18\x15 \x01(\x05\x12\x18\n\x10\x63heckpoint_every\x18\x16 \x01(\x05\x12\x0c\n\x04seed\x18\x17 \x01(\x03\x12\x1d\n\x15reward_failure_policy\x18\x18 \x01(\t\x12/\n\x06labels\x18\x19 \x03(\x0b\x32\x1f.protege.v1.JobSpec.LabelsEntry\x12\x15\n\rmax_staleness\x18\x1a \x01(\x05\x12\x1f\n\x17max_reward_failure_rate\x18\x1b \x01(\x01\x12\x14\n\x0cwarmup_steps\x18\x1c \x01(\x05\x12\x13\n\x0blr_schedule\x18\x1d \x01(\t\x12\x15\n\rteacher_model\x18\x1e \x01(\t\x12\r\n\x05top_p\x18\x1f \x01(\x01\x12\x16\n\x0esampling_top_k\x18  \x01(\x05\x12\x0c\n\x04stop\x18! \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe5\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.protege.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.protege.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12\x16\n\x0e\x63heckpoint_dir\x18\x08 \x01(\t\x12-\n\x0clast_metrics\x18\t \x01(\x0b\x32\x17.protege.v1.StepMetrics\"\xff\x03\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0breward_mean\x18\x02 \x01(\x01\x12\x0f\n\x07kl_mean\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65nse_grad_norm\x18\x04 \x01(\x01\x12\x18\n\x10sparse_grad_norm\x18\x05 \x01(\x01\x12\x11\n\tgrad_norm\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x16\n\x0e\x61\x64vantage_mean\x18\x08 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x01\x12@\n\rphase_seconds\x18\n \x03(\x0b\x32).protege.v1.StepMetrics.PhaseSecondsEntry\x12\x11\n\tstaleness\x18\x0b \x01(\x01\x12\x1b\n\x13reward_failure_rate\x18\x0c \x01(\x01\x12\x1e\n\x16\x63ompletion_length_mean\x18\r \x01(\x01\x12\x1a\n\x12ref_tail_mass_mean\x18\x0e \x01(\x01\x12\x14\n\x0csuccess_rate\x18\x0f \x01(\x01\x12\x16\n\x0epolicy_version\x18\x10 \x01(\x03\x12\x12\n\nratio_mean\x18\x11 \x01(\x01\x12\x15\n\rlearning_rate\x18\x12 \x01(\x01\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07metrics\x18\x02 \x01(\x0b\x32\x17.protege.v1.StepMetricsH\x00\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x14.protege.v1.JobStateH\x00\x12\x19\n\x0f\x63heckpoint_step\x18\x04 \x01(\x05H\x00\x12\x10\n\x06notice\x18\x07 \x01(\tH\x00\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0c\n\x04time\x18\x06 \x01(\x01\x42\x07\n\x05\x65vent\"5\n\x10SubmitJobRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.protege.v1.JobSpec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"7\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.protege.v1.JobState\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.protege.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xbc\x02\n\x04Jobs\x12:\n\tSubmitJob\x12\x1c.protege.v1.SubmitJobRequest\x1a\x0f.protege.v1.Job\x12\x34\n\x06GetJob\x12\x19.protege.v1.GetJobRequest\x1a\x0f.protege.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.protege.v1.ListJobsRequest\x1a\x1c.protege.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.protege.v1.CancelJobRequest\x1a\x0f.protege.v1.Job\x12?\n\x08WatchJob\x12\x1b.protege.v1.WatchJobRequest\x1a\x14.protege.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSPEC_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_STEPMETRICS_PHASESECONDSENTRY']._loaded_options = None
   _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2110
-  _globals['_JOBSTATE']._serialized_end=2264
-  _globals['_DATASET']._serialized_start=37
-  _globals['_DATASET']._serialized_end=152
-  _globals['_INLINEPROMPT']._serialized_start=154
-  _globals['_INLINEPROMPT']._serialized_end=207
-  _globals['_JOBSPEC']._serialized_start=210
-  _globals['_JOBSPEC']._serialized_end=920
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=875
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=920
-  _globals['_JOB']._serialized_start=923
-  _globals['_JOB']._serialized_end=1152
-  _globals['_STEPMETRICS']._serialized_start=1155
-  _globals['_STEPMETRICS']._serialized_end=1643
-  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_start=1592
-  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_end=1643
-  _globals['_JOBEVENT']._serialized_start=1646
-  _globals['_JOBEVENT']._serialized_end=1840
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1842
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1895
-  _globals['_GETJOBREQUEST']._serialized_start=1897
-  _globals['_GETJOBREQUEST']._serialized_end=1928
-  _globals['_LISTJOBSREQUEST']._serialized_start=1930
-  _globals['_LISTJOBSREQUEST']._serialized_end=1985
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1987
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2036
-  _globals['_CANCELJOBREQUEST']._serialized_start=2038
-  _globals['_CANCELJOBREQUEST']._serialized_end=2072
-  _globals['_WATCHJOBREQUEST']._serialized_start=2074
-  _globals['_WATCHJOBREQUEST']._serialized_end=2107
-  _globals['_JOBS']._serialized_start=2267
-  _globals['_JOBS']._serialized_end=2583
+  _globals['_JOBSTATE']._serialized_start=2308
+  _globals['_JOBSTATE']._serialized_end=2462
+  _globals['_DATASET']._serialized_start=38
+  _globals['_DATASET']._serialized_end=208
+  _globals['_INLINEPROMPT']._serialized_start=210
+  _globals['_INLINEPROMPT']._serialized_end=263
+  _globals['_JOBSPEC']._serialized_start=266
+  _globals['_JOBSPEC']._serialized_end=1095
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=1050
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=1095
+  _globals['_JOB']._serialized_start=1098
+  _globals['_JOB']._serialized_end=1327
+  _globals['_STEPMETRICS']._serialized_start=1330
+  _globals['_STEPMETRICS']._serialized_end=1841
+  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_start=1790
+  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_end=1841
+  _globals['_JOBEVENT']._serialized_start=1844
+  _globals['_JOBEVENT']._serialized_end=2038
+  _globals['_SUBMITJOBREQUEST']._serialized_start=2040
+  _globals['_SUBMITJOBREQUEST']._serialized_end=2093
+  _globals['_GETJOBREQUEST']._serialized_start=2095
+  _globals['_GETJOBREQUEST']._serialized_end=2126
+  _globals['_LISTJOBSREQUEST']._serialized_start=2128
+  _globals['_LISTJOBSREQUEST']._serialized_end=2183
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2185
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2234
+  _globals['_CANCELJOBREQUEST']._serialized_start=2236
+  _globals['_CANCELJOBREQUEST']._serialized_end=2270
+  _globals['_WATCHJOBREQUEST']._serialized_start=2272
+  _globals['_WATCHJOBREQUEST']._serialized_end=2305
+  _globals['_JOBS']._serialized_start=2465
+  _globals['_JOBS']._serialized_end=2781
 # @@protoc_insertion_point(module_scope)

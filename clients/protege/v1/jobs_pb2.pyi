@@ -57,7 +57,15 @@ Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
 class Dataset(_message.Message):
-    """Where the job's prompts come from. Exactly one must be set."""
+    """Where the job's prompts come from. Exactly one source must be set.
+
+    One row shape for every source: the prompt field holds the prompt, either text or a chat (a list
+    of {role, content} messages, rendered with the student tokenizer's chat template); a row with no
+    prompt field but a "messages" column is a chat whose last assistant turn, if any, is dropped.
+    Every other field of the row is metadata for the reward service; a nested "metadata" object is
+    merged into it (a key given both ways with different values is refused). Chat rows also give the
+    reward their messages as metadata "messages".
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -65,12 +73,25 @@ class Dataset(_message.Message):
     JSONL_PATH_FIELD_NUMBER: _builtins.int
     HF_DISK_PATH_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_FIELD_NUMBER: _builtins.int
+    PARQUET_PATH_FIELD_NUMBER: _builtins.int
+    CSV_PATH_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
     jsonl_path: _builtins.str
     """A JSONL file on the learner's filesystem: one object per line with a "prompt" field plus metadata."""
     hf_disk_path: _builtins.str
     """A Hugging Face `datasets` directory written with save_to_disk (needs the optional `datasets` package)."""
     prompt_field: _builtins.str
     """Column holding the prompt text. Default: "prompt"."""
+    parquet_path: _builtins.str
+    """A parquet file, or a directory of them whose file names name the splits (train-*.parquet,
+    test-*.parquet, ...), read memory-mapped through `datasets` (the optional package).
+    """
+    csv_path: _builtins.str
+    """A CSV file with a header row (column types inferred), or a directory of them, read like
+    parquet_path.
+    """
+    split: _builtins.str
+    """The split of an hf_disk_path DatasetDict or a parquet/CSV directory. Default: "train"."""
     @_builtins.property
     def inline(self) -> _containers.RepeatedCompositeFieldContainer[Global___InlinePrompt]:
         """Prompts listed inline."""
@@ -82,10 +103,13 @@ class Dataset(_message.Message):
         jsonl_path: _builtins.str = ...,
         hf_disk_path: _builtins.str = ...,
         prompt_field: _builtins.str = ...,
+        parquet_path: _builtins.str = ...,
+        csv_path: _builtins.str = ...,
+        split: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hf_disk_path", b"hf_disk_path", "inline", b"inline", "jsonl_path", b"jsonl_path", "prompt_field", b"prompt_field"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv_path", b"csv_path", "hf_disk_path", b"hf_disk_path", "inline", b"inline", "jsonl_path", b"jsonl_path", "parquet_path", b"parquet_path", "prompt_field", b"prompt_field", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -173,6 +197,12 @@ class JobSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     MAX_STALENESS_FIELD_NUMBER: _builtins.int
     MAX_REWARD_FAILURE_RATE_FIELD_NUMBER: _builtins.int
+    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    TEACHER_MODEL_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    SAMPLING_TOP_K_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name."""
     student_model: _builtins.str
@@ -234,6 +264,34 @@ class JobSpec(_message.Message):
     without the metadata it needs, must not train on silently). Below it, every step with failures
     sends a notice. In [0, 1]; 1 never fails. Default: 0.5.
     """
+    warmup_steps: _builtins.int
+    """Learning-rate warm-up: step s <= warmup_steps (1-based) uses learning_rate * s / warmup_steps;
+    at most `steps`. Default: 0.
+    """
+    lr_schedule: _builtins.str
+    """Learning-rate schedule after warm-up: "constant", "linear" or "cosine". The decaying ones start
+    at learning_rate on the first step after warm-up and fall towards 0 at the end of `steps`
+    (step s > warmup_steps uses the factor 1 - f or (1 + cos(pi f)) / 2, with
+    f = (s - warmup_steps - 1) / (steps - warmup_steps)). Checkpoints store the schedule's state;
+    a resume continues it exactly. Default: "constant".
+    """
+    teacher_model: _builtins.str
+    """The teacher this job expects (a model path or name). Optional; when set, the job is refused at
+    submit unless the reference serves it: the names agree, or teacher_model is a model directory
+    readable by the learner whose tokenizer and weights layout (parameter names and shapes, see
+    ReferenceInfo.weights_fingerprint) are the reference's. Weights values are not compared.
+    """
+    top_p: _builtins.float
+    """Nucleus-sampling mass for rollouts, in (0, 1]; 1 keeps the full distribution. Anything below 1
+    is a behaviour policy other than the student: the generator returns the log-probs of the
+    distribution it actually sampled from, and the sparse term's importance ratio
+    min(pi_theta / pi_behaviour, importance_cap) corrects for it (DESIGN §1). Default: 1.0.
+    """
+    sampling_top_k: _builtins.int
+    """Sample rollouts from the k most likely tokens only; 0 keeps them all. Like top_p, a truncation
+    is corrected by the importance ratio against the behaviour log-probs (DESIGN §1). Not to be
+    confused with `top_k`, the reference's TOPK encoding. Default: 0.
+    """
     @_builtins.property
     def generator_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generator gRPC targets (e.g. "dns:///gen.ns.svc:50051" or "127.0.0.1:50051")."""
@@ -245,6 +303,12 @@ class JobSpec(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (team, experiment, ...), stored with the job and shown by ListJobs."""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Strings that end a completion; it is cut before the match (at most 64, each 1 to 1024
+        characters). The tokens trained on are the ones the generator returned.
+        """
 
     def __init__(
         self,
@@ -276,10 +340,16 @@ class JobSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_staleness: _builtins.int = ...,
         max_reward_failure_rate: _builtins.float = ...,
+        warmup_steps: _builtins.int = ...,
+        lr_schedule: _builtins.str = ...,
+        teacher_model: _builtins.str = ...,
+        top_p: _builtins.float = ...,
+        sampling_top_k: _builtins.int = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "samples_per_prompt", b"samples_per_prompt", "seed", b"seed", "steps", b"steps", "student_model", b"student_model", "temperature", b"temperature", "top_k", b"top_k", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "samples_per_prompt", b"samples_per_prompt", "sampling_top_k", b"sampling_top_k", "seed", b"seed", "steps", b"steps", "stop", b"stop", "student_model", b"student_model", "teacher_model", b"teacher_model", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -386,6 +456,7 @@ class StepMetrics(_message.Message):
     SUCCESS_RATE_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     RATIO_MEAN_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Step number (1-based)."""
     reward_mean: _builtins.float
@@ -420,6 +491,8 @@ class StepMetrics(_message.Message):
     """Mean truncated importance ratio min(pi_theta / pi_behaviour, C) over completion tokens
     (1.0 when strictly on-policy).
     """
+    learning_rate: _builtins.float
+    """Learning rate this step's optimizer update used (after warm-up and schedule)."""
     @_builtins.property
     def phase_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Seconds per phase: generate, reward, reference, forward_backward, optimizer, weight_sync, total."""
@@ -444,10 +517,11 @@ class StepMetrics(_message.Message):
         success_rate: _builtins.float = ...,
         policy_version: _builtins.int = ...,
         ratio_mean: _builtins.float = ...,
+        learning_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantage_mean", b"advantage_mean", "completion_length_mean", b"completion_length_mean", "dense_grad_norm", b"dense_grad_norm", "grad_norm", b"grad_norm", "kl_mean", b"kl_mean", "loss", b"loss", "phase_seconds", b"phase_seconds", "policy_version", b"policy_version", "ratio_mean", b"ratio_mean", "ref_tail_mass_mean", b"ref_tail_mass_mean", "reward_failure_rate", b"reward_failure_rate", "reward_mean", b"reward_mean", "sparse_grad_norm", b"sparse_grad_norm", "staleness", b"staleness", "step", b"step", "success_rate", b"success_rate", "tokens_per_s", b"tokens_per_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advantage_mean", b"advantage_mean", "completion_length_mean", b"completion_length_mean", "dense_grad_norm", b"dense_grad_norm", "grad_norm", b"grad_norm", "kl_mean", b"kl_mean", "learning_rate", b"learning_rate", "loss", b"loss", "phase_seconds", b"phase_seconds", "policy_version", b"policy_version", "ratio_mean", b"ratio_mean", "ref_tail_mass_mean", b"ref_tail_mass_mean", "reward_failure_rate", b"reward_failure_rate", "reward_mean", b"reward_mean", "sparse_grad_norm", b"sparse_grad_norm", "staleness", b"staleness", "step", b"step", "success_rate", b"success_rate", "tokens_per_s", b"tokens_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

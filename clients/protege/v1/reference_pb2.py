@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protege.v1 import tensor_pb2 as protege_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotege/v1/reference.proto\x12\nprotege.v1\x1a\x17protege/v1/tensor.proto\"1\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x12\n\nscore_from\x18\x02 \x01(\x05\"\xc0\x01\n\x0fRefScoreRequest\x12\'\n\tsequences\x18\x01 \x03(\x0b\x32\x14.protege.v1.Sequence\x12&\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x14.protege.v1.Encoding\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.protege.v1.DType\x12\x17\n\x0f\x63hunk_positions\x18\x05 \x01(\x05\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\"\x8b\x02\n\x08RefChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0e\n\x06length\x18\x03 \x01(\x05\x12$\n\x08logprobs\x18\x04 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\"\n\x06hidden\x18\x05 \x01(\x0b\x32\x12.protege.v1.Tensor\x12$\n\x08topk_ids\x18\x06 \x01(\x0b\x32\x12.protege.v1.Tensor\x12)\n\rtopk_logprobs\x18\x07 \x01(\x0b\x32\x12.protege.v1.Tensor\x12(\n\x0ctail_logprob\x18\x08 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\x0c\n\x04last\x18\t \x01(\x08\"1\n\rLmHeadRequest\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.protege.v1.DType\"\x10\n\x0eRefInfoRequest\"\xcb\x01\n\rReferenceInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05vocab\x18\x02 \x01(\x0b\x32\x15.protege.v1.VocabInfo\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x03\x12\x18\n\x10hidden_supported\x18\x04 \x01(\x08\x12!\n\x19hidden_unsupported_reason\x18\x05 \x01(\t\x12\x14\n\x0clm_head_bias\x18\x06 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t*_\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FULL\x10\x01\x12\x13\n\x0f\x45NCODING_HIDDEN\x10\x02\x12\x11\n\rENCODING_TOPK\x10\x03\x32\xc8\x01\n\tReference\x12<\n\x05Score\x12\x1b.protege.v1.RefScoreRequest\x1a\x14.protege.v1.RefChunk0\x01\x12>\n\x06LmHead\x12\x19.protege.v1.LmHeadRequest\x1a\x17.protege.v1.TensorChunk0\x01\x12=\n\x04Info\x12\x1a.protege.v1.RefInfoRequest\x1a\x19.protege.v1.ReferenceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotege/v1/reference.proto\x12\nprotege.v1\x1a\x17protege/v1/tensor.proto\"1\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x12\n\nscore_from\x18\x02 \x01(\x05\"\xc0\x01\n\x0fRefScoreRequest\x12\'\n\tsequences\x18\x01 \x03(\x0b\x32\x14.protege.v1.Sequence\x12&\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x14.protege.v1.Encoding\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.protege.v1.DType\x12\x17\n\x0f\x63hunk_positions\x18\x05 \x01(\x05\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\"\x8b\x02\n\x08RefChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0e\n\x06length\x18\x03 \x01(\x05\x12$\n\x08logprobs\x18\x04 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\"\n\x06hidden\x18\x05 \x01(\x0b\x32\x12.protege.v1.Tensor\x12$\n\x08topk_ids\x18\x06 \x01(\x0b\x32\x12.protege.v1.Tensor\x12)\n\rtopk_logprobs\x18\x07 \x01(\x0b\x32\x12.protege.v1.Tensor\x12(\n\x0ctail_logprob\x18\x08 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\x0c\n\x04last\x18\t \x01(\x08\"1\n\rLmHeadRequest\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.protege.v1.DType\"\x10\n\x0eRefInfoRequest\"\xe8\x01\n\rReferenceInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05vocab\x18\x02 \x01(\x0b\x32\x15.protege.v1.VocabInfo\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x03\x12\x18\n\x10hidden_supported\x18\x04 \x01(\x08\x12!\n\x19hidden_unsupported_reason\x18\x05 \x01(\t\x12\x14\n\x0clm_head_bias\x18\x06 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\t \x01(\t*_\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FULL\x10\x01\x12\x13\n\x0f\x45NCODING_HIDDEN\x10\x02\x12\x11\n\rENCODING_TOPK\x10\x03\x32\xc8\x01\n\tReference\x12<\n\x05Score\x12\x1b.protege.v1.RefScoreRequest\x1a\x14.protege.v1.RefChunk0\x01\x12>\n\x06LmHead\x12\x19.protege.v1.LmHeadRequest\x1a\x17.protege.v1.TensorChunk0\x01\x12=\n\x04Info\x12\x1a.protege.v1.RefInfoRequest\x1a\x19.protege.v1.ReferenceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protege.v1.reference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=858
-  _globals['_ENCODING']._serialized_end=953
+  _globals['_ENCODING']._serialized_start=887
+  _globals['_ENCODING']._serialized_end=982
   _globals['_SEQUENCE']._serialized_start=67
   _globals['_SEQUENCE']._serialized_end=116
   _globals['_REFSCOREREQUEST']._serialized_start=119
@@ -45,7 +45,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFINFOREQUEST']._serialized_start=634
   _globals['_REFINFOREQUEST']._serialized_end=650
   _globals['_REFERENCEINFO']._serialized_start=653
-  _globals['_REFERENCEINFO']._serialized_end=856
-  _globals['_REFERENCE']._serialized_start=956
-  _globals['_REFERENCE']._serialized_end=1156
+  _globals['_REFERENCEINFO']._serialized_end=885
+  _globals['_REFERENCE']._serialized_start=985
+  _globals['_REFERENCE']._serialized_end=1185
 # @@protoc_insertion_point(module_scope)

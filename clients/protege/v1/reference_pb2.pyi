@@ -242,6 +242,7 @@ class ReferenceInfo(_message.Message):
     LM_HEAD_BIAS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model path or name."""
     hidden_size: _builtins.int
@@ -256,6 +257,10 @@ class ReferenceInfo(_message.Message):
     """Device, e.g. "cpu" or "cuda:0"."""
     dtype: _builtins.str
     """Parameter dtype."""
+    weights_fingerprint: _builtins.str
+    """sha256 of the served model's class and state_dict layout, as GeneratorInfo.weights_fingerprint
+    (checked against JobSpec.teacher_model). Empty from an older reference.
+    """
     @_builtins.property
     def vocab(self) -> _tensor_pb2.VocabInfo:
         """Vocabulary and tokenizer identity."""
@@ -271,10 +276,11 @@ class ReferenceInfo(_message.Message):
         lm_head_bias: _builtins.bool = ...,
         device: _builtins.str = ...,
         dtype: _builtins.str = ...,
+        weights_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vocab", b"vocab"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "hidden_size", b"hidden_size", "hidden_supported", b"hidden_supported", "hidden_unsupported_reason", b"hidden_unsupported_reason", "lm_head_bias", b"lm_head_bias", "model", b"model", "vocab", b"vocab"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "hidden_size", b"hidden_size", "hidden_supported", b"hidden_supported", "hidden_unsupported_reason", b"hidden_unsupported_reason", "lm_head_bias", b"lm_head_bias", "model", b"model", "vocab", b"vocab", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,9 +23,13 @@ from protege.services.common.loopback import (
 
 
 def scripted_reward(sample: Any) -> float:
-    """Half the number of digits in the completion; raises where the metadata says "fail"."""
+    """Half the number of digits in the completion; raises where the metadata says "fail", or
+    lacks the key its "require" names (as a scorer reading an answer from the metadata would)."""
     if sample.metadata.get("fail"):
         raise ValueError("scripted reward failure")
+    required = sample.metadata.get("require")
+    if required and required not in sample.metadata:
+        raise KeyError(f"metadata has no {required!r}")
     return sum(ch.isdigit() for ch in sample.completion) / 2
 
 

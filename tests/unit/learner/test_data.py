@@ -12,6 +12,7 @@ from protege.services.learner.data import (
     epoch_order,
     load_jsonl,
     load_rows,
+    render_chat,
     take,
 )
 from protege.v1 import jobs_pb2
@@ -89,7 +90,12 @@ def test_hf_disk_round_trip(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}]).save_to_disk(str(tmp_path / "d"))
     rows = load_rows(jobs_pb2.Dataset(hf_disk_path=str(tmp_path / "d")))
-    assert rows == [PromptRow("a", '{"answer": "1"}')]
+    assert list(rows) == [PromptRow("a", '{"answer": "1"}')]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a"}]),
+                                   "test": datasets.Dataset.from_list([{"prompt": "t"}])})
+    splits.save_to_disk(str(tmp_path / "dd"))
+    rows = load_rows(jobs_pb2.Dataset(hf_disk_path=str(tmp_path / "dd"), split="test"))
+    assert list(rows) == [PromptRow("t")]
 
 
 def test_epochs_are_seeded_permutations():
@@ -126,3 +132,74 @@ def test_resume_from_saved_cursor_is_exact():
         batch, cursor = take(rows, cursor, 3)
         resumed.append([r.prompt for r in batch])
     assert resumed == straight
+
+
+def test_jsonl_nested_metadata_is_merged(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+1=", "id": 7, "metadata": {"answer": "2"}}\n')
+    rows = load_rows(jobs_pb2.Dataset(jsonl_path=str(path)))
+    assert json.loads(rows[0].metadata_json) == {"id": 7, "answer": "2"}
+    path.write_text('{"prompt": "1+1=", "answer": "3", "metadata": {"answer": "2"}}\n')
+    with pytest.raises(InvalidJobSpec, match=r"\['answer'\] given both"):
+        load_rows(jobs_pb2.Dataset(jsonl_path=str(path)))
+
+
+def test_parquet_directory_with_a_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}]).to_parquet(
+        str(tmp_path / "pq" / "train-00000.parquet"))
+    datasets.Dataset.from_list([{"prompt": "b", "metadata": {"answer": "2"}},
+                                {"prompt": "c", "metadata": {"answer": "3"}}]).to_parquet(
+        str(tmp_path / "pq" / "test-00000.parquet"))
+    rows = load_rows(jobs_pb2.Dataset(parquet_path=str(tmp_path / "pq"), split="test"))
+    assert len(rows) == 2 and list(rows) == [PromptRow("b", '{"answer": "2"}'),
+                                             PromptRow("c", '{"answer": "3"}')]
+    assert [r.prompt for r in load_rows(jobs_pb2.Dataset(parquet_path=str(tmp_path / "pq")))] == [
+        "a"]
+    with pytest.raises(InvalidJobSpec, match=r"no 'dev'; set dataset.split"):
+        load_rows(jobs_pb2.Dataset(parquet_path=str(tmp_path / "pq"), split="dev"))
+
+
+def test_csv_file(tmp_path):
+    pytest.importorskip("datasets")
+    path = tmp_path / "d.csv"
+    path.write_text('question,answer,metadata\n"1+1=",2,"{""level"": 1}"\n')
+    rows = load_rows(jobs_pb2.Dataset(csv_path=str(path), prompt_field="question"))
+    assert list(rows) == [PromptRow("1+1=", '{"answer": 2, "level": 1}')]
+    with pytest.raises(InvalidJobSpec, match="does not exist"):
+        load_rows(jobs_pb2.Dataset(csv_path=str(tmp_path / "nope.csv")))
+
+
+def test_chat_rows_and_the_messages_column(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1="}]
+    path.write_text(json.dumps({"prompt": chat, "answer": "2"}) + "\n"
+                    + json.dumps({"messages": [*chat, {"role": "assistant", "content": "2"}]})
+                    + "\n")
+    first, second = load_rows(jobs_pb2.Dataset(jsonl_path=str(path)))
+    assert first.prompt == "" and first.messages == tuple(chat) == second.messages
+    assert json.loads(first.metadata_json) == {"answer": "2", "messages": chat}
+    assert json.loads(second.metadata_json) == {"messages": chat}  # the assistant turn dropped
+
+
+class _Tokenizer:
+    """Stands in for a tokenizer: only `chat_template` and `apply_chat_template` are read."""
+
+    bos_token_id = None
+
+    def __init__(self, template: str | None):
+        self.chat_template = template
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_render_chat_and_a_tokenizer_without_a_template():
+    rows = [PromptRow("", '{"messages": []}', ({"role": "user", "content": "hi"},)),
+            PromptRow("plain")]
+    rendered = render_chat(rows, _Tokenizer("{{ x }}"), "m")
+    assert [r.prompt for r in rendered] == ["<user>hi<assistant>", "plain"]
+    with pytest.raises(InvalidJobSpec, match="student_model m has no chat_template"):
+        render_chat(rows, _Tokenizer(None), "m")

@@ -339,3 +339,62 @@ def test_learner_config(monkeypatch):
             LearnerConfig(**bad)
     assert LearnerConfig(client_tls_ca="ca.pem").client_tls().ca == "ca.pem"
     assert LearnerConfig().client_tls() is None
+
+
+# A simple Jinja chat template over the tiny tokenizer's characters (lowercase, ':', ';', ' ').
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}; {% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def _chat_student(student: Path, out: Path, template: str | None) -> Path:
+    import shutil
+
+    shutil.copytree(student, out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    config_path.write_text(json.dumps(config))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return out
+
+
+def test_chat_format_jsonl_job_succeeds(learner, backend, tmp_path):
+    chat = _chat_student(backend.student, tmp_path / "chat", CHAT_TEMPLATE)
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{a}="},
+                          {"role": "assistant", "content": str(2 * a)}], "answer": str(2 * a)}
+            for a in (1, 2)]
+    dataset = _jsonl(tmp_path / "chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    job = learner.SubmitJob(jobs_pb2.SubmitJobRequest(
+        spec=spec(backend, dataset=dataset, student_model=str(chat))), timeout=30)
+    done = wait_done(learner, job.id)
+    assert done.state == JobState.JOB_STATE_SUCCEEDED, done.error
+    plain = _chat_student(backend.student, tmp_path / "plain", None)
+    err = submit_error(learner, spec(backend, dataset=dataset, student_model=str(plain)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has no chat_template" in err.details()
+
+
+def test_reward_dry_run_refuses_rows_without_the_metadata_it_reads(learner, backend, tmp_path):
+    # The metadata is nested: it reaches the scorer, which then names the missing key.
+    missing = _jsonl(tmp_path / "missing.jsonl",
+                     '{"prompt": "1+1=", "metadata": {"require": "answer"}}\n')
+    err = submit_error(learner, spec(backend, dataset=missing))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "metadata has no 'answer'" in err.details() and "at submit" in err.details()
+    given = _jsonl(tmp_path / "given.jsonl",
+                   '{"prompt": "1+1=", "metadata": {"require": "answer", "answer": "2"}}\n')
+    job = learner.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec(backend, dataset=given)),
+                            timeout=30)
+    assert wait_done(learner, job.id).state == JobState.JOB_STATE_SUCCEEDED
+
+
+def test_nested_jsonl_metadata_reaches_the_reward_during_training(learner, backend, tmp_path):
+    # "fail" does not name the metadata, so the dry-run lets the job in; the scorer then fails on
+    # every sample because the nested metadata reached it.
+    dataset = _jsonl(tmp_path / "fail.jsonl", '{"prompt": "1+1=", "metadata": {"fail": true}}\n')
+    job = learner.SubmitJob(jobs_pb2.SubmitJobRequest(
+        spec=spec(backend, dataset=dataset, reward_failure_policy="fail")), timeout=30)
+    done = wait_done(learner, job.id)
+    assert done.state == JobState.JOB_STATE_FAILED and "scripted reward failure" in done.error

@@ -110,6 +110,33 @@ def test_metrics_are_one_typed_record(tmp_path):
     store.close()
 
 
+def test_rows_stored_before_a_field_existed_still_load(tmp_path):
+    """A database written before `learning_rate` existed: its rows load with NaN there (not
+    recorded), and a row missing any other field is still an error."""
+    import json
+    import math
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create(_spec())
+    old = _metrics(1, loss=0.5).model_dump()
+    del old["learning_rate"]
+    with store._tx() as db:
+        db.execute("INSERT INTO step_metrics (job_id, step, metrics, time) VALUES (?, 1, ?, 0)",
+                   (job.id, json.dumps(old)))
+        db.execute("UPDATE jobs SET step = 1, last_metrics = ? WHERE id = ?",
+                   (json.dumps(old), job.id))
+    (row,) = store.metrics_history(job.id)
+    assert row.loss == 0.5 and math.isnan(row.learning_rate)
+    assert math.isnan(store.get(job.id).last_metrics.learning_rate)
+    del old["kl_mean"]
+    with store._tx() as db:
+        db.execute("UPDATE step_metrics SET metrics = ? WHERE job_id = ?",
+                   (json.dumps(old), job.id))
+    with pytest.raises(pydantic.ValidationError, match="kl_mean"):
+        store.metrics_history(job.id)
+    store.close()
+
+
 def test_wal_mode_and_schema(tmp_path):
     path = tmp_path / "jobs.sqlite"
     JobStore(path).close()

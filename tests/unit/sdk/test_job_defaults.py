@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from protege.spec import DEFAULT_PROMPT_FIELD, JOB_CHOICES, JOB_DEFAULTS, JobSpec
+from protege.spec import DEFAULT_PROMPT_FIELD, DEFAULT_SPLIT, JOB_CHOICES, JOB_DEFAULTS, JobSpec
 from protege.v1 import jobs_pb2
 
 PROTO = Path(__file__).resolve().parents[3] / "protos" / "protege" / "v1" / "jobs.proto"
@@ -71,6 +71,7 @@ def test_only_defaulted_fields_state_a_default():
     assert stating == set(JOB_DEFAULTS)
     assert same_value(stated_default(proto_comments("Dataset")["prompt_field"]),
                       DEFAULT_PROMPT_FIELD)
+    assert same_value(stated_default(proto_comments("Dataset")["split"]), DEFAULT_SPLIT)
 
 
 @pytest.mark.parametrize("name", sorted(JOB_CHOICES))

@@ -107,6 +107,11 @@ def test_cross_field_and_dataset_rules():
         JobSpec.parse({**MINIMAL, "dataset": {"jsonl_path": "/a", "hf_disk_path": "/b"}})
     with pytest.raises(errors.InvalidJobSpec, match="exactly one source"):
         JobSpec.parse({**MINIMAL, "dataset": {}})
+    with pytest.raises(errors.InvalidJobSpec, match="exactly one source"):
+        JobSpec.parse({**MINIMAL, "dataset": {"parquet_path": "/a", "csv_path": "/b"}})
+    parquet = JobSpec.parse({**MINIMAL, "dataset": {"parquet_path": "/d", "split": "test"}})
+    assert JobSpec.from_proto(parquet.to_proto()).dataset == parquet.dataset
+    assert parquet.to_proto().dataset.split == "test"
     with pytest.raises(errors.InvalidJobSpec, match="student_model: Field required"):
         JobSpec.parse({k: v for k, v in MINIMAL.items() if k != "student_model"})
 
