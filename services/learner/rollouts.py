@@ -125,6 +125,23 @@ def _prefetch_error(exc: Exception, draw: Draw, max_staleness: int) -> Exception
     return errors.Internal(message)
 
 
+def check_reward_failures(failures: list[str], B: int, limit: float,
+                          notify: Callable[[str], None]) -> None:
+    """Fail the step when more than `limit` of its B rewards failed; below it, say so (the watch
+    stream and the log), quoting the first item errors either way."""
+    if not failures:
+        return
+    rate = len(failures) / B
+    quoted = "; ".join(failures[:3]) + ("; ..." if len(failures) > 3 else "")
+    if rate > limit:
+        raise errors.FailedPrecondition(
+            f"{len(failures)} of {B} rewards failed ({rate:.0%}, above the job's "
+            f"max_reward_failure_rate {limit:g}): {quoted}. Fix the reward service or the "
+            "dataset's metadata, or raise max_reward_failure_rate")
+    notify(f"{len(failures)} of {B} rewards failed ({rate:.0%}; the job fails above "
+           f"{limit:.0%}); these samples get no sparse term: {quoted}")
+
+
 class Rollouts:
     """Draws, generates and scores a job's batches; holds the one drawn ahead (`next`)."""
 
@@ -337,23 +354,8 @@ class Rollouts:
                     "'fail' (use 'drop' to train on without failed samples)")
             mask[i] = False
             failures.append(f"sample {i}: {reason}")
-        self._check_reward_failures(failures, B)
+        check_reward_failures(failures, B, self.spec.max_reward_failure_rate, self.notify)
         return rewards, mask, scored
-
-    def _check_reward_failures(self, failures: list[str], B: int) -> None:
-        """Fail the step above `max_reward_failure_rate`; below it, say so (the watch stream and
-        the log), quoting the first item errors either way."""
-        if not failures:
-            return
-        rate, limit = len(failures) / B, self.spec.max_reward_failure_rate
-        quoted = "; ".join(failures[:3]) + ("; ..." if len(failures) > 3 else "")
-        if rate > limit:
-            raise errors.FailedPrecondition(
-                f"{len(failures)} of {B} rewards failed ({rate:.0%}, above the job's "
-                f"max_reward_failure_rate {limit:g}): {quoted}. Fix the reward service or the "
-                "dataset's metadata, or raise max_reward_failure_rate")
-        self.notify(f"{len(failures)} of {B} rewards failed ({rate:.0%}; the job fails above "
-                    f"{limit:.0%}); these samples get no sparse term: {quoted}")
 
     async def _reference(self, rollouts: Sequence[Any],
                          phases: dict[str, float]) -> list[SequenceScores] | None:
