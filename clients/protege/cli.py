@@ -41,7 +41,14 @@ from rich.table import Table
 from protege import errors
 from protege.client import DEFAULT_TARGET, TARGET_ENV, TOKEN_ENV, Client
 from protege.serving import SCOPES, TLSConfig, hash_token, read_token_file
-from protege.spec import CheckpointEvent, JobInfo, NoticeEvent, StateEvent, StepEvent
+from protege.spec import (
+    CheckpointEvent,
+    EvalEvent,
+    JobInfo,
+    NoticeEvent,
+    StateEvent,
+    StepEvent,
+)
 
 app = typer.Typer(name="protege", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -262,6 +269,12 @@ def _show(progress: Progress, task: Any, event: Any) -> None:
         progress.console.print(f"checkpoint written at step {event.step}", highlight=False)
     elif isinstance(event, NoticeEvent):
         progress.console.print(f"note: {event.message}", markup=False, highlight=False)
+    elif isinstance(event, EvalEvent):
+        m = event.metrics
+        progress.console.print(
+            f"eval at step {m.step}: reward {m.reward_mean:.3f} success {m.success_rate:.0%} "
+            f"kl {m.kl_mean:.3f} length {m.completion_length_mean:.1f} (n={m.n})",
+            markup=False, highlight=False)
 
 
 def _exit_for(job: JobInfo) -> None:

@@ -7,8 +7,8 @@ field. Fields left unset stay unset on the wire (proto3 zero), so the learner fi
 same as "unset" on the wire; the two fields where that would silently change meaning
 (`max_grad_norm`, `checkpoint_every`) refuse 0 and take a negative value for "off".
 
-`StepEvent`, `StateEvent` and `CheckpointEvent` are what `Client.watch` yields; `JobInfo` is a job's
-status.
+`StepEvent`, `StateEvent`, `CheckpointEvent`, `NoticeEvent` and `EvalEvent` are what
+`Client.watch` yields; `JobInfo` is a job's status.
 """
 
 from __future__ import annotations
@@ -85,6 +85,10 @@ JOB_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "constant",
     "top_p": 1.0,  # no truncation: the behaviour policy is the student itself (DESIGN §1)
     "sampling_top_k": 0,
+    "eval_every": 0,  # evaluation is opt-in: it needs an eval_dataset
+    "eval_samples": 64,
+    # Sampled, not greedy: the generator has no greedy decoding (temperature >= MIN_TEMPERATURE).
+    "eval_temperature": 1.0,
 }
 DEFAULT_PROMPT_FIELD = "prompt"  # Dataset.prompt_field
 DEFAULT_SPLIT = "train"  # Dataset.split
@@ -376,6 +380,19 @@ class JobSpec(_Strict):
     stop: list[str] | None = Field(
         None, max_length=MAX_STOP_STRINGS, description="Strings that end a completion (cut "
         f"before the match); at most {MAX_STOP_STRINGS}, each 1 to {MAX_STOP_LENGTH} characters.")
+    eval_dataset: Dataset | None = Field(
+        None, description="Held-out prompts for the job's own evaluation; required when "
+        "eval_every > 0.")
+    eval_every: int | None = _int32(
+        "eval_every", 0, "Evaluate every this many steps and after the last one, on the weights "
+        "just pushed: one completion per prompt for the first eval_samples rows of eval_dataset "
+        "(fixed order and seed); 0 never evaluates.")
+    eval_samples: int | None = _int32("eval_samples", 1, "Prompts per evaluation.",
+                                      le=MAX_STEP_SEQUENCES)
+    eval_temperature: float | None = _optional(
+        "eval_temperature", f"Sampling temperature of evaluation completions, in "
+        f"[{MIN_TEMPERATURE}, 100]; there is no greedy decoding, a low value comes close.",
+        ge=MIN_TEMPERATURE, le=100)
 
     @field_validator("generator_targets")
     @classmethod
@@ -394,7 +411,7 @@ class JobSpec(_Strict):
         return value
 
     @field_validator("beta", "temperature", "learning_rate", "weight_decay", "max_grad_norm",
-                     "importance_cap", "max_reward_failure_rate", "top_p")
+                     "importance_cap", "max_reward_failure_rate", "top_p", "eval_temperature")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -459,6 +476,13 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _eval_dataset_when_eval(self) -> JobSpec:
+        if self.eval_every and self.eval_dataset is None:
+            raise ValueError(f"eval_every is {self.eval_every} but there is no eval_dataset: give "
+                             "the held-out prompts to evaluate on, or leave eval_every unset")
+        return self
+
+    @model_validator(mode="after")
     def _reference_when_kl(self) -> JobSpec:
         if self.beta and not self.reference_target:
             raise ValueError(f"reference_target is required when beta > 0 (beta={self.beta}): give "
@@ -510,8 +534,8 @@ class JobSpec(_Strict):
             value = getattr(self, name)
             if value is None:
                 continue
-            if name == "dataset":
-                msg.dataset.CopyFrom(value.to_proto())
+            if name in ("dataset", "eval_dataset"):
+                getattr(msg, name).CopyFrom(value.to_proto())
             elif name == "labels":
                 msg.labels.update(value)
             elif name in ("generator_targets", "stop"):
@@ -527,13 +551,13 @@ class JobSpec(_Strict):
         learner validates submitted specs with this too, so both sides refuse the same things."""
         data: dict[str, Any] = {}
         for f in msg.DESCRIPTOR.fields:
-            if f.name == "dataset":
-                if msg.HasField("dataset"):
+            if f.name in ("dataset", "eval_dataset"):
+                if msg.HasField(f.name):
                     try:
-                        data["dataset"] = Dataset.from_proto(msg.dataset, validate)
+                        data[f.name] = Dataset.from_proto(getattr(msg, f.name), validate)
                     except ValidationError as e:
                         raise errors.InvalidJobSpec(format_validation_error(
-                            e, f"{source} dataset", Dataset)) from e
+                            e, f"{source} {f.name}", Dataset)) from e
                 continue
             value = getattr(msg, f.name)
             present = msg.HasField(f.name) if f.has_presence else bool(value)
@@ -591,6 +615,29 @@ class StepMetrics(BaseModel):
         return jobs_pb2.StepMetrics(**self.model_dump())
 
 
+class EvalMetrics(BaseModel):
+    """One held-out evaluation of a job (mirrors `protege.v1.EvalMetrics`). Every field is
+    required, as in StepMetrics."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int = Field(description="Steps trained when evaluated.")
+    n: int = Field(description="Evaluation completions (one per prompt).")
+    reward_mean: float = Field(description="Mean reward over the scored completions.")
+    success_rate: float = Field(description="Fraction of scored completions with reward >= 1.")
+    kl_mean: float = Field(description="Mean per-sequence KL(student || reference), exact over "
+                           "the vocabulary, summed over positions; 0 without a reference.")
+    completion_length_mean: float = Field(description="Mean completion length in tokens.")
+    policy_version: int = Field(description="Policy version evaluated.")
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.EvalMetrics) -> EvalMetrics:
+        return cls(**{f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields})
+
+    def to_proto(self) -> jobs_pb2.EvalMetrics:
+        return jobs_pb2.EvalMetrics(**self.model_dump())
+
+
 class StepEvent(BaseModel):
     """A step completed."""
 
@@ -639,7 +686,18 @@ class NoticeEvent(BaseModel):
     time: float = 0.0
 
 
-Event = StepEvent | StateEvent | CheckpointEvent | NoticeEvent
+class EvalEvent(BaseModel):
+    """A held-out evaluation finished (JobSpec.eval_every)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    step: int
+    metrics: EvalMetrics
+    time: float = 0.0
+
+
+Event = StepEvent | StateEvent | CheckpointEvent | NoticeEvent | EvalEvent
 
 
 def event_from_proto(msg: jobs_pb2.JobEvent) -> Event:
@@ -656,6 +714,9 @@ def event_from_proto(msg: jobs_pb2.JobEvent) -> Event:
         return CheckpointEvent(job_id=msg.job_id, step=msg.checkpoint_step, time=msg.time)
     if kind == "notice":
         return NoticeEvent(job_id=msg.job_id, message=msg.notice, time=msg.time)
+    if kind == "eval":
+        metrics = EvalMetrics.from_proto(msg.eval)
+        return EvalEvent(job_id=msg.job_id, step=metrics.step, metrics=metrics, time=msg.time)
     raise errors.Internal(f"job event for {msg.job_id} carries no event; is the SDK older than "
                           "the learner?")
 

@@ -77,11 +77,17 @@ def with_defaults(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
     for name, value in JOB_DEFAULTS.items():
         if not getattr(out, name):
             setattr(out, name, value)
-    if not out.dataset.prompt_field:
-        out.dataset.prompt_field = DEFAULT_PROMPT_FIELD
-    if not out.dataset.split and not out.dataset.inline and not out.dataset.jsonl_path:
-        out.dataset.split = DEFAULT_SPLIT
+    _dataset_defaults(out.dataset)
+    if out.HasField("eval_dataset"):
+        _dataset_defaults(out.eval_dataset)
     return out
+
+
+def _dataset_defaults(dataset: jobs_pb2.Dataset) -> None:
+    if not dataset.prompt_field:
+        dataset.prompt_field = DEFAULT_PROMPT_FIELD
+    if not dataset.split and not dataset.inline and not dataset.jsonl_path:
+        dataset.split = DEFAULT_SPLIT
 
 
 def _require(ok: bool, message: str) -> None:
@@ -132,9 +138,22 @@ def _check_endpoints(spec: jobs_pb2.JobSpec) -> None:
 
 
 def _check_dataset_sources(spec: jobs_pb2.JobSpec) -> None:
-    sources = [name for name in DATASET_SOURCES if getattr(spec.dataset, name)]
-    _require(len(sources) == 1, f"dataset must have exactly one source of "
-             f"{', '.join(DATASET_SOURCES)}; got {sources or 'none'}")
+    named = [("dataset", spec.dataset)]
+    if spec.HasField("eval_dataset"):
+        named.append(("eval_dataset", spec.eval_dataset))
+    for what, dataset in named:
+        sources = [name for name in DATASET_SOURCES if getattr(dataset, name)]
+        _require(len(sources) == 1, f"{what} must have exactly one source of "
+                 f"{', '.join(DATASET_SOURCES)}; got {sources or 'none'}")
+
+
+def _check_eval(spec: jobs_pb2.JobSpec) -> None:
+    _require(spec.eval_every >= 0, f"eval_every must be >= 0, got {spec.eval_every}; 0 never "
+             "evaluates")
+    _require(spec.eval_samples >= 1, f"eval_samples must be >= 1, got {spec.eval_samples}")
+    _require(spec.eval_every == 0 or spec.HasField("eval_dataset"),
+             f"eval_every is {spec.eval_every} but there is no eval_dataset: give the held-out "
+             "prompts to evaluate on, or leave eval_every unset")
 
 
 def check_model_root(path: str, allowed_roots: Sequence[str]) -> None:
@@ -155,6 +174,7 @@ def check_spec(spec: jobs_pb2.JobSpec, allowed_roots: Sequence[str] = ()) -> Non
     _check_reals(spec)
     _check_choices(spec)
     _check_endpoints(spec)
+    _check_eval(spec)
     _check_dataset_sources(spec)
     check_model_root(spec.student_model, list(allowed_roots))
 
@@ -365,6 +385,8 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
         raise errors.InvalidJobSpec(f"top_k must be in [1, {student.vocab_size}] (the vocab "
                                     f"size) for the topk encoding, got {spec.top_k}")
     rows = await asyncio.to_thread(load_prompts, spec.dataset, spec.student_model)
+    if spec.eval_every > 0:
+        await asyncio.to_thread(load_prompts, spec.eval_dataset, spec.student_model)
     await check_endpoints(spec, student, clients, config.submit_timeout_s, layout,
                           config.allowed_model_roots)
     if spec.reward_target:

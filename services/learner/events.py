@@ -1,8 +1,9 @@
 """Job events, their fan-out to watchers, and log lines about one job.
 
 `Event` is what happened to a job: a state change, a step's metrics (the one typed
-`StepMetrics` record) or a checkpoint. `EventHub` hands every event to each watcher of its job;
-`JobLog` prefixes a job's log lines with `job=<id> step=<n>` and adds both as structured fields.
+`StepMetrics` record), a held-out evaluation (`EvalMetrics`), a checkpoint or a notice.
+`EventHub` hands every event to each watcher of its job; `JobLog` prefixes a job's log lines
+with `job=<id> step=<n>` and adds both as structured fields.
 """
 
 from __future__ import annotations
@@ -14,24 +15,26 @@ import logging
 import time
 from typing import Any, Literal
 
-from protege.spec import StepMetrics
+from protege.spec import EvalMetrics, StepMetrics
 
-EventKind = Literal["state", "metrics", "checkpoint", "notice"]
+EventKind = Literal["state", "metrics", "checkpoint", "notice", "eval"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """Something that happened to a job: a state change, a step's metrics, a checkpoint or a
-    notice.
+    """Something that happened to a job: a state change, a step's metrics, an evaluation, a
+    checkpoint or a notice.
 
-    `state` is set for "state" events, `metrics` for "metrics" events, `checkpoint_step` (with
-    the checkpoint's path as `message`) for "checkpoint" events and `message` for "notice" events.
+    `state` is set for "state" events, `metrics` for "metrics" events, `eval_metrics` for "eval"
+    events, `checkpoint_step` (with the checkpoint's path as `message`) for "checkpoint" events
+    and `message` for "notice" events.
     """
 
     job_id: str
     kind: EventKind
     state: str = ""
     metrics: StepMetrics | None = None
+    eval_metrics: EvalMetrics | None = None
     checkpoint_step: int = 0
     message: str = ""
     time: float = dataclasses.field(default_factory=time.time)
@@ -43,6 +46,10 @@ class Event:
     @classmethod
     def step(cls, job_id: str, metrics: StepMetrics) -> Event:
         return cls(job_id, "metrics", metrics=metrics)
+
+    @classmethod
+    def eval(cls, job_id: str, metrics: EvalMetrics) -> Event:
+        return cls(job_id, "eval", eval_metrics=metrics)
 
     @classmethod
     def checkpoint(cls, job_id: str, step: int, path: str) -> Event:

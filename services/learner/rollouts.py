@@ -319,7 +319,11 @@ class Rollouts:
 
     async def _score_generated(self, rows: list[PromptRow], generation: asyncio.Task,
                                phases: dict[str, float]) -> Scored:
-        rollouts = await generation
+        return await self.score(rows, await generation, phases)
+
+    async def score(self, rows: list[PromptRow], rollouts: list[Any],
+                    phases: dict[str, float]) -> Scored:
+        """Rewards and reference results of `rollouts` (whose prompt_id indexes `rows`)."""
         (rewards_B, reward_mask_B, scored), ref = await asyncio.gather(
             self._rewards(rows, rollouts, phases), self._reference(rollouts, phases))
         return Scored(rollouts, rewards_B, reward_mask_B, scored, ref)

@@ -48,6 +48,8 @@ def event_to_proto(event: Event) -> jobs_pb2.JobEvent:
         out.metrics.CopyFrom(event.metrics.to_proto())
     elif event.kind == "notice":
         out.notice = event.message
+    elif event.kind == "eval":
+        out.eval.CopyFrom(event.eval_metrics.to_proto())
     else:
         out.checkpoint_step = event.checkpoint_step
     return out

@@ -1,10 +1,10 @@
 """The job store: job state and per-step metrics in one SQLite file (stdlib sqlite3, WAL mode).
 
 Table `jobs` holds one row per job (the JobSpec as protobuf JSON, state, step, error, timestamps,
-checkpoint dir and the latest metrics); table `step_metrics` keeps every step's metrics so the
-history survives restarts. Every write is one transaction, and state changes are validated: a
-finished job never runs again. The store is shared by the event loop and worker threads, so one
-lock guards the connection.
+checkpoint dir and the latest metrics); table `step_metrics` keeps every step's metrics and
+`eval_metrics` every held-out evaluation's, so the history survives restarts. Every write is one
+transaction, and state changes are validated: a finished job never runs again. The store is
+shared by the event loop and worker threads, so one lock guards the connection.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from protege.errors import FailedPrecondition, NotFound
-from protege.spec import StepMetrics
+from protege.spec import EvalMetrics, StepMetrics
 from protege.v1 import jobs_pb2
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS step_metrics (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    step INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (job_id, step)
+);
+CREATE TABLE IF NOT EXISTS eval_metrics (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     step INTEGER NOT NULL,
     metrics TEXT NOT NULL,
@@ -147,6 +154,14 @@ class JobStore:
             ).fetchall()
         return [_stored_metrics(r[0]) for r in rows]
 
+    def eval_history(self, job_id: str) -> list[EvalMetrics]:
+        """Every stored evaluation, in step order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT metrics FROM eval_metrics WHERE job_id = ? ORDER BY step", (job_id,)
+            ).fetchall()
+        return [EvalMetrics.model_validate_json(r[0]) for r in rows]
+
     # ------------------------------------------------------------------------------------- writes
 
     def create(self, spec: jobs_pb2.JobSpec, checkpoint_root: str | Path = "") -> JobRecord:
@@ -185,10 +200,19 @@ class JobStore:
             db.execute("UPDATE jobs SET step = ?, last_metrics = ?, updated_at = ? WHERE id = ?",
                        (step, text, now, job_id))
 
+    def record_eval(self, job_id: str, metrics: EvalMetrics) -> None:
+        """Store one evaluation (the job's step is `record_step`'s to advance)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO eval_metrics (job_id, step, metrics, time) "
+                       "VALUES (?, ?, ?, ?)",
+                       (job_id, metrics.step, metrics.model_dump_json(), time.time()))
+
     def rewind(self, job_id: str, step: int) -> None:
-        """Set the job back to `step` (a resume from an older checkpoint); drop later metrics."""
+        """Set the job back to `step` (a resume from an older checkpoint); drop later metrics and
+        evaluations."""
         with self._tx() as db:
             db.execute("DELETE FROM step_metrics WHERE job_id = ? AND step > ?", (job_id, step))
+            db.execute("DELETE FROM eval_metrics WHERE job_id = ? AND step > ?", (job_id, step))
             row = db.execute("SELECT metrics FROM step_metrics WHERE job_id = ? AND step = ?",
                              (job_id, step)).fetchone()
             db.execute("UPDATE jobs SET step = ?, last_metrics = ?, updated_at = ? WHERE id = ?",

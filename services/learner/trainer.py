@@ -12,7 +12,9 @@ Each step:
    the importance ratios are those of the policy that produced the rollouts;
 5. push the new weights to every generator (after the next batch is generated): the policy
    version goes up by one;
-6. publish the step's `StepMetrics` (store, watchers, Prometheus); checkpoint every N steps.
+6. publish the step's `StepMetrics` (store, watchers, Prometheus); evaluate on the held-out
+   prompts every `eval_every` steps and after the last (`evaluation.py`), before the step's
+   checkpoint so that a resume from it never misses an evaluation; checkpoint every N steps.
 
 Strictly on-policy training is `max_staleness = 0` of this same path. No grpc here.
 """
@@ -29,19 +31,19 @@ from typing import Any
 import torch
 from protege import errors
 from protege.services.common.models import load_causal_lm, load_tokenizer
-from protege.services.learner import checkpoint, metrics
+from protege.services.learner import checkpoint, evaluation, metrics
 from protege.services.learner.admission import with_defaults
 from protege.services.learner.batch import Batch, build_batch, reference_tensors, reference_to
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
-from protege.services.learner.data import Cursor, load_prompts
+from protege.services.learner.data import Cursor, PromptRow, load_prompts
 from protege.services.learner.events import Event, EventHub, JobLog
 from protege.services.learner.objective import hybrid_loss
 from protege.services.learner.rollouts import Rollouts, Scored, timed
 from protege.services.learner.schedule import make_scheduler
 from protege.services.learner.store import CANCELLED, SUCCEEDED, JobRecord, JobStore
 from protege.services.learner.weight_sync import WeightSync
-from protege.spec import PHASES, StepMetrics
+from protege.spec import PHASES, EvalMetrics, StepMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ class Trainer:
         self.lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # HIDDEN only
         self.rollouts: Rollouts | None = None
         self.weights: WeightSync | None = None
+        self.eval_rows: list[PromptRow] = []  # the held-out prompts, when eval_every > 0
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -112,6 +115,9 @@ class Trainer:
                 if self.cancel_requested or self.stop_requested:
                     break
                 await self.train_step()
+                if (evaluation.eval_due(self.step, self.spec.steps, self.spec.eval_every)
+                        and not self.cancel_requested):
+                    await self.evaluate()
                 every = self.spec.checkpoint_every
                 if every > 0 and self.step % every == 0:
                     await self.save_checkpoint()
@@ -128,6 +134,9 @@ class Trainer:
         push the student to every generator so generation uses this job's weights."""
         spec = self.spec
         rows = await asyncio.to_thread(load_prompts, spec.dataset, spec.student_model)
+        if spec.eval_every > 0:
+            held_out = await asyncio.to_thread(load_prompts, spec.eval_dataset, spec.student_model)
+            self.eval_rows = evaluation.eval_rows(held_out, spec.eval_samples)
         ckpt = checkpoint.latest(self.job_dir)
         state = await asyncio.to_thread(self._load_student, ckpt)
         self.step = int(state.get("step", 0))
@@ -285,6 +294,21 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return stats, grad_norm
+
+    async def evaluate(self) -> EvalMetrics:
+        """Evaluate the weights just pushed on the held-out prompts and publish the result."""
+        generated = await evaluation.generate(self.rollouts, self.eval_rows, self.version)
+        scored = await self.rollouts.score(self.eval_rows, generated, {})
+        batch = build_batch(scored.rollouts, self._pad_id())
+        kl = await asyncio.to_thread(evaluation.kl_mean, self.model, batch, scored.ref,
+                                     self.spec.reference_encoding, self.lm_head)
+        out = evaluation.eval_metrics(self.step, scored, batch, kl, self.version,
+                                      self.rollouts.reward is not None)
+        self.store.record_eval(self.job_id, out)
+        self.hub.publish(Event.eval(self.job_id, out))
+        self.log.info("eval reward %.4f success %.2f kl %.4f length %.1f n %d", out.reward_mean,
+                      out.success_rate, out.kl_mean, out.completion_length_mean, out.n)
+        return out
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id

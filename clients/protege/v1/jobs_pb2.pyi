@@ -203,6 +203,10 @@ class JobSpec(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SAMPLING_TOP_K_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    EVAL_DATASET_FIELD_NUMBER: _builtins.int
+    EVAL_EVERY_FIELD_NUMBER: _builtins.int
+    EVAL_SAMPLES_FIELD_NUMBER: _builtins.int
+    EVAL_TEMPERATURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name."""
     student_model: _builtins.str
@@ -292,6 +296,19 @@ class JobSpec(_message.Message):
     is corrected by the importance ratio against the behaviour log-probs (DESIGN §1). Not to be
     confused with `top_k`, the reference's TOPK encoding. Default: 0.
     """
+    eval_every: _builtins.int
+    """Evaluate every this many steps, and after the last step; 0 never evaluates. An evaluation
+    generates one completion per prompt for the first eval_samples rows of eval_dataset (dataset
+    order, one fixed seed, so evaluations are paired) on the weights just pushed, and publishes
+    EvalMetrics. Default: 0.
+    """
+    eval_samples: _builtins.int
+    """Prompts per evaluation (the first ones of eval_dataset). Default: 64."""
+    eval_temperature: _builtins.float
+    """Sampling temperature of evaluation completions (top_p 1, sampling_top_k 0, the job's stop
+    strings), in [0.01, 100]. The generator has no greedy decoding; a low temperature such as
+    0.01 comes close to it. Default: 1.0.
+    """
     @_builtins.property
     def generator_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generator gRPC targets (e.g. "dns:///gen.ns.svc:50051" or "127.0.0.1:50051")."""
@@ -308,6 +325,12 @@ class JobSpec(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Strings that end a completion; it is cut before the match (at most 64, each 1 to 1024
         characters). The tokens trained on are the ones the generator returned.
+        """
+
+    @_builtins.property
+    def eval_dataset(self) -> Global___Dataset:
+        """Held-out prompts for the job's own evaluation (same row shape as `dataset`). Required when
+        eval_every > 0.
         """
 
     def __init__(
@@ -346,10 +369,14 @@ class JobSpec(_message.Message):
         top_p: _builtins.float = ...,
         sampling_top_k: _builtins.int = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        eval_dataset: Global___Dataset | None = ...,
+        eval_every: _builtins.int = ...,
+        eval_samples: _builtins.int = ...,
+        eval_temperature: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "eval_dataset", b"eval_dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "samples_per_prompt", b"samples_per_prompt", "sampling_top_k", b"sampling_top_k", "seed", b"seed", "steps", b"steps", "stop", b"stop", "student_model", b"student_model", "teacher_model", b"teacher_model", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "eval_dataset", b"eval_dataset", "eval_every", b"eval_every", "eval_samples", b"eval_samples", "eval_temperature", b"eval_temperature", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "samples_per_prompt", b"samples_per_prompt", "sampling_top_k", b"sampling_top_k", "seed", b"seed", "steps", b"steps", "stop", b"stop", "student_model", b"student_model", "teacher_model", b"teacher_model", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -528,6 +555,55 @@ class StepMetrics(_message.Message):
 Global___StepMetrics: _TypeAlias = StepMetrics  # noqa: Y015
 
 @_typing.final
+class EvalMetrics(_message.Message):
+    """One held-out evaluation of a job (JobSpec.eval_every), on the weights after `step`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    REWARD_MEAN_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    KL_MEAN_FIELD_NUMBER: _builtins.int
+    COMPLETION_LENGTH_MEAN_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Steps trained when evaluated."""
+    n: _builtins.int
+    """Evaluation completions (one per prompt)."""
+    reward_mean: _builtins.float
+    """Mean task reward over the completions whose reward scored (0 without a reward service)."""
+    success_rate: _builtins.float
+    """Fraction of the scored completions with reward >= 1."""
+    kl_mean: _builtins.float
+    """Mean per-sequence KL(student || reference) over the completions, summed over positions: the
+    exact KL over the vocabulary at each position (the job's reference encoding), as in
+    StepMetrics.kl_mean, from a no-grad student forward. 0 when the job has no reference (beta 0).
+    """
+    completion_length_mean: _builtins.float
+    """Mean completion length in tokens."""
+    policy_version: _builtins.int
+    """Policy version evaluated (the one the generators served)."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        n: _builtins.int = ...,
+        reward_mean: _builtins.float = ...,
+        success_rate: _builtins.float = ...,
+        kl_mean: _builtins.float = ...,
+        completion_length_mean: _builtins.float = ...,
+        policy_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_length_mean", b"completion_length_mean", "kl_mean", b"kl_mean", "n", b"n", "policy_version", b"policy_version", "reward_mean", b"reward_mean", "step", b"step", "success_rate", b"success_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvalMetrics: _TypeAlias = EvalMetrics  # noqa: Y015
+
+@_typing.final
 class JobEvent(_message.Message):
     """A thing that happened to a job."""
 
@@ -538,6 +614,7 @@ class JobEvent(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
+    EVAL_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
@@ -558,6 +635,10 @@ class JobEvent(_message.Message):
     def metrics(self) -> Global___StepMetrics:
         """A step completed."""
 
+    @_builtins.property
+    def eval(self) -> Global___EvalMetrics:
+        """A held-out evaluation finished (JobSpec.eval_every)."""
+
     def __init__(
         self,
         *,
@@ -566,14 +647,15 @@ class JobEvent(_message.Message):
         state: Global___JobState.ValueType = ...,
         checkpoint_step: _builtins.int = ...,
         notice: _builtins.str = ...,
+        eval: Global___EvalMetrics | None = ...,
         message: _builtins.str = ...,
         time: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "event", b"event", "metrics", b"metrics", "notice", b"notice", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "eval", b"eval", "event", b"event", "metrics", b"metrics", "notice", b"notice", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "event", b"event", "job_id", b"job_id", "message", b"message", "metrics", b"metrics", "notice", b"notice", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_step", b"checkpoint_step", "eval", b"eval", "event", b"event", "job_id", b"job_id", "message", b"message", "metrics", b"metrics", "notice", b"notice", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["metrics", "state", "checkpoint_step", "notice"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["metrics", "state", "checkpoint_step", "notice", "eval"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -80,6 +80,10 @@ class FakeJobs(jobs_pb2_grpc.JobsServicer):
             yield ev(metrics=metrics)
             if step == 2:
                 yield ev(checkpoint_step=2)
+            if job.spec.eval_every and step % job.spec.eval_every == 0:
+                yield ev(eval=jobs_pb2.EvalMetrics(
+                    step=step, n=4, reward_mean=0.75, success_rate=0.5, kl_mean=0.2,
+                    completion_length_mean=6.0, policy_version=step))
         if job.spec.name == self.DOOMED:
             job.state, job.error = jobs_pb2.JOB_STATE_FAILED, "reward service returned garbage"
         else:

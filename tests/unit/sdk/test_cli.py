@@ -9,6 +9,7 @@ import types
 
 import protege.reward
 import pytest
+import yaml
 from protege.cli import app
 from typer.testing import CliRunner
 
@@ -48,6 +49,17 @@ def test_submit_watch_follows_to_the_end(runner, jobs_server, job_yaml):
     assert "checkpoint written at step 2" in result.stdout
     assert "job job-0001 SUCCEEDED at step 4" in result.stdout
     assert "reward 1.000" in result.stdout and "4/4" in result.stdout
+
+
+def test_watch_prints_eval_events_in_one_line(runner, jobs_server, job_yaml):
+    spec = yaml.safe_load(job_yaml.read_text())
+    job_yaml.write_text(yaml.safe_dump({**spec, "eval_every": 2,
+                                        "eval_dataset": {"inline": ["3+3="]}}))
+    result = _invoke(runner, "--target", jobs_server.address, "submit", str(job_yaml), "--watch")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("eval at step")]
+    assert lines == [f"eval at step {s}: reward 0.750 success 50% kl 0.200 length 6.0 (n=4)"
+                     for s in (2, 4)]
 
 
 def test_watch_exit_code_follows_the_final_state(runner, jobs_server, job_yaml):

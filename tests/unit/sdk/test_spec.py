@@ -8,6 +8,8 @@ from protege import errors
 from protege.spec import (
     CheckpointEvent,
     Dataset,
+    EvalEvent,
+    EvalMetrics,
     JobInfo,
     JobSpec,
     StateEvent,
@@ -17,6 +19,7 @@ from protege.spec import (
     state_value,
 )
 from protege.v1 import jobs_pb2
+from pydantic import ValidationError
 
 MINIMAL = {"student_model": "/m/student", "generator_targets": ["127.0.0.1:1"],
            "dataset": {"jsonl_path": "/data/train.jsonl"}}
@@ -145,6 +148,28 @@ def test_events_are_typed():
     assert state == StateEvent(job_id="j", state="FAILED", message="boom") and state.terminal
     checkpoint = event_from_proto(jobs_pb2.JobEvent(job_id="j", checkpoint_step=10))
     assert checkpoint == CheckpointEvent(job_id="j", step=10)
+    evaluated = jobs_pb2.EvalMetrics(step=4, n=8, reward_mean=0.5, success_rate=0.25,
+                                     kl_mean=1.5, completion_length_mean=7.0, policy_version=5)
+    event = event_from_proto(jobs_pb2.JobEvent(job_id="j", eval=evaluated, time=6.0))
+    assert isinstance(event, EvalEvent) and event.step == 4 and event.time == 6.0
+    assert event.metrics == EvalMetrics(step=4, n=8, reward_mean=0.5, success_rate=0.25,
+                                        kl_mean=1.5, completion_length_mean=7.0, policy_version=5)
+    assert event.metrics.to_proto() == evaluated
+    with pytest.raises(ValidationError):
+        EvalMetrics(step=4, n=8)  # every field is required: no silent zeros
+
+
+def test_eval_every_needs_an_eval_dataset():
+    base = {"student_model": "/m", "generator_targets": ["127.0.0.1:1"],
+            "dataset": {"inline": ["a"]}}
+    with pytest.raises(errors.InvalidJobSpec, match="no eval_dataset"):
+        JobSpec.parse({**base, "eval_every": 2})
+    spec = JobSpec.parse({**base, "eval_every": 2, "eval_samples": 3, "eval_temperature": 0.5,
+                          "eval_dataset": {"jsonl_path": "/held-out.jsonl"}})
+    back = JobSpec.from_proto(spec.to_proto())
+    assert back == spec and back.eval_dataset.jsonl_path == "/held-out.jsonl"
+    with pytest.raises(errors.InvalidJobSpec, match="eval_temperature"):
+        JobSpec.parse({**base, "eval_temperature": 0.001})
 
 
 def test_job_info_from_proto():
