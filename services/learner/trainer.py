@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,13 @@ from protege.services.learner.config import LearnerConfig
 from protege.services.learner.data import Cursor, PromptRow, load_prompts
 from protege.services.learner.events import Event, EventHub, JobLog
 from protege.services.learner.objective import hybrid_loss
+from protege.services.learner.outages import Dependency
 from protege.services.learner.rollouts import Rollouts, Scored, timed
 from protege.services.learner.schedule import make_scheduler
 from protege.services.learner.store import CANCELLED, SUCCEEDED, JobRecord, JobStore
 from protege.services.learner.weight_sync import WeightSync
 from protege.spec import PHASES, EvalMetrics, StepMetrics
+from protege.v1 import jobs_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,24 @@ def step_metrics(step: int, stats: dict[str, Any], grad_norm: float, scored: Sco
         ratio_mean=float(stats["ratio_mean"]),
         learning_rate=float(stats["learning_rate"]),
     )
+
+
+async def teacher_head(reference: Any, dependency: Dependency, spec: jobs_pb2.JobSpec, V: int,
+                       device: torch.device, announce: Callable[[str], None]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Announce a teacher whose vocabulary is padded past the student's V rows (only its first V
+    rows are used); for HIDDEN, its LM head cut to those rows, on `device` (else None)."""
+    vocab = (await dependency.call(reference.info, dependency.policy.floor_s)).vocab
+    if vocab.vocab_size > V:
+        announce(f"the reference at {spec.reference_target} has a padded vocabulary: "
+                 f"{vocab.vocab_size} logit rows for a {vocab.tokenizer_size}-token tokenizer; "
+                 f"rows past {V} hold no token, so the job uses its first {V} rows (the "
+                 "student's), renormalised")
+    if spec.reference_encoding != "hidden":
+        return None
+    weight, bias = await dependency.call(reference.lm_head, dependency.policy.floor_s)
+    return (weight[:V].float().to(device),
+            None if bias is None else bias[:V].float().to(device))
 
 
 class Trainer:
@@ -157,7 +178,8 @@ class Trainer:
                                   self.config.weight_chunk_mb << 20,
                                   self.rollouts.deps["generator"])
         if reference is not None:
-            await self._teacher_head(reference, V)
+            self.lm_head = await teacher_head(reference, self.rollouts.deps["reference"], spec,
+                                              V, self.model.device, self._announce)
         served = await self.weights.served_version()
         if served >= MAX_POLICY_VERSION:
             raise errors.FailedPrecondition(
@@ -172,24 +194,6 @@ class Trainer:
         self.started = True
         self.log.info("started (%s) at policy version %d, %d prompts",
                       f"resumed from {ckpt}" if ckpt else "from scratch", self.version, len(rows))
-
-    async def _teacher_head(self, reference: Any, V: int) -> None:
-        """Say so when the teacher's vocabulary is padded past the student's V rows (only its
-        first V rows are used); fetch its LM head for HIDDEN, cut to those rows."""
-        dependency = self.rollouts.deps["reference"]
-        vocab = (await dependency.call(reference.info, dependency.policy.floor_s)).vocab
-        if vocab.vocab_size > V:
-            message = (f"the reference at {self.spec.reference_target} has a padded vocabulary: "
-                       f"{vocab.vocab_size} logit rows for a {vocab.tokenizer_size}-token "
-                       f"tokenizer; rows past {V} hold no token, so the job uses its first {V} "
-                       "rows (the student's), renormalised")
-            self.log.info("%s", message)
-            self.hub.publish(Event.notice(self.job_id, message))
-        if self.spec.reference_encoding == "hidden":
-            weight, bias = await dependency.call(reference.lm_head, dependency.policy.floor_s)
-            device = self.model.device
-            self.lm_head = (weight[:V].float().to(device),
-                            None if bias is None else bias[:V].float().to(device))
 
     def _load_student(self, ckpt: Path | None) -> dict[str, Any]:
         """Model, tokenizer and AdamW; restored (with RNG states) from `ckpt` when given."""
@@ -208,6 +212,11 @@ class Trainer:
         checkpoint.load_scheduler(ckpt, self.scheduler)
         checkpoint.load_rng(ckpt)
         return checkpoint.read_state(ckpt)
+
+    def _announce(self, message: str) -> None:
+        """A notice for whoever watches the job, and an info line in the log."""
+        self.log.info("%s", message)
+        self.hub.publish(Event.notice(self.job_id, message))
 
     def _notify(self, message: str) -> None:
         """A notice for whoever watches the job, and a warning in the log."""
