@@ -262,25 +262,28 @@ async def stop_after_first_metrics(cfg: LearnerConfig, spec: jobs_pb2.JobSpec) -
     return record.id
 
 
+async def resume_job(cfg: LearnerConfig, job_id: str) -> tuple[Any, list, int, list]:
+    """A new learner on `cfg`'s store resumes the RUNNING job `job_id` and runs it to the end;
+    returns (final record, metrics history, the step it had stopped at, the events seen)."""
+    manager = JobManager(cfg)
+    assert manager.get(job_id).state == RUNNING
+    stopped_at = manager.get(job_id).step
+    await manager.start()
+    events = [e async for e in manager.watch(job_id)]
+    await manager.wait_idle()
+    out = manager.get(job_id), manager.store.metrics_history(job_id), stopped_at, events
+    await manager.shutdown(5.0)
+    manager.store.close()
+    return out
+
+
 def test_resume_after_shutdown_matches_an_uninterrupted_run(backend, tmp_path):
     spec = job_spec(backend, steps=4, checkpoint_every=-1, seed=7)
     _, _, straight = asyncio.run(run_job(config(tmp_path / "straight"), spec))
 
     cfg = config(tmp_path / "resumed")
-
-    async def second_half(job_id):
-        manager = JobManager(cfg)
-        assert manager.get(job_id).state == RUNNING
-        stopped_at = manager.get(job_id).step
-        await manager.start()
-        events = [e async for e in manager.watch(job_id)]
-        await manager.wait_idle()
-        out = manager.get(job_id), manager.store.metrics_history(job_id), stopped_at, events
-        await manager.shutdown(5.0)
-        return out
-
     job_id = asyncio.run(stop_after_first_metrics(cfg, spec))
-    record, resumed, stopped_at, events = asyncio.run(second_half(job_id))
+    record, resumed, stopped_at, events = asyncio.run(resume_job(cfg, job_id))
     assert record.state == SUCCEEDED and 1 <= stopped_at < 4
     assert [m.step for m in resumed] == [1, 2, 3, 4]
     assert [e.metrics.step for e in events if e.kind == "metrics"] == list(

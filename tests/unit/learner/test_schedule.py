@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
-from protege.services.learner.jobs import JobManager
 from protege.services.learner.schedule import lr_factor, make_scheduler
-from protege.services.learner.store import RUNNING, SUCCEEDED
+from protege.services.learner.store import SUCCEEDED
 
-from .test_loop import config, job_spec, run_job, stop_after_first_metrics
+from .test_loop import config, job_spec, resume_job, run_job, stop_after_first_metrics
 
 
 def test_warm_up_ramps_then_each_schedule_decays():
@@ -62,20 +61,8 @@ def test_a_warm_up_schedule_resumes_exactly(backend, tmp_path):
     assert [m.learning_rate for m in straight] == pytest.approx(expected, rel=1e-9)
 
     cfg = config(tmp_path / "resumed")
-
-    async def second_half(job_id):
-        manager = JobManager(cfg)
-        assert manager.get(job_id).state == RUNNING
-        stopped_at = manager.get(job_id).step
-        await manager.start()
-        _ = [e async for e in manager.watch(job_id)]
-        await manager.wait_idle()
-        out = manager.get(job_id), manager.store.metrics_history(job_id), stopped_at
-        await manager.shutdown(5.0)
-        return out
-
     job_id = asyncio.run(stop_after_first_metrics(cfg, spec))
-    record, resumed, stopped_at = asyncio.run(second_half(job_id))
+    record, resumed, stopped_at, _ = asyncio.run(resume_job(cfg, job_id))
     assert record.state == SUCCEEDED and 1 <= stopped_at < N
     assert [m.learning_rate for m in resumed] == pytest.approx(expected, rel=1e-9)
     for a, b in zip(straight, resumed, strict=True):
