@@ -52,6 +52,7 @@ from protege.services.common.models import (
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.data import PromptRow, load_prompts
+from protege.services.learner.outages import as_protege_error
 from protege.services.learner.targets import TargetAllowList
 from protege.spec import (
     DATASET_SOURCES,
@@ -251,8 +252,7 @@ def _endpoint_error(what: str, target: str, exc: BaseException, timeout: float) 
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return errors.Unavailable(f"{what} at {target} did not answer within {timeout:g}s; check "
                                   "the address and that the service is running")
-    if not isinstance(exc, errors.ProtegeError) and hasattr(exc, "code"):
-        exc = errors.from_rpc_error(exc)  # a raw grpc error from a client
+    exc = as_protege_error(exc)  # a raw grpc error from a client
     if isinstance(exc, (errors.Unavailable, errors.DeadlineExceeded)) or not isinstance(
             exc, errors.ProtegeError):
         return errors.Unavailable(f"{what} at {target} is unreachable: {exc}; check the address "

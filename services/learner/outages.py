@@ -69,8 +69,7 @@ class OutagePolicy:
 
 def as_protege_error(exc: BaseException) -> BaseException:
     """A raw grpc error from a client as the matching ProtegeError; others unchanged."""
-    if not isinstance(exc, errors.ProtegeError) and hasattr(exc, "code") and \
-            hasattr(exc, "details"):
+    if not isinstance(exc, errors.ProtegeError) and hasattr(exc, "code"):
         return errors.from_rpc_error(exc)
     return exc
 
