@@ -71,6 +71,13 @@ class LearnerConfig(ServerOptions):
     reference_s_per_position: float = field(
         0.0005, help="deadline allowance per position the reference scores")
     reward_s_per_sample: float = field(0.05, help="deadline allowance per sample to score")
+    loss_path: str = field(
+        "fused", help="'fused': the hybrid loss straight from the student's hidden states and LM "
+        "head, chunk by chunk, never building the [N, V] logits (fused_loss.py); 'logits': "
+        "through the model's own logits, for an architecture whose head 'fused' refuses")
+    loss_chunk_mb: int = field(
+        256, help="memory budget (MiB) of one chunk of the fused loss's [rows, V] temporaries; "
+        "extra memory stays about this whatever the batch; raise it on GPUs for larger matmuls")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +91,10 @@ class LearnerConfig(ServerOptions):
             raise InvalidArgument(f"submit_timeout_s must be > 0, got {self.submit_timeout_s}")
         if self.torch_threads < 0:
             raise InvalidArgument(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if self.loss_path not in ("fused", "logits"):
+            raise InvalidArgument(f"loss_path must be 'fused' or 'logits', got {self.loss_path!r}")
+        if self.loss_chunk_mb < 1:
+            raise InvalidArgument(f"loss_chunk_mb must be >= 1, got {self.loss_chunk_mb}")
         if self.weight_chunk_mb < 1:
             raise InvalidArgument(f"weight_chunk_mb must be >= 1, got {self.weight_chunk_mb}")
         for name in ("outage_budget_s", "deadline_floor_s"):

@@ -22,6 +22,7 @@ import torch
 from protege import errors
 from protege.services.learner.batch import Batch, reference_tensors, reference_to
 from protege.services.learner.data import PromptRow
+from protege.services.learner.fused_loss import LMHead, completion_hidden, fused_hybrid_loss
 from protege.services.learner.objective import hybrid_loss
 from protege.services.learner.rollouts import Rollouts, Scored, step_seed
 from protege.services.reference.engine import SequenceScores
@@ -69,23 +70,32 @@ async def generate(rollouts: Rollouts, rows: list[PromptRow], version: int) -> l
 
 @torch.no_grad()
 def kl_mean(model: Any, batch: Batch, ref: list[SequenceScores] | None, encoding: str,
-            lm_head: tuple[torch.Tensor, torch.Tensor | None] | None) -> float:
+            lm_head: tuple[torch.Tensor, torch.Tensor | None] | None,
+            head: LMHead | None = None) -> float:
     """Mean per-sequence KL(student || reference) summed over completion positions (0 without a
-    reference); runs in a worker thread, between steps."""
+    reference); runs in a worker thread, between steps. With the student's `head`, through the
+    fused loss (no [B, T, V] logits); else through the model's logits."""
     if ref is None:
         return 0.0
     device = next(model.parameters()).device
     T = batch.tokens_BT.shape[1]
+    B = batch.tokens_BT.shape[0]
+    V = int(model.get_output_embeddings().weight.shape[0])
     model.eval()
-    out = model(input_ids=batch.input_ids_BL.to(device),
-                attention_mask=batch.attention_mask_BL.to(device),
-                position_ids=batch.position_ids_BL.to(device), logits_to_keep=T + 1)
-    logits_BTV = out.logits[:, :-1].float()  # position P-1+t predicts completion token t
-    B, _, V = logits_BTV.shape
+    inputs = (batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device),
+              batch.position_ids_BL.to(device))
     reference = reference_to(reference_tensors(ref, encoding, T, V, lm_head), device)
     # beta only scales the loss, which is not used: the stats' kl_mean is the metric.
-    _, stats = hybrid_loss(logits_BTV, batch.tokens_BT.to(device), batch.mask_BT.to(device),
-                           reference, torch.zeros(B, device=device), 1.0, baseline="none")
+    args = (batch.tokens_BT.to(device), batch.mask_BT.to(device), reference,
+            torch.zeros(B, device=device), 1.0)
+    if head is not None:
+        _, stats = fused_hybrid_loss(completion_hidden(model, *inputs, T), head, *args,
+                                     baseline="none")
+    else:
+        out = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2],
+                    logits_to_keep=T + 1)
+        logits_BTV = out.logits[:, :-1].float()  # position P-1+t predicts completion token t
+        _, stats = hybrid_loss(logits_BTV, *args, baseline="none")
     return float(stats["kl_mean"])
 
 

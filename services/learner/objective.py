@@ -902,8 +902,9 @@ def hybrid_loss(
         chunk_positions: counted positions processed at a time (temporaries ≈ 4 · chunk · V
             fp32); the dense gradient is saved as one [M, V] tensor in the logits' dtype, and
             backward allocates the [B, T, V] logits gradient (dense and sparse parts summed).
-        reward_mask_B: [B] bool; False marks a failed reward: that sample gets no sparse term
-            (only its dense term) and is left out of its group's baseline and std.
+        reward_mask_B: [B] bool; False marks a failed reward: that sample's R − b is dropped
+            and it is left out of its group's baseline and std, but it keeps its dense term and
+            the −β·future-KL part of its sparse term, which need no reward.
 
     Returns:
         (loss, stats). loss is a 0-dim tensor (fp32, fp64 for fp64 logits); stats holds floats
@@ -956,7 +957,9 @@ def _terms(
     adv_B = _sequence_advantages(rewards_B, valid_B, baseline, group_size, normalize_std, cd)
     sparse_M = valid_B.index_select(0, seq_M)
     future_M = _future_kl(kl_M.detach(), rows_M, B, T)
-    adv_M = (adv_B.index_select(0, seq_M) - beta * future_M) * sparse_M
+    # (R − b) is 0 in adv_B where the reward failed; the −β·future-KL part needs no reward, so
+    # every sample keeps it (masking it too would shrink the KL's score-function part).
+    adv_M = adv_B.index_select(0, seq_M) - beta * future_M
     ratio_M = _importance_ratio(logp_M, behav_M, cap)
     w_M = _position_weights(normalization, M, B, kl_M.detach())
     coef_M = w_M * ratio_M * adv_M

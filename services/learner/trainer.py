@@ -6,10 +6,12 @@ Each step:
    `max_staleness >= 1`, else drawn now); the data cursor only advances once it is trained;
 2. with `max_staleness >= 1`, start drawing the next step's batch, to overlap with this step;
 3. wait for this batch's rewards and reference results;
-4. student forward on the padded batch, `hybrid_loss`, one backward, clip, AdamW step at the
-   scheduled learning rate (`schedule.py`; the scheduler steps once per update). The
-   forward runs in eval mode (dropout off), as the generator samples: the KL, its gradient and
-   the importance ratios are those of the policy that produced the rollouts;
+4. student forward on the padded batch (its body only: the fused loss takes the final hidden
+   states and the LM head, `fused_loss.py`; `loss_path: logits` uses the model's logits and
+   `hybrid_loss`), one backward, clip, AdamW step at the scheduled learning rate
+   (`schedule.py`; the scheduler steps once per update). The forward runs in eval mode
+   (dropout off), as the generator samples: the KL, its gradient and the importance ratios are
+   those of the policy that produced the rollouts;
 5. push the new weights to every generator (after the next batch is generated): the policy
    version goes up by one;
 6. publish the step's `StepMetrics` (store, watchers, Prometheus); evaluate on the held-out
@@ -39,6 +41,13 @@ from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.data import Cursor, PromptRow, load_prompts
 from protege.services.learner.events import Event, EventHub, JobLog
+from protege.services.learner.fused_loss import (
+    LMHead,
+    check_lm_head,
+    completion_hidden,
+    fused_hybrid_loss,
+    lm_head_of,
+)
 from protege.services.learner.objective import hybrid_loss
 from protege.services.learner.outages import Dependency
 from protege.services.learner.rollouts import Rollouts, Scored, timed
@@ -122,6 +131,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # HIDDEN only
+        self.head: LMHead | None = None  # the student's own head, for the fused loss
         self.rollouts: Rollouts | None = None
         self.weights: WeightSync | None = None
         self.eval_rows: list[PromptRow] = []  # the held-out prompts, when eval_every > 0
@@ -205,6 +215,10 @@ class Trainer:
                                            weight_decay=self.spec.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, self.spec.warmup_steps, self.spec.steps,
                                         self.spec.lr_schedule)
+        if self.config.loss_path == "fused":
+            self.head = lm_head_of(self.model)
+            V = self.head.weight_VH.shape[0]
+            check_lm_head(self.model, self.head, [min(i, V - 1) for i in (1, 2, 3, 5, 8, 13)])
         if ckpt is None:
             torch.manual_seed(self.spec.seed)
             return {}
@@ -274,22 +288,28 @@ class Trainer:
         T = batch.tokens_BT.shape[1]
         with timed(phases, "forward_backward"):
             model.eval()  # no dropout: the policy that sampled the batch (step 4 above)
-            out = model(input_ids=batch.input_ids_BL.to(device),
-                        attention_mask=batch.attention_mask_BL.to(device),
-                        position_ids=batch.position_ids_BL.to(device), logits_to_keep=T + 1)
-            logits_BTV = out.logits[:, :-1].float()  # position P-1+t predicts completion token t
-            V = logits_BTV.shape[-1]
+            inputs = (batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device),
+                      batch.position_ids_BL.to(device))
+            V = int(model.get_output_embeddings().weight.shape[0])
             ref = None if scored.ref is None else reference_to(
                 reference_tensors(scored.ref, spec.reference_encoding, T, V, self.lm_head),
                 device)
-            loss, stats = hybrid_loss(
-                logits_BTV, batch.tokens_BT.to(device), batch.mask_BT.to(device), ref,
-                scored.rewards_B.to(device), spec.beta, baseline=spec.baseline,
-                group_size=spec.samples_per_prompt, normalization=spec.normalization,
-                normalize_std=spec.normalize_std,
-                behaviour_logprobs_BT=batch.behaviour_BT.to(device),
-                importance_cap=spec.importance_cap,
-                reward_mask_B=scored.reward_mask_B.to(device))
+            args = (batch.tokens_BT.to(device), batch.mask_BT.to(device), ref,
+                    scored.rewards_B.to(device), spec.beta)
+            options = dict(baseline=spec.baseline, group_size=spec.samples_per_prompt,
+                           normalization=spec.normalization, normalize_std=spec.normalize_std,
+                           behaviour_logprobs_BT=batch.behaviour_BT.to(device),
+                           importance_cap=spec.importance_cap,
+                           reward_mask_B=scored.reward_mask_B.to(device))
+            if self.head is not None:  # hidden states in, no [B, T, V] logits (fused_loss.py)
+                hidden = completion_hidden(model, *inputs, T)
+                loss, stats = fused_hybrid_loss(hidden, self.head, *args, **options,
+                                                chunk_bytes=self.config.loss_chunk_mb << 20)
+            else:
+                out = model(input_ids=inputs[0], attention_mask=inputs[1],
+                            position_ids=inputs[2], logits_to_keep=T + 1)
+                logits_BTV = out.logits[:, :-1].float()  # position P-1+t predicts token t
+                loss, stats = hybrid_loss(logits_BTV, *args, **options)
             loss.backward()
         with timed(phases, "optimizer"):
             max_norm = spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf
@@ -310,7 +330,7 @@ class Trainer:
         scored = await self.rollouts.score(self.eval_rows, generated, {})
         batch = build_batch(scored.rollouts, self._pad_id())
         kl = await asyncio.to_thread(evaluation.kl_mean, self.model, batch, scored.ref,
-                                     self.spec.reference_encoding, self.lm_head)
+                                     self.spec.reference_encoding, self.lm_head, self.head)
         out = evaluation.eval_metrics(self.step, scored, batch, kl, self.version,
                                       self.rollouts.reward is not None)
         self.store.record_eval(self.job_id, out)

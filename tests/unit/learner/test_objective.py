@@ -463,7 +463,7 @@ def test_importance_ratio_on_policy_and_truncated() -> None:
     torch.testing.assert_close(g_low, math.exp(-1.0) * g_rl, rtol=1e-13, atol=1e-16)
 
 
-def test_failed_reward_keeps_dense_term_and_leaves_the_baseline() -> None:
+def test_failed_reward_keeps_its_kl_terms_and_leaves_the_baseline() -> None:
     batch = _batch(41)
     batch["mask_BT"] = torch.ones(4, 5, dtype=torch.bool)
     rewards = batch["rewards_B"].clone()
@@ -476,8 +476,13 @@ def test_failed_reward_keeps_dense_term_and_leaves_the_baseline() -> None:
     sub = {k: v[keep] for k, v in batch.items()}
     g_sub, _ = _loss_grad(sub, beta=0.5, group_size=3)
     torch.testing.assert_close(grad[keep], g_sub * 3 / 4, rtol=1e-12, atol=1e-15)
+    # The failed sample keeps its dense term and the −β·future-KL score part: it trains as a
+    # sample with no reward at all (weight 1/4 of a batch of 4 instead of 1/1).
+    alone = {k: v[2:3] for k, v in batch.items()}
+    g_alone, _ = _loss_grad({**alone, "rewards_B": None}, beta=0.5, group_size=1)
+    torch.testing.assert_close(grad[2], g_alone[0] / 4, rtol=1e-12, atol=1e-15)
     _, g_cf = dense_kl_grad(batch["logits_BTV"][2], batch["ref_logprobs_BTV"][2])
-    torch.testing.assert_close(grad[2], 0.5 / 4 * g_cf, rtol=1e-12, atol=1e-15)
+    assert float((grad[2] - 0.5 / 4 * g_cf).abs().max()) > 1e-3  # not the dense term alone
 
 
 def test_kl_stats_are_per_sequence_sums() -> None:

@@ -1,0 +1,462 @@
+"""The hybrid loss fused with the student's LM head: hidden states in, loss and gradients out,
+without ever building the [N, V] logits (DESIGN §1, (E1)-(E6) of `objective.py`).
+
+`fused_hybrid_loss` takes the student's final hidden states (after its final norm) and its LM
+head, and returns the same loss and stats as `objective.hybrid_loss` on the logits that head would
+produce. It walks the counted positions in chunks of rows, last chunk first. For each chunk it:
+
+1. computes the chunk's logits z = softcap(scale · (h Wᵀ + b)) in the compute dtype (fp32; fp64
+   for fp64 inputs), the matmul itself in the weights' dtype (bf16 weights: bf16 matmul, fp32
+   accumulation inside it, upcast after, as a bf16 model's own logits are);
+2. takes the reference's log-probs for those rows only: FULL and TOPK rows are read (a bf16 FULL
+   reference is upcast per chunk); HIDDEN rows are built from the teacher's hidden states and LM
+   head (`objective._ref_logprobs_from_hidden`);
+3. computes the dense closed form (E2-E4, E6) and the sparse score-function term from one shared
+   log-softmax: dL/dz = β w_t ∂D_t/∂z + c_t (p − onehot(y_t)), with c_t = w_t ρ_t A_t;
+4. pushes dL/dz through the soft-cap and scale, and accumulates ∂L/∂h for the chunk's rows and
+   ∂L/∂W, ∂L/∂b over chunks (fp32 accumulators).
+
+Why last chunk first: A_t = (R − b) − β Σ_{t'>t} D_{t'} needs the KL of every later position of
+the same sequence. Rows are in (sequence, position) order, so walking them backwards, every later
+position is already done when a chunk is reached; a per-sequence running sum carries the rest.
+Everything the sparse coefficient needs (rewards, baselines, weights w_t, the importance ratio of
+the chunk's own log-probs) is therefore known inside the chunk, and one pass suffices.
+
+The gradients are computed during forward (the loss is a scalar) and only scaled by the incoming
+gradient in backward. Extra memory is a few [rows, V] fp32 temporaries, sized from a byte budget
+(`chunk_rows`), so it is flat in N; ∂L/∂h is [M, H] (the size of the hidden states) and ∂L/∂W the
+size of the head, both needed by any backward.
+
+`hybrid_loss` stays the readable reference: the tests compare this op to it on every encoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from protege.errors import InvalidArgument
+from protege.services.learner.objective import (
+    HiddenRef,
+    Reference,
+    TopKRef,
+    _bucket_kl_grad,
+    _check_counted_values,
+    _check_full_rows,
+    _check_logits_rows,
+    _check_options,
+    _check_reference,
+    _compute_dtype,
+    _expect,
+    _fail,
+    _flatten_reference,
+    _norm_tol,
+    _position_weights,
+    _ref_logprobs_from_hidden,
+    _row_chunks,
+    _sequence_advantages,
+    _shifted_log_softmax,
+    _stats,
+    _tail_mass_mean,
+    _Terms,
+    _topk_rows,
+)
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+DEFAULT_CHUNK_MB = 256
+# Live [rows, V] compute-dtype tensors at the peak of one chunk: logits, log p, p, the reference
+# rows, the teacher's vocab block (HIDDEN) and the soft-cap derivative.
+_LIVE_TEMPORARIES = 6
+_TEACHER_VOCAB_CHUNK = 8192
+
+# Config fields that change the logits after the LM head in ways this op does not implement:
+# a job with one of them is refused by name rather than trained on the wrong logits.
+UNSUPPORTED_HEAD_FIELDS = ("lm_head_multiplier", "output_multiplier_scale", "dim_model_base",
+                           "mup_width_multiplier")
+
+
+@dataclass(frozen=True, eq=False)
+class LMHead:
+    """The student's unembedding: logits = softcap(scale · (h · weightᵀ + bias)).
+
+    weight_VH: [V, H] (for tied embeddings, the embedding matrix itself: its gradient then adds
+        to the embedding's). bias_V: [V] or None. scale: a model's logit multiplier (Cohere's
+        `logit_scale`, 1 / Granite's `logits_scaling`). softcap: Gemma-2's
+        `final_logit_softcapping` c: z = c · tanh(z / c); None for none.
+    """
+
+    weight_VH: Tensor
+    bias_V: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def lm_head_of(model: Any) -> LMHead:
+    """The LM head of a Hugging Face causal LM, with the logit transforms its config declares.
+
+    Raises InvalidArgument naming the config field for a transform this op does not implement.
+    `check_lm_head` then confirms on a probe that the head reproduces the model's own logits.
+    """
+    from protege.services.common.models import text_config
+
+    cfg = text_config(model.config)
+    for name in UNSUPPORTED_HEAD_FIELDS:
+        if getattr(cfg, name, None) not in (None, 1, 1.0):
+            raise InvalidArgument(
+                f"the student's config sets {name} = {getattr(cfg, name)!r}, a logit transform "
+                "the fused loss does not implement; start the learner with --loss-path logits "
+                "to train this model through its own forward")
+    head = model.get_output_embeddings()
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return LMHead(head.weight, getattr(head, "bias", None), scale,
+                  float(softcap) if softcap else None)
+
+
+@torch.no_grad()
+def check_lm_head(model: Any, head: LMHead, probe_ids: list[int]) -> None:
+    """Refuse a head that does not reproduce the model's own logits on `probe_ids` (an
+    architecture with a transform after its LM head that `lm_head_of` does not know)."""
+    ids = torch.tensor([probe_ids], device=head.weight_VH.device)
+    logits = model(input_ids=ids).logits.float()
+    hidden = model.base_model(input_ids=ids).last_hidden_state
+    mine, _ = _logits(hidden[0].to(head.weight_VH.dtype), head, torch.float32)
+    tol = 1e-3 if head.weight_VH.dtype == torch.float32 else 5e-2
+    err = float((mine - logits[0]).abs().max() / logits[0].abs().max().clamp(min=1.0))
+    if not err <= tol:
+        raise InvalidArgument(
+            f"the student's LM head ({type(model).__name__}) does not reproduce the model's own "
+            f"logits on a probe (relative error {err:.3g} > {tol:g}): its forward transforms the "
+            "logits in a way the fused loss does not know; start the learner with "
+            "--loss-path logits to train it through its own forward")
+
+
+def completion_hidden(model: Any, input_ids_BL: Tensor, attention_mask_BL: Tensor,
+                      position_ids_BL: Tensor, T: int) -> Tensor:
+    """The final hidden states [B, T, H] that predict the last T tokens (positions L-T-1 ..
+    L-2), from the model's body alone: no LM head call, so no logits."""
+    out = model.base_model(input_ids=input_ids_BL, attention_mask=attention_mask_BL,
+                           position_ids=position_ids_BL)
+    return out.last_hidden_state[:, -(T + 1):-1]
+
+
+def chunk_rows(V: int, budget_bytes: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk so that the chunk's [rows, V] temporaries fit in `budget_bytes`."""
+    per_row = V * torch.finfo(dtype).bits // 8 * _LIVE_TEMPORARIES
+    return max(1, budget_bytes // max(per_row, 1))
+
+
+def _logits(h: Tensor, head: LMHead, cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(z [n, V] in cd, tanh(z_scaled / c) when soft-capped else None) for hidden rows h."""
+    z = F.linear(h, head.weight_VH, head.bias_V).to(cd)
+    if head.scale != 1.0:
+        z.mul_(head.scale)
+    if head.softcap is None:
+        return z, None
+    t = z.div_(head.softcap).tanh_()
+    return t * head.softcap, t
+
+
+@dataclass
+class _Plan:
+    """Everything a chunk needs besides the hidden rows and the head (no autograd here)."""
+
+    head: LMHead
+    tokens_M: Tensor
+    rows_M: Tensor
+    seq_M: Tensor
+    reference: Reference | None
+    adv_B: Tensor  # (R − b) per sequence, 0 where the reward failed
+    behav_M: Tensor | None
+    beta: float
+    weight: float  # w_t: 1/B ("sequence") or 1/M ("token")
+    cap: float
+    rows: int
+    validate: bool
+    B: int
+    cd: torch.dtype
+    need_grad: bool = True  # False under torch.no_grad (evaluation): terms only
+    terms: dict[str, Tensor] = field(default_factory=dict)  # filled by forward, for the stats
+
+
+def _future_in_chunk(kl_c: Tensor, seq_c: Tensor, carry_B: Tensor) -> Tensor:
+    """Σ_{t'>t} D_{t'} over the same sequence for rows sorted by (sequence, position), given
+    carry_B: the summed KL of each sequence's rows after this chunk (fp64)."""
+    k = kl_c.double()
+    incl = k.flip(0).cumsum(0).flip(0)  # Σ over the chunk's rows j >= i
+    next_seq = torch.searchsorted(seq_c, seq_c, right=True)  # first row of a later sequence
+    after = torch.cat([incl, incl.new_zeros(1)]).index_select(0, next_seq)
+    return incl - k - after + carry_B.index_select(0, seq_c)
+
+
+def _reference_logprobs(plan: _Plan, rows: Tensor, like: Tensor) -> Tensor:
+    """The reference's log-probs [n, V] at the flat rows (FULL or HIDDEN), in the compute dtype."""
+    ref = plan.reference
+    if isinstance(ref, HiddenRef):
+        h = ref.hidden_BTD.index_select(0, rows).to(plan.cd)
+        if plan.validate and not bool(torch.isfinite(h).all()):
+            raise _fail("reference.hidden", "finite hidden states", "NaN or inf",
+                        "fix the reference forward or mask those positions out")
+        return _ref_logprobs_from_hidden(h, ref, _TEACHER_VOCAB_CHUNK)
+    arrived = ref.index_select(0, rows)
+    logq = arrived.to(plan.cd)
+    if plan.validate:
+        _check_full_rows(logq, _norm_tol(arrived.dtype))
+    if torch.finfo(arrived.dtype).bits <= 16:
+        # bf16 log-probs carry ~3 significant digits: renormalise the upcast row so that q sums
+        # to 1 in the compute dtype (KL >= 0 holds exactly again). One more pass over the chunk.
+        logq -= torch.logsumexp(logq, -1, keepdim=True)
+    return logq
+
+
+def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
+           ) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """dL/dz [n, V] of one chunk of counted rows (None when no gradient is wanted), and its
+    per-row terms."""
+    rows, y = plan.rows_M[sl], plan.tokens_M[sl, None]
+    seq = plan.seq_M[sl]
+    z, t = _logits(h.to(plan.head.weight_VH.dtype), plan.head, plan.cd)
+    if plan.validate:
+        _check_logits_rows(z)
+    ref = plan.reference
+    if isinstance(ref, TopKRef):
+        kl, g_dense = _topk_rows(z, ref, rows, plan.validate)
+        logp, p, _ = _shifted_log_softmax(z)
+    else:
+        logp, p, m = _shifted_log_softmax(z)
+    del z
+    logp_y = logp.gather(-1, y).squeeze(-1)
+    p_sq = torch.linalg.vector_norm(p, dim=-1).square()
+    if ref is None:
+        kl, g_dense = logp_y.new_zeros(logp_y.shape), None
+    elif not isinstance(ref, TopKRef):
+        p_m = p.gather(-1, m)
+        kl, g_dense = _bucket_kl_grad(logp, _reference_logprobs(plan, rows, logp), p, m)
+        p.scatter_(-1, m, p_m)  # _bucket_kl_grad zeroed the argmax entry of p
+    del logp
+    grad_sq = (logp_y.new_zeros(logp_y.shape) if g_dense is None
+               else torch.linalg.vector_norm(g_dense, dim=-1).square())
+    future = _future_in_chunk(kl, seq, carry_B).to(plan.cd)
+    carry_B.index_add_(0, seq, kl.double())
+    # A_t (E5): (R − b) only where the reward came back (0 in adv_B otherwise); the −β·future-KL
+    # part needs no reward, so every sample keeps it.
+    adv = plan.adv_B.index_select(0, seq) - plan.beta * future
+    ratio = torch.ones_like(logp_y)
+    if plan.behav_M is not None:
+        ratio = (logp_y - plan.behav_M[sl].to(plan.cd)).exp().clamp(max=plan.cap)
+    coef = plan.weight * ratio * adv
+    terms = {"kl": kl, "logp": logp_y, "p_sq": p_sq, "grad_sq": grad_sq, "adv": adv,
+             "ratio": ratio, "coef": coef}
+    if not plan.need_grad:
+        return None, terms
+    # dL/dz = β w ∂D/∂z + c (p − onehot(y))
+    if g_dense is None:
+        grad = p.mul_(coef[:, None])
+    else:
+        grad = g_dense.mul_(plan.beta * plan.weight).addcmul_(p, coef[:, None])
+        del p
+    grad.scatter_add_(-1, y, -coef[:, None])
+    if t is not None:  # z = c · tanh(s / c): dz/ds = 1 − tanh²
+        grad.mul_(t.square_().neg_().add_(1.0))
+    if plan.head.scale != 1.0:
+        grad.mul_(plan.head.scale)
+    return grad, terms
+
+
+class _FusedHybrid(torch.autograd.Function):
+    """loss = β Σ w D_t − Σ c_t log π(y_t) from hidden rows [M, H] and the head's tensors; the
+    gradients w.r.t. all three are computed in forward, chunk by chunk, and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden_MH: Tensor, weight_VH: Tensor, bias_V: Tensor | None,
+                plan: _Plan) -> Tensor:
+        need_h, need_w, need_b = (plan.need_grad and n for n in ctx.needs_input_grad[:3])
+        M, H = hidden_MH.shape
+        V, cd = weight_VH.shape[0], plan.cd
+        grad_h = hidden_MH.new_zeros((M, H), dtype=cd) if need_h else None
+        grad_w = weight_VH.new_zeros((V, H), dtype=cd) if need_w else None
+        grad_b = weight_VH.new_zeros(V, dtype=cd) if need_b and bias_V is not None else None
+        carry_B = hidden_MH.new_zeros(plan.B, dtype=torch.float64)
+        names = ("kl", "logp", "p_sq", "grad_sq", "adv", "ratio", "coef")
+        terms = {k: hidden_MH.new_empty(M, dtype=cd) for k in names}
+        for sl in reversed(list(_row_chunks(M, plan.rows))):
+            h = hidden_MH[sl].detach()
+            grad, chunk_terms = _chunk(plan, h, sl, carry_B)
+            for k, v in chunk_terms.items():
+                terms[k][sl] = v
+            if plan.need_grad:
+                _accumulate(grad, h, weight_VH, sl, grad_h, grad_w, grad_b)
+        plan.terms = terms
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.dtypes = (hidden_MH.dtype, weight_VH.dtype, None if bias_V is None else bias_V.dtype)
+        dense = plan.beta * plan.weight * terms["kl"].sum()
+        sparse = -(terms["coef"] * terms["logp"]).sum()
+        return dense + sparse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        out: list[Tensor | None] = []
+        for has, dtype in zip(ctx.has, ctx.dtypes, strict=True):
+            out.append((next(saved) * grad_out).to(dtype) if has else None)
+        return out[0], out[1], out[2], None
+
+
+def _accumulate(grad: Tensor, h: Tensor, weight_VH: Tensor, sl: slice, grad_h: Tensor | None,
+                grad_w: Tensor | None, grad_b: Tensor | None) -> None:
+    """∂L/∂h rows, and ∂L/∂W, ∂L/∂b summed, for one chunk's dL/dz (matmuls in the weights'
+    dtype, accumulated in the compute dtype)."""
+    g = grad.to(weight_VH.dtype)
+    if grad_h is not None:
+        grad_h[sl] = g @ weight_VH
+    if grad_w is not None:
+        hw = h.to(weight_VH.dtype)
+        if grad_w.dtype == g.dtype:
+            grad_w.addmm_(g.T, hw)
+        else:
+            grad_w += (g.T @ hw).to(grad_w.dtype)
+    if grad_b is not None:
+        grad_b += grad.sum(0)
+
+
+def _check_fused_inputs(hidden_BTH: Tensor, head: LMHead, tokens_BT: Tensor, mask_BT: Tensor,
+                        rewards_B: Tensor | None, reward_mask_B: Tensor | None,
+                        behaviour_logprobs_BT: Tensor | None) -> tuple[int, int, int]:
+    if not isinstance(hidden_BTH, Tensor) or hidden_BTH.dim() != 3:
+        raise _fail("hidden_BTH", "a 3-D tensor [B, T, H]",
+                    getattr(hidden_BTH, "shape", type(hidden_BTH).__name__),
+                    "pass the student's final hidden states of the completion positions")
+    B, T, H = hidden_BTH.shape
+    dev = hidden_BTH.device
+    _expect(hidden_BTH, "hidden_BTH", (B, T, H), "float")
+    if not isinstance(head, LMHead):
+        raise _fail("head", "an LMHead", type(head).__name__, "build it with lm_head_of(model)")
+    w = head.weight_VH
+    if not isinstance(w, Tensor) or w.dim() != 2 or w.shape[1] != H:
+        raise _fail("head.weight_VH", f"a 2-D tensor [V, H = {H}]",
+                    getattr(w, "shape", type(w).__name__), "pass the student's LM head weight")
+    _expect(w, "head.weight_VH", tuple(w.shape), "float", device=dev)
+    if head.bias_V is not None:
+        _expect(head.bias_V, "head.bias_V", (w.shape[0],), "float", w.dtype, dev)
+    if not (math.isfinite(head.scale) and head.scale > 0):
+        raise _fail("head.scale", "a finite float > 0", head.scale, "check logit_scale")
+    if head.softcap is not None and not (math.isfinite(head.softcap) and head.softcap > 0):
+        raise _fail("head.softcap", "a finite float > 0 or None", head.softcap,
+                    "check final_logit_softcapping")
+    _expect(tokens_BT, "tokens_BT", (B, T), "int", device=dev)
+    _expect(mask_BT, "mask_BT", (B, T), "mask", device=dev)
+    if mask_BT.dtype != torch.bool and not bool(((mask_BT == 0) | (mask_BT == 1)).all()):
+        raise _fail("mask_BT", "bool or 0/1 values", "other values", "pass attention_mask.bool()")
+    if rewards_B is not None:
+        _expect(rewards_B, "rewards_B", (B,), "float", device=dev)
+    if reward_mask_B is not None:
+        _expect(reward_mask_B, "reward_mask_B", (B,), "mask", torch.bool, dev)
+    if behaviour_logprobs_BT is not None:
+        _expect(behaviour_logprobs_BT, "behaviour_logprobs_BT", (B, T), "float", device=dev)
+    return B, T, int(w.shape[0])
+
+
+def _reference_like(reference: Reference, device: torch.device) -> Tensor:
+    """A stand-in for the logits in the reference checks: FULL and TOPK log-probs may arrive in
+    any float dtype here (bf16 on the wire), since each chunk is upcast."""
+    if isinstance(reference, TopKRef):
+        dtype = reference.logprobs_BTK.dtype
+    elif isinstance(reference, HiddenRef):
+        dtype = reference.hidden_BTD.dtype
+    else:
+        dtype = reference.dtype if isinstance(reference, Tensor) else torch.float32
+    return torch.empty(0, dtype=dtype, device=device)
+
+
+def fused_hybrid_loss(
+    hidden_BTH: Tensor,
+    head: LMHead,
+    tokens_BT: Tensor,
+    mask_BT: Tensor,
+    reference: Reference | None,
+    rewards_B: Tensor | None,
+    beta: float,
+    baseline: str = "rloo",
+    group_size: int = 1,
+    normalization: str = "sequence",
+    normalize_std: bool = False,
+    behaviour_logprobs_BT: Tensor | None = None,
+    importance_cap: float = 2.0,
+    *,
+    reward_mask_B: Tensor | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_MB << 20,
+    chunk_positions: int | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    """`objective.hybrid_loss` on the logits of `head` applied to `hidden_BTH`, never building
+    them: the same loss value, gradient (to the hidden states and the head) and stats.
+
+    Args:
+        hidden_BTH: [B, T, H] the student's final hidden states (after its final norm);
+            hidden_BTH[b, t] produced tokens_BT[b, t] (shifted, as logits_BTV in hybrid_loss).
+        head: the student's `LMHead` (`lm_head_of(model)`).
+        reference: FULL [B, T, V] log-probs in any float dtype (bf16 from the wire is upcast one
+            chunk at a time), a TopKRef (any float log-probs), a HiddenRef, or None (beta == 0).
+        chunk_bytes: budget for one chunk's [rows, V] temporaries (`chunk_rows`); extra peak
+            memory stays about this, whatever N is.
+        chunk_positions: rows per chunk, overriding the budget (tests, benchmarks).
+        validate: check finiteness and normalisation chunk by chunk (one extra pass for FULL).
+        The other arguments are those of `hybrid_loss`.
+
+    Returns:
+        (loss, stats) as `hybrid_loss`; stats' gradient norms are w.r.t. the logits.
+    """
+    B, T, V = _check_fused_inputs(hidden_BTH, head, tokens_BT, mask_BT, rewards_B,
+                                  reward_mask_B, behaviour_logprobs_BT)
+    H = hidden_BTH.shape[-1]
+    cd = _compute_dtype(hidden_BTH.dtype, head.weight_VH.dtype)
+    rows = chunk_positions or chunk_rows(V, chunk_bytes, cd)
+    _check_options(beta, baseline, group_size, normalization, importance_cap, rows, B)
+    if reference is None and beta > 0:
+        raise _fail("reference", "a reference when beta > 0", None,
+                    "pass FULL/TopKRef/HiddenRef, or beta=0 for pure RL")
+    dev = hidden_BTH.device
+    if reference is not None:
+        _check_reference(reference, (B, T), V, _reference_like(reference, dev))
+    rows_M = mask_BT.reshape(-1).nonzero().squeeze(-1)
+    valid_B = torch.ones(B, dtype=torch.bool, device=dev) if reward_mask_B is None \
+        else reward_mask_B
+    behav_M = None
+    if behaviour_logprobs_BT is not None:
+        behav_M = behaviour_logprobs_BT.reshape(-1).index_select(0, rows_M)
+    tokens_M = tokens_BT.reshape(-1).index_select(0, rows_M).long()
+    _check_counted_values(tokens_M, V, rewards_B, valid_B, behav_M)
+    flat = None if reference is None else _flatten_reference(reference, B * T)
+    M = rows_M.numel()
+    plan = _Plan(
+        head=head, tokens_M=tokens_M, rows_M=rows_M, seq_M=rows_M // T, reference=flat,
+        adv_B=_sequence_advantages(rewards_B, valid_B, baseline, group_size, normalize_std, cd),
+        behav_M=behav_M, beta=float(beta),
+        weight=1.0 / (B if normalization == "sequence" else max(M, 1)),
+        cap=float(importance_cap), rows=rows, validate=validate, B=B, cd=cd,
+        need_grad=torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (hidden_BTH, head.weight_VH, head.bias_V)))
+    hidden_MH = hidden_BTH.reshape(B * T, H).index_select(0, rows_M)
+    loss = _FusedHybrid.apply(hidden_MH, head.weight_VH, head.bias_V, plan)
+    t = plan.terms
+    w_M = _position_weights(normalization, M, B, t["kl"])
+    terms = _Terms(w_M, t["kl"], t["grad_sq"], t["logp"], t["p_sq"], t["adv"], t["ratio"],
+                   t["coef"], valid_B.index_select(0, plan.seq_M))
+    dense = beta * (w_M * t["kl"]).sum()
+    sparse = loss.detach() - dense
+    stats = _stats(terms, beta, dense, sparse, plan.seq_M, B, _tail_mass_mean(flat, rows_M))
+    return loss, stats
+
+
+__all__ = ["DEFAULT_CHUNK_MB", "LMHead", "check_lm_head", "chunk_rows", "completion_hidden",
+           "fused_hybrid_loss", "lm_head_of"]
