@@ -73,13 +73,17 @@ def pad_rows(rows: Sequence[torch.Tensor], T: int, fill: float) -> torch.Tensor:
 
 
 def reference_tensors(results: Sequence[SequenceScores], encoding: str, T: int, V: int,
-                      lm_head: tuple[torch.Tensor, torch.Tensor | None] | None) -> Reference:
+                      lm_head: tuple[torch.Tensor, torch.Tensor | None] | None,
+                      full_dtype: torch.dtype | None = torch.float32) -> Reference:
     """The reference's results as the objective's reference: a [B, T, V] tensor, a TopKRef or a
     HiddenRef. Padding positions are never read by the objective; they get finite, normalised
-    values anyway."""
+    values anyway. FULL log-probs are cast to `full_dtype`, or kept in the dtype they travelled
+    in when it is None (the fused loss upcasts one chunk at a time)."""
     uniform = -math.log(V)
     if encoding == "full":
-        return pad_rows([r.logprobs_LV.float() for r in results], T, uniform)
+        rows = [r.logprobs_LV if full_dtype is None else r.logprobs_LV.to(full_dtype)
+                for r in results]
+        return pad_rows(rows, T, uniform)
     if encoding == "topk":
         ids = pad_rows([r.topk_ids_LK.long() for r in results], T, 0)
         logprobs = pad_rows([r.topk_logprobs_LK.float() for r in results], T, uniform)

@@ -75,6 +75,9 @@ class LearnerConfig(ServerOptions):
         "fused", help="'fused': the hybrid loss straight from the student's hidden states and LM "
         "head, chunk by chunk, never building the [N, V] logits (fused_loss.py); 'logits': "
         "through the model's own logits, for an architecture whose head 'fused' refuses")
+    full_reference_dtype: str = field(
+        "bfloat16", help="dtype FULL reference log-probs travel in: bfloat16 (half the bytes; "
+        "upcast and renormalised one chunk at a time, README 'Precision') or float32")
     loss_chunk_mb: int = field(
         256, help="memory budget (MiB) of one chunk of the fused loss's [rows, V] temporaries; "
         "extra memory stays about this whatever the batch; raise it on GPUs for larger matmuls")
@@ -93,6 +96,9 @@ class LearnerConfig(ServerOptions):
             raise InvalidArgument(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.loss_path not in ("fused", "logits"):
             raise InvalidArgument(f"loss_path must be 'fused' or 'logits', got {self.loss_path!r}")
+        if self.full_reference_dtype not in ("bfloat16", "float32"):
+            raise InvalidArgument("full_reference_dtype must be 'bfloat16' or 'float32', got "
+                                  f"{self.full_reference_dtype!r}")
         if self.loss_chunk_mb < 1:
             raise InvalidArgument(f"loss_chunk_mb must be >= 1, got {self.loss_chunk_mb}")
         if self.weight_chunk_mb < 1:

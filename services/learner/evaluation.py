@@ -84,7 +84,9 @@ def kl_mean(model: Any, batch: Batch, ref: list[SequenceScores] | None, encoding
     model.eval()
     inputs = (batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device),
               batch.position_ids_BL.to(device))
-    reference = reference_to(reference_tensors(ref, encoding, T, V, lm_head), device)
+    reference = reference_to(reference_tensors(ref, encoding, T, V, lm_head,
+                                               None if head is not None else torch.float32),
+                             device)
     # beta only scales the loss, which is not used: the stats' kl_mean is the metric.
     args = (batch.tokens_BT.to(device), batch.mask_BT.to(device), reference,
             torch.zeros(B, device=device), 1.0)

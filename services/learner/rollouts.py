@@ -149,8 +149,12 @@ class Rollouts:
                  generator: Any, reference: Any | None, reward: Any | None, log: Any,
                  vocab_size: int = 0, policy: OutagePolicy = OutagePolicy(),
                  notify: Callable[[str], None] | None = None,
-                 restore_weights: Callable[[], Awaitable[Any]] | None = None):
+                 restore_weights: Callable[[], Awaitable[Any]] | None = None,
+                 reference_dtype: str = "bfloat16"):
         self.job_id, self.spec, self.rows, self.log = job_id, spec, rows, log
+        # dtype FULL reference log-probs travel in (bf16 halves the largest message of a step;
+        # the objective upcasts one chunk at a time); the other encodings always use float32.
+        self.reference_dtype = reference_dtype
         self.generator, self.reference, self.reward = generator, reference, reward
         self.vocab_size = vocab_size  # the student's logit rows: a padded teacher's are cut to it
         self.policy = policy
@@ -373,6 +377,8 @@ class Rollouts:
                 lambda: self.reference.score(
                     seqs, score_from, encoding=self.spec.reference_encoding,
                     top_k=self.spec.top_k if self.spec.reference_encoding == "topk" else 0,
+                    dtype=self.reference_dtype if self.spec.reference_encoding == "full"
+                    else "float32",
                     vocab_size=self.vocab_size),
                 self.policy.reference_deadline(positions))
 

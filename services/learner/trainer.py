@@ -183,7 +183,8 @@ class Trainer:
         self.rollouts = Rollouts(
             self.job_id, spec, rows, generator, reference, reward, self.log, vocab_size=V,
             policy=self.config.outage_policy(), notify=self._notify,
-            restore_weights=lambda: self.weights.restore(self.model, self.version))
+            restore_weights=lambda: self.weights.restore(self.model, self.version),
+            reference_dtype=self.config.full_reference_dtype)
         self.weights = WeightSync(generator, self.clients, spec.generator_targets,
                                   self.config.weight_chunk_mb << 20,
                                   self.rollouts.deps["generator"])
@@ -292,8 +293,8 @@ class Trainer:
                       batch.position_ids_BL.to(device))
             V = int(model.get_output_embeddings().weight.shape[0])
             ref = None if scored.ref is None else reference_to(
-                reference_tensors(scored.ref, spec.reference_encoding, T, V, self.lm_head),
-                device)
+                reference_tensors(scored.ref, spec.reference_encoding, T, V, self.lm_head,
+                                  None if self.head is not None else torch.float32), device)
             args = (batch.tokens_BT.to(device), batch.mask_BT.to(device), ref,
                     scored.rewards_B.to(device), spec.beta)
             options = dict(baseline=spec.baseline, group_size=spec.samples_per_prompt,

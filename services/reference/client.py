@@ -50,12 +50,14 @@ class _Sequence:
             self.done = True
 
     def result(self) -> SequenceScores:
-        """The sequence's scores as float32 CPU tensors (`topk_ids_LK` stays int64)."""
+        """The sequence's scores as CPU tensors: float32, except FULL log-probs, which keep the
+        dtype they travelled in (bf16 stays bf16: half the memory; the objective upcasts), and
+        `topk_ids_LK`, which stays int64."""
         def cat(name: str) -> torch.Tensor | None:
             if name not in self.parts:
                 return None
             t = torch.cat(self.parts[name])
-            return t if name == "topk_ids" else t.float()
+            return t if name in ("topk_ids", "logprobs") else t.float()
         return SequenceScores(cat("logprobs"), cat("hidden"), cat("topk_ids"), cat("topk_logprobs"),
                          cat("tail_logprob"))
 

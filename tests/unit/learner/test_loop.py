@@ -147,19 +147,25 @@ def test_pure_rl_beta_zero_skips_the_reference(backend, tmp_path):
 
 def test_distillation_r0_in_every_encoding(backend, tmp_path):
     """R = 0: pure on-policy distillation. Step 1 sees identical rollouts in each job (same seed,
-    same starting weights), so FULL and HIDDEN (both exact) must agree, and TOPK come close."""
+    same starting weights), so FULL in float32 and HIDDEN (both exact) must agree, FULL in bf16
+    (the default on the wire) to bf16 precision, and TOPK come close."""
     first = {}
-    for encoding in ("full", "hidden", "topk"):
+    for name in ("full", "full_bf16", "hidden", "topk"):
+        encoding = name.removesuffix("_bf16")
         spec = job_spec(backend, reward_target="", steps=1, reference_encoding=encoding,
                         top_k=16)
-        record, _, history = asyncio.run(run_job(config(tmp_path / encoding), spec))
+        dtype = "bfloat16" if name == "full_bf16" else "float32"
+        record, _, history = asyncio.run(
+            run_job(config(tmp_path / name, full_reference_dtype=dtype), spec))
         assert record.state == SUCCEEDED, record.error
         m = history[0]
         assert_finite(m)
         assert m.reward_mean == 0 and m.kl_mean > 0
-        first[encoding] = m
+        first[name] = m
     assert first["full"].completion_length_mean == first["hidden"].completion_length_mean
     assert first["hidden"].kl_mean == pytest.approx(first["full"].kl_mean, rel=1e-4)
+    assert first["full_bf16"].kl_mean == pytest.approx(first["full"].kl_mean, rel=1e-2)
+    assert first["full_bf16"].kl_mean != first["full"].kl_mean  # it did travel in bf16
     assert first["full"].ref_tail_mass_mean == 0
     assert 0 < first["topk"].ref_tail_mass_mean < 1
     assert first["topk"].kl_mean == pytest.approx(first["full"].kl_mean, rel=0.5)

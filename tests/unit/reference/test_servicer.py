@@ -136,8 +136,8 @@ def test_bf16_payloads_round_trip(engine):
     assert raw[0].topk_logprobs.dtype == tensor_pb2.DTYPE_BFLOAT16
     assert raw[0].topk_ids.dtype == tensor_pb2.DTYPE_INT64
     for h, e in zip(half, engine.score(SEQS, STARTS, "full"), strict=True):
-        assert h.logprobs_LV.dtype == torch.float32  # the client hands back float32
-        torch.testing.assert_close(h.logprobs_LV, e.logprobs_LV, atol=2e-2, rtol=1e-2)
+        assert h.logprobs_LV.dtype == torch.bfloat16  # FULL keeps its wire dtype
+        torch.testing.assert_close(h.logprobs_LV.float(), e.logprobs_LV, atol=2e-2, rtol=1e-2)
 
 
 def test_lm_head_and_info(engine):
