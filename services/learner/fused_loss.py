@@ -9,8 +9,8 @@ produce. It walks the counted positions in chunks of rows, last chunk first. For
    for fp64 inputs), the matmul itself in the weights' dtype (bf16 weights: bf16 matmul, fp32
    accumulation inside it, upcast after, as a bf16 model's own logits are);
 2. takes the reference's log-probs for those rows only: FULL and TOPK rows are read (a bf16 FULL
-   reference is upcast per chunk); HIDDEN rows are built from the teacher's hidden states and LM
-   head (`objective._ref_logprobs_from_hidden`);
+   reference is upcast and renormalised per chunk); HIDDEN rows are built from the teacher's
+   hidden states and LM head;
 3. computes the dense closed form (E2-E4, E6) and the sparse score-function term from one shared
    log-softmax: dL/dz = β w_t ∂D_t/∂z + c_t (p − onehot(y_t)), with c_t = w_t ρ_t A_t;
 4. pushes dL/dz through the soft-cap and scale, and accumulates ∂L/∂h for the chunk's rows and
@@ -33,6 +33,7 @@ size of the head, both needed by any backward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,6 @@ from protege.services.learner.objective import (
     _flatten_reference,
     _norm_tol,
     _position_weights,
-    _ref_logprobs_from_hidden,
     _row_chunks,
     _sequence_advantages,
     _shifted_log_softmax,
@@ -68,10 +68,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK_MB = 256
+KERNELS = ("eager", "compiled")
 # Live [rows, V] compute-dtype tensors at the peak of one chunk: logits, log p, p, the reference
-# rows, the teacher's vocab block (HIDDEN) and the soft-cap derivative.
+# rows, a logsumexp temporary (HIDDEN) and the soft-cap derivative.
 _LIVE_TEMPORARIES = 6
-_TEACHER_VOCAB_CHUNK = 8192
 
 # Config fields that change the logits after the LM head in ways this op does not implement:
 # a job with one of them is refused by name rather than trained on the wrong logits.
@@ -184,6 +184,7 @@ class _Plan:
     B: int
     cd: torch.dtype
     need_grad: bool = True  # False under torch.no_grad (evaluation): terms only
+    kernel: str = "eager"  # the per-chunk math: "eager" or "compiled" (KERNELS)
     terms: dict[str, Tensor] = field(default_factory=dict)  # filled by forward, for the stats
 
 
@@ -205,7 +206,8 @@ def _reference_logprobs(plan: _Plan, rows: Tensor, like: Tensor) -> Tensor:
         if plan.validate and not bool(torch.isfinite(h).all()):
             raise _fail("reference.hidden", "finite hidden states", "NaN or inf",
                         "fix the reference forward or mask those positions out")
-        return _ref_logprobs_from_hidden(h, ref, _TEACHER_VOCAB_CHUNK)
+        logq = F.linear(h, ref.lm_head_VD.to(plan.cd), ref.bias_V)  # the chunk is in budget
+        return logq.sub_(torch.logsumexp(logq, -1, keepdim=True))
     arrived = ref.index_select(0, rows)
     logq = arrived.to(plan.cd)
     if plan.validate:
@@ -227,23 +229,12 @@ def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
     if plan.validate:
         _check_logits_rows(z)
     ref = plan.reference
-    if isinstance(ref, TopKRef):
-        kl, g_dense = _topk_rows(z, ref, rows, plan.validate)
-        logp, p, _ = _shifted_log_softmax(z)
-    else:
-        logp, p, m = _shifted_log_softmax(z)
-    del z
-    logp_y = logp.gather(-1, y).squeeze(-1)
-    p_sq = torch.linalg.vector_norm(p, dim=-1).square()
-    if ref is None:
-        kl, g_dense = logp_y.new_zeros(logp_y.shape), None
-    elif not isinstance(ref, TopKRef):
-        p_m = p.gather(-1, m)
-        kl, g_dense = _bucket_kl_grad(logp, _reference_logprobs(plan, rows, logp), p, m)
-        p.scatter_(-1, m, p_m)  # _bucket_kl_grad zeroed the argmax entry of p
-    del logp
-    grad_sq = (logp_y.new_zeros(logp_y.shape) if g_dense is None
-               else torch.linalg.vector_norm(g_dense, dim=-1).square())
+    dense = None
+    if plan.kernel == "compiled" and ref is not None and not isinstance(ref, TopKRef):
+        dense = _compiled_dense(z, _reference_logprobs(plan, rows, z), y)
+    if dense is None:
+        dense = _eager_dense(plan, z, rows, y)
+    kl, logp_y, p_sq, grad_sq, finish = dense
     future = _future_in_chunk(kl, seq, carry_B).to(plan.cd)
     carry_B.index_add_(0, seq, kl.double())
     # A_t (E5): (R − b) only where the reward came back (0 in adv_B otherwise); the −β·future-KL
@@ -257,18 +248,103 @@ def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
              "ratio": ratio, "coef": coef}
     if not plan.need_grad:
         return None, terms
-    # dL/dz = β w ∂D/∂z + c (p − onehot(y))
-    if g_dense is None:
-        grad = p.mul_(coef[:, None])
-    else:
-        grad = g_dense.mul_(plan.beta * plan.weight).addcmul_(p, coef[:, None])
-        del p
-    grad.scatter_add_(-1, y, -coef[:, None])
+    grad = finish(plan.beta * plan.weight, coef[:, None])  # dL/dz = βw ∂D/∂z + c (p − onehot(y))
     if t is not None:  # z = c · tanh(s / c): dz/ds = 1 − tanh²
         grad.mul_(t.square_().neg_().add_(1.0))
     if plan.head.scale != 1.0:
         grad.mul_(plan.head.scale)
     return grad, terms
+
+
+Dense = tuple[Tensor, Tensor, Tensor, Tensor, Callable[[float, Tensor], Tensor]]
+
+
+def _eager_dense(plan: _Plan, z: Tensor, rows: Tensor, y: Tensor) -> Dense:
+    """(kl, log p(y), Σp², ‖∂D/∂z‖², finish) of a chunk with eager ops (z is consumed);
+    finish(βw, c) returns βw ∂D/∂z + c (p − onehot(y)), in place of the chunk's buffers."""
+    ref = plan.reference
+    if isinstance(ref, TopKRef):
+        kl, g_dense = _topk_rows(z, ref, rows, plan.validate)
+        logp, p, _ = _shifted_log_softmax(z)
+    else:
+        logp, p, m = _shifted_log_softmax(z)
+    logp_y = logp.gather(-1, y).squeeze(-1)
+    p_sq = torch.linalg.vector_norm(p, dim=-1).square()
+    if ref is None:
+        kl, g_dense = logp_y.new_zeros(logp_y.shape), None
+    elif not isinstance(ref, TopKRef):
+        p_m = p.gather(-1, m)
+        kl, g_dense = _bucket_kl_grad(logp, _reference_logprobs(plan, rows, logp), p, m)
+        p.scatter_(-1, m, p_m)  # _bucket_kl_grad zeroed the argmax entry of p
+    del logp
+    grad_sq = (logp_y.new_zeros(logp_y.shape) if g_dense is None
+               else torch.linalg.vector_norm(g_dense, dim=-1).square())
+
+    def finish(bw: float, coef: Tensor) -> Tensor:
+        grad = p.mul_(coef) if g_dense is None else g_dense.mul_(bw).addcmul_(p, coef)
+        return grad.scatter_add_(-1, y, -coef)
+
+    return kl, logp_y, p_sq, grad_sq, finish
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled kernel (loss_kernel: compiled): the same math as `_eager_dense` for a FULL or
+# HIDDEN reference, written as two functions that torch.compile fuses into a few loops over each
+# row: one reduction pass for the statistics, one pass that writes dL/dz. Eager ops make ~17
+# passes over the chunk; these make about 4. The argmax entry still follows (E4).
+# ------------------------------------------------------------------------------------------------
+
+
+def _dense_stats(z: Tensor, logq: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    zmax, m = z.max(-1, keepdim=True)
+    lognorm = (z - zmax).exp().sum(-1, keepdim=True).log()
+    logp = z - zmax - lognorm
+    p = logp.exp()
+    po = torch.where(torch.arange(z.shape[-1], device=z.device) != m, p, 0.0)  # p_i, i ≠ m
+    pod = po * (logp - logq)
+    return (zmax, lognorm, m, pod.sum(-1, keepdim=True), po.sum(-1, keepdim=True),
+            (pod * pod).sum(-1, keepdim=True), (po * pod).sum(-1, keepdim=True),
+            (po * po).sum(-1, keepdim=True), logq.gather(-1, m), logp.gather(-1, y))
+
+
+def _dense_grad(z: Tensor, logq: Tensor, y: Tensor, zmax: Tensor, lognorm: Tensor, m: Tensor,
+                kl: Tensor, g_m: Tensor, bw: Tensor, coef: Tensor) -> Tensor:
+    logp = z - zmax - lognorm
+    p = logp.exp()
+    idx = torch.arange(z.shape[-1], device=z.device)
+    g = torch.where(idx != m, p * (logp - logq - kl), g_m) * bw + coef * p
+    return g - torch.where(idx == y, coef, 0.0)
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled(name: str) -> Callable[..., Any]:
+    if name not in _COMPILED:
+        fn = {"stats": _dense_stats, "grad": _dense_grad}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _compiled_dense(z: Tensor, logq: Tensor, y: Tensor) -> Dense | None:
+    """`_eager_dense` for FULL/HIDDEN through the compiled functions; None when the reference
+    has zero-mass (−inf) entries, which the eager path handles (0 · log 0 = 0)."""
+    zmax, lognorm, m, s_other, one_minus_pm, a2, a1, a0, logq_m, logp_y = _compiled("stats")(
+        z, logq, y)
+    if not bool(torch.isfinite(s_other).all()):
+        return None
+    p_m = (-lognorm).exp()
+    d_m = -lognorm - logq_m
+    kl = p_m * d_m + s_other
+    g_m = p_m * (one_minus_pm * d_m - s_other)  # (E4)
+    grad_sq = a2 - 2 * kl * a1 + kl.square() * a0 + g_m.square()
+
+    def finish(bw: float, coef: Tensor) -> Tensor:
+        return _compiled("grad")(z, logq, y, zmax, lognorm, m, kl, g_m,
+                                 z.new_tensor(bw), coef)
+
+    return (kl.squeeze(-1), logp_y.squeeze(-1), (a0 + p_m.square()).squeeze(-1),
+            grad_sq.squeeze(-1).clamp(min=0), finish)
 
 
 class _FusedHybrid(torch.autograd.Function):
@@ -397,6 +473,7 @@ def fused_hybrid_loss(
     chunk_bytes: int = DEFAULT_CHUNK_MB << 20,
     chunk_positions: int | None = None,
     validate: bool = True,
+    kernel: str = "eager",
 ) -> tuple[Tensor, dict[str, float | Tensor]]:
     """`objective.hybrid_loss` on the logits of `head` applied to `hidden_BTH`, never building
     them: the same loss value, gradient (to the hidden states and the head) and stats.
@@ -410,6 +487,9 @@ def fused_hybrid_loss(
         chunk_bytes: budget for one chunk's [rows, V] temporaries (`chunk_rows`); extra peak
             memory stays about this, whatever N is.
         chunk_positions: rows per chunk, overriding the budget (tests, benchmarks).
+        kernel: the per-chunk math for FULL and HIDDEN: "eager" (PyTorch ops, about 17 passes
+            over each chunk) or "compiled" (torch.compile fuses it into about 4; the first call
+            compiles for tens of seconds). TOPK and pure RL always run eager.
         validate: check finiteness and normalisation chunk by chunk (one extra pass for FULL).
         The other arguments are those of `hybrid_loss`.
 
@@ -422,6 +502,8 @@ def fused_hybrid_loss(
     cd = _compute_dtype(hidden_BTH.dtype, head.weight_VH.dtype)
     rows = chunk_positions or chunk_rows(V, chunk_bytes, cd)
     _check_options(beta, baseline, group_size, normalization, importance_cap, rows, B)
+    if kernel not in KERNELS:
+        raise _fail("kernel", f"one of {KERNELS}", repr(kernel), "use 'eager'")
     if reference is None and beta > 0:
         raise _fail("reference", "a reference when beta > 0", None,
                     "pass FULL/TopKRef/HiddenRef, or beta=0 for pure RL")
@@ -443,7 +525,7 @@ def fused_hybrid_loss(
         adv_B=_sequence_advantages(rewards_B, valid_B, baseline, group_size, normalize_std, cd),
         behav_M=behav_M, beta=float(beta),
         weight=1.0 / (B if normalization == "sequence" else max(M, 1)),
-        cap=float(importance_cap), rows=rows, validate=validate, B=B, cd=cd,
+        cap=float(importance_cap), rows=rows, validate=validate, B=B, cd=cd, kernel=kernel,
         need_grad=torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (hidden_BTH, head.weight_VH, head.bias_V)))
     hidden_MH = hidden_BTH.reshape(B * T, H).index_select(0, rows_M)

@@ -380,3 +380,48 @@ def _bad(**edit: Any) -> dict[str, Any]:
 def test_bad_input_raises(edit: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):
         fused_hybrid_loss(**_bad(**edit))
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled kernel computes the same thing
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["full", "hidden"])
+def test_compiled_kernel_equals_eager(encoding: str) -> None:
+    case = _case(12, B=4, T=6, V=40, encoding=encoding, dtype=torch.float32)
+    results = []
+    for kernel in ("eager", "compiled"):
+        h = case["hidden"].clone().requires_grad_(True)
+        w = case["weight"].clone().requires_grad_(True)
+        b = case["bias"].clone().requires_grad_(True)
+        loss, stats = fused_hybrid_loss(
+            h, LMHead(w, b, 1.0, 4.0), case["tokens_BT"], case["mask_BT"], case["reference"],
+            case["rewards_B"], 0.4, group_size=2, behaviour_logprobs_BT=case["behaviour_BT"],
+            chunk_positions=5, kernel=kernel)
+        results.append((loss, stats, torch.autograd.grad(loss, [h, w, b])))
+    (loss_e, stats_e, grads_e), (loss_c, stats_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for key in ("kl_mean", "dense_grad_norm", "sparse_grad_norm", "ratio_mean"):
+        assert stats_c[key] == pytest.approx(stats_e[key], rel=1e-4), key
+
+
+def test_compiled_kernel_falls_back_on_zero_reference_mass() -> None:
+    """A −inf reference entry makes the compiled statistics non-finite: the chunk goes to the
+    eager path, which refuses it by name where the student has mass there (KL = +inf)."""
+    case = _case(13, V=7, dtype=torch.float32, bias=False)
+    w, h = case["weight"], case["hidden"]
+    ref = torch.log_softmax(h @ w.T, -1)
+    ref[..., 3] = -math.inf
+    ref = torch.log_softmax(ref, -1)
+    head = LMHead(w, None, 1.0, None)
+    with pytest.raises(InvalidArgument, match="zero reference mass"):
+        fused_hybrid_loss(h, head, case["tokens_BT"] % 3, case["mask_BT"], ref,
+                          case["rewards_B"], 0.5, kernel="compiled")
+
+
+def test_unknown_kernel_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="kernel: expected one of"):
+        fused_hybrid_loss(**_bad(), kernel="cuda-magic")
