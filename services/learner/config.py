@@ -78,6 +78,9 @@ class LearnerConfig(ServerOptions):
     full_reference_dtype: str = field(
         "bfloat16", help="dtype FULL reference log-probs travel in: bfloat16 (half the bytes; "
         "upcast and renormalised one chunk at a time, README 'Precision') or float32")
+    loss_kernel: str = field(
+        "auto", help="per-chunk math of the fused loss: auto (triton on CUDA, else eager), "
+        "eager, compiled (torch.compile; compiles at the first step) or triton (CUDA only)")
     loss_chunk_mb: int = field(
         256, help="memory budget (MiB) of one chunk of the fused loss's [rows, V] temporaries; "
         "extra memory stays about this whatever the batch; raise it on GPUs for larger matmuls")
@@ -99,6 +102,9 @@ class LearnerConfig(ServerOptions):
         if self.full_reference_dtype not in ("bfloat16", "float32"):
             raise InvalidArgument("full_reference_dtype must be 'bfloat16' or 'float32', got "
                                   f"{self.full_reference_dtype!r}")
+        if self.loss_kernel not in ("auto", "eager", "compiled", "triton"):
+            raise InvalidArgument("loss_kernel must be auto, eager, compiled or triton, got "
+                                  f"{self.loss_kernel!r}")
         if self.loss_chunk_mb < 1:
             raise InvalidArgument(f"loss_chunk_mb must be >= 1, got {self.loss_chunk_mb}")
         if self.weight_chunk_mb < 1:

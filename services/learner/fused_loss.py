@@ -68,7 +68,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK_MB = 256
-KERNELS = ("eager", "compiled")
+KERNELS = ("auto", "eager", "compiled", "triton")
 # Live [rows, V] compute-dtype tensors at the peak of one chunk: logits, log p, p, the reference
 # rows, a logsumexp temporary (HIDDEN) and the soft-cap derivative.
 _LIVE_TEMPORARIES = 6
@@ -184,7 +184,7 @@ class _Plan:
     B: int
     cd: torch.dtype
     need_grad: bool = True  # False under torch.no_grad (evaluation): terms only
-    kernel: str = "eager"  # the per-chunk math: "eager" or "compiled" (KERNELS)
+    kernel: str = "eager"  # the per-chunk math: "eager", "compiled" or "triton" (resolved)
     terms: dict[str, Tensor] = field(default_factory=dict)  # filled by forward, for the stats
 
 
@@ -230,8 +230,8 @@ def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
         _check_logits_rows(z)
     ref = plan.reference
     dense = None
-    if plan.kernel == "compiled" and ref is not None and not isinstance(ref, TopKRef):
-        dense = _compiled_dense(z, _reference_logprobs(plan, rows, z), y)
+    if plan.kernel != "eager" and ref is not None and not isinstance(ref, TopKRef):
+        dense = _fused_dense(plan.kernel, z, _reference_logprobs(plan, rows, z), y)
     if dense is None:
         dense = _eager_dense(plan, z, rows, y)
     kl, logp_y, p_sq, grad_sq, finish = dense
@@ -316,21 +316,40 @@ def _dense_grad(z: Tensor, logq: Tensor, y: Tensor, zmax: Tensor, lognorm: Tenso
     return g - torch.where(idx == y, coef, 0.0)
 
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
+_KERNEL_FNS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
 
 
-def _compiled(name: str) -> Callable[..., Any]:
-    if name not in _COMPILED:
-        fn = {"stats": _dense_stats, "grad": _dense_grad}[name]
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[name]
+def _kernel_fns(kernel: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(stats, grad) of a kernel: torch.compile of the functions above, or their Triton twins."""
+    if kernel not in _KERNEL_FNS:
+        if kernel == "triton":
+            from protege.services.learner import fused_triton
+
+            _KERNEL_FNS[kernel] = (fused_triton.dense_stats, fused_triton.dense_grad)
+        else:
+            _KERNEL_FNS[kernel] = (torch.compile(_dense_stats, dynamic=True, fullgraph=True),
+                                   torch.compile(_dense_grad, dynamic=True, fullgraph=True))
+    return _KERNEL_FNS[kernel]
 
 
-def _compiled_dense(z: Tensor, logq: Tensor, y: Tensor) -> Dense | None:
-    """`_eager_dense` for FULL/HIDDEN through the compiled functions; None when the reference
-    has zero-mass (−inf) entries, which the eager path handles (0 · log 0 = 0)."""
-    zmax, lognorm, m, s_other, one_minus_pm, a2, a1, a0, logq_m, logp_y = _compiled("stats")(
-        z, logq, y)
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """'auto' is Triton on CUDA when triton imports, else eager."""
+    if kernel != "auto":
+        return kernel
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "eager"
+        return "triton"
+    return "eager"
+
+
+def _fused_dense(kernel: str, z: Tensor, logq: Tensor, y: Tensor) -> Dense | None:
+    """`_eager_dense` for FULL/HIDDEN through a fused kernel; None when the reference has
+    zero-mass (−inf) entries, which the eager path handles (0 · log 0 = 0)."""
+    stats_fn, grad_fn = _kernel_fns(kernel)
+    zmax, lognorm, m, s_other, one_minus_pm, a2, a1, a0, logq_m, logp_y = stats_fn(z, logq, y)
     if not bool(torch.isfinite(s_other).all()):
         return None
     p_m = (-lognorm).exp()
@@ -340,8 +359,7 @@ def _compiled_dense(z: Tensor, logq: Tensor, y: Tensor) -> Dense | None:
     grad_sq = a2 - 2 * kl * a1 + kl.square() * a0 + g_m.square()
 
     def finish(bw: float, coef: Tensor) -> Tensor:
-        return _compiled("grad")(z, logq, y, zmax, lognorm, m, kl, g_m,
-                                 z.new_tensor(bw), coef)
+        return grad_fn(z, logq, y, zmax, lognorm, m, kl, g_m, z.new_tensor(bw), coef)
 
     return (kl.squeeze(-1), logp_y.squeeze(-1), (a0 + p_m.square()).squeeze(-1),
             grad_sq.squeeze(-1).clamp(min=0), finish)
@@ -473,7 +491,7 @@ def fused_hybrid_loss(
     chunk_bytes: int = DEFAULT_CHUNK_MB << 20,
     chunk_positions: int | None = None,
     validate: bool = True,
-    kernel: str = "eager",
+    kernel: str = "auto",
 ) -> tuple[Tensor, dict[str, float | Tensor]]:
     """`objective.hybrid_loss` on the logits of `head` applied to `hidden_BTH`, never building
     them: the same loss value, gradient (to the hidden states and the head) and stats.
@@ -488,8 +506,9 @@ def fused_hybrid_loss(
             memory stays about this, whatever N is.
         chunk_positions: rows per chunk, overriding the budget (tests, benchmarks).
         kernel: the per-chunk math for FULL and HIDDEN: "eager" (PyTorch ops, about 17 passes
-            over each chunk) or "compiled" (torch.compile fuses it into about 4; the first call
-            compiles for tens of seconds). TOPK and pure RL always run eager.
+            over each chunk), "compiled" (torch.compile fuses it into about 4; the first call
+            compiles for tens of seconds), "triton" (CUDA, `fused_triton.py`) or "auto"
+            (triton on CUDA, else eager). TOPK and pure RL always run eager.
         validate: check finiteness and normalisation chunk by chunk (one extra pass for FULL).
         The other arguments are those of `hybrid_loss`.
 
@@ -525,7 +544,8 @@ def fused_hybrid_loss(
         adv_B=_sequence_advantages(rewards_B, valid_B, baseline, group_size, normalize_std, cd),
         behav_M=behav_M, beta=float(beta),
         weight=1.0 / (B if normalization == "sequence" else max(M, 1)),
-        cap=float(importance_cap), rows=rows, validate=validate, B=B, cd=cd, kernel=kernel,
+        cap=float(importance_cap), rows=rows, validate=validate, B=B, cd=cd,
+        kernel=resolve_kernel(kernel, dev),
         need_grad=torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (hidden_BTH, head.weight_VH, head.bias_V)))
     hidden_MH = hidden_BTH.reshape(B * T, H).index_select(0, rows_M)
@@ -540,5 +560,5 @@ def fused_hybrid_loss(
     return loss, stats
 
 
-__all__ = ["DEFAULT_CHUNK_MB", "LMHead", "check_lm_head", "chunk_rows", "completion_hidden",
-           "fused_hybrid_loss", "lm_head_of"]
+__all__ = ["DEFAULT_CHUNK_MB", "KERNELS", "LMHead", "check_lm_head", "chunk_rows",
+           "completion_hidden", "fused_hybrid_loss", "lm_head_of", "resolve_kernel"]

@@ -305,7 +305,8 @@ class Trainer:
             if self.head is not None:  # hidden states in, no [B, T, V] logits (fused_loss.py)
                 hidden = completion_hidden(model, *inputs, T)
                 loss, stats = fused_hybrid_loss(hidden, self.head, *args, **options,
-                                                chunk_bytes=self.config.loss_chunk_mb << 20)
+                                                chunk_bytes=self.config.loss_chunk_mb << 20,
+                                                kernel=self.config.loss_kernel)
             else:
                 out = model(input_ids=inputs[0], attention_mask=inputs[1],
                             position_ids=inputs[2], logits_to_keep=T + 1)
