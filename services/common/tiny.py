@@ -33,15 +33,23 @@ class TinyLlamaSpec:
     intermediate_size: int = 256
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
+    # 0: the tokenizer's own size. Larger pads the tokenizer with filler tokens that text never
+    # encodes to, so the model has a real-sized vocabulary (151,936 for Qwen's) to probe the
+    # memory and speed of everything that scales with V.
+    vocab_size: int = 0
 
 
-def build_char_tokenizer(out_dir: str | Path, charset: str = DEFAULT_CHARSET):
-    """A character-level fast tokenizer (one token per character), saved to `out_dir`."""
+def build_char_tokenizer(out_dir: str | Path, charset: str = DEFAULT_CHARSET,
+                         vocab_size: int = 0):
+    """A character-level fast tokenizer (one token per character), saved to `out_dir`; with
+    `vocab_size` above its size, padded with filler tokens `<|filler_N|>` up to that size."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(charset))
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
+    tokens = [*SPECIAL_TOKENS, *chars]
+    tokens += [f"<|filler_{i}|>" for i in range(max(0, vocab_size - len(tokens)))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -86,7 +94,7 @@ def ensure_tiny_model(out_dir: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_char_tokenizer(out, charset)
+    tokenizer = build_char_tokenizer(out, charset, spec.vocab_size)
     build_tiny_llama(out, tokenizer, spec, seed)
     logger.info("built tiny model at %s", out)
     return out
