@@ -16,9 +16,16 @@ PYTEST_FLAGS ?=
 help: ## List targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-system-deps: ## Debian packages the tests use (prometheus, promtool, kubectl)
+system-deps: ## Debian packages the tests use (prometheus, promtool, node for the reward example)
 	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; fi
+	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; fi
+
+# The Node.js reward example's packages (from its lock file), for its conformance test.
+examples/reward-node/node_modules/.installed: examples/reward-node/package-lock.json
+	npm ci --prefix examples/reward-node --no-audit --no-fund --silent
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +49,7 @@ protos-check: protos ## Fail if the committed stubs are stale
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
-test: setup system-deps protos-check lint ## Fast suite (everything but slow and vllm)
+test: setup system-deps examples/reward-node/node_modules/.installed protos-check lint ## Fast suite (everything but slow and vllm)
 	$(VENV)/bin/pytest -m "not slow and not vllm" $(PYTEST_FLAGS)
 
 test-slow: setup system-deps ## Slow end-to-end cases

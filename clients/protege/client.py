@@ -7,6 +7,7 @@
         for event in client.watch(job.id):              # StepEvent | StateEvent | CheckpointEvent
             print(event)
         final = client.wait(job.id)
+        curves = client.metrics(job.id)                 # every step's StepMetrics, every eval
 
 Every gRPC status becomes the matching `protege.errors` exception (NotFound, InvalidArgument,
 Unauthenticated, Unavailable, WrongEndpoint, ...), raised `from` the original grpc.RpcError.
@@ -19,6 +20,7 @@ a watch stream that a learner restart broke.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -27,19 +29,28 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protege import errors
 from protege.serving import TLSConfig, make_sync_channel, served_services_sync, what_is_served
 from protege.spec import (
+    CompletionSample,
+    EvalMetrics,
     Event,
     JobInfo,
     JobSpec,
     StateEvent,
+    StepMetrics,
     event_from_proto,
     state_value,
 )
-from protege.v1 import jobs_pb2, jobs_pb2_grpc
+from protege.v1 import jobs_pb2, jobs_pb2_grpc, reward_pb2
+
+# Services a Protégé server may be serving, asked by name through health checking when a target
+# answers UNIMPLEMENTED and has no reflection (a reward server in another language, say).
+KNOWN_SERVICES = ("protege.v1.Jobs", "protege.v1.Generator", "protege.v1.Reference",
+                  reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +81,42 @@ def _connect_error(channel: grpc.Channel) -> str | None:
     finally:
         call.cancel()
     return None
+
+
+def served_by_health(channel: grpc.Channel, timeout: float = 2.0) -> list[str] | None:
+    """The Protégé services the server's health service knows (any status), or None when it has
+    no health service either."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    known = []
+    for name in KNOWN_SERVICES:
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                continue  # health answers, but not for this service
+            return None
+        known.append(name)
+    return known
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsHistory:
+    """A job's curves: every stored step's metrics and every evaluation, in step order."""
+
+    job_id: str
+    steps: list[StepMetrics]
+    evals: list[EvalMetrics]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleTable:
+    """Completions sampled at one step (`step` 0: none logged yet), and every step that logged
+    some."""
+
+    job_id: str
+    step: int
+    samples: list[CompletionSample]
+    logged_steps: list[int]
 
 
 class Client:
@@ -103,6 +150,31 @@ class Client:
         """Ask the job to stop after its current step; it ends CANCELLED."""
         return JobInfo.from_proto(
             self._call("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id)))
+
+    def delete(self, job_id: str, delete_checkpoints: bool = False) -> str:
+        """Forget a finished job (FailedPrecondition while it may still run); with
+        `delete_checkpoints`, the learner removes its checkpoint directory too, whose path is
+        returned ('' when kept)."""
+        request = jobs_pb2.DeleteJobRequest(job_id=job_id, delete_checkpoints=delete_checkpoints)
+        return self._call("DeleteJob", request).removed_checkpoint_dir
+
+    # -------------------------------------------------------------------------------- history
+
+    def metrics(self, job_id: str, after_step: int = 0) -> MetricsHistory:
+        """Every stored step's metrics and every evaluation of the job (those after
+        `after_step`, when given), in step order."""
+        reply = self._call("GetJobMetrics",
+                           jobs_pb2.GetJobMetricsRequest(job_id=job_id, after_step=after_step))
+        return MetricsHistory(job_id, [StepMetrics.from_proto(m) for m in reply.steps],
+                              [EvalMetrics.from_proto(m) for m in reply.evals])
+
+    def samples(self, job_id: str, step: int = 0) -> SampleTable:
+        """The completions sampled at `step` (0: the latest step that logged some)."""
+        reply = self._call("ListJobSamples",
+                           jobs_pb2.ListJobSamplesRequest(job_id=job_id, step=step))
+        return SampleTable(job_id, reply.step,
+                           [CompletionSample.from_proto(s) for s in reply.samples],
+                           list(reply.logged_steps))
 
     # -------------------------------------------------------------------------------- streams
 
@@ -174,6 +246,8 @@ class Client:
             exc.args = (f"cannot reach the learner at {self.target}: {exc}",)
         elif isinstance(exc, errors.WrongEndpoint):
             served = served_services_sync(self._channel)
+            if served is None:
+                served = served_by_health(self._channel) or None
             exc.args = (f"{what_is_served(self.target, f'/{JOBS_SERVICE}/{method}', served)}: "
                         "point the Client at the learner's Jobs port [UNIMPLEMENTED]",)
         return exc

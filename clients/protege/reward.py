@@ -10,6 +10,9 @@ A whole reward service:
     if __name__ == "__main__":
         protege.reward.serve(score, port=50053, name="exact-answer")
 
+It listens on 127.0.0.1 (pass `host="0.0.0.0"` in a container, where the learner connects from
+another host) and serves its Prometheus metrics on a free port it logs (`metrics_port=0`; pass a
+fixed one for scraping, -1 for none), so two of them on one machine never clash.
 `serve` blocks until SIGTERM/SIGINT; `await start(...)` returns a `RunningServer` instead (tests,
 embedding). A batched scorer takes a list and returns a list: `serve(score_batch, batched=True)`.
 
@@ -67,6 +70,10 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
 DEFAULT_PORT = 50053
+DEFAULT_HOST = "127.0.0.1"  # loopback unless asked: a kit server has no token by default
+DEFAULT_METRICS_PORT = 0  # a free port, logged: a second instance must not clash
+# RewardInfo.max_request_bytes = 0 means gRPC's default receive limit (reward.proto).
+DEFAULT_REQUEST_BYTES = 4 << 20
 SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerOptions))
 OK, ERROR, TIMEOUT, INVALID = "ok", "error", "timeout", "invalid"
 STATUS_PROTO = {OK: reward_pb2.SCORE_STATUS_OK, ERROR: reward_pb2.SCORE_STATUS_ERROR,
@@ -385,7 +392,8 @@ def _options(options: ServerOptions | None, fields: dict[str, Any]) -> ServerOpt
     if unknown:
         raise errors.InvalidArgument(f"unknown option(s) {unknown}; valid server options: "
                                      f"{sorted(SERVER_FIELDS)}")
-    return ServerOptions(**{"port": DEFAULT_PORT, **fields})
+    return ServerOptions(**{"host": DEFAULT_HOST, "port": DEFAULT_PORT,
+                            "metrics_port": DEFAULT_METRICS_PORT, **fields})
 
 
 async def start(score: Callable, *, batched: bool = False, name: str | None = None,
@@ -395,9 +403,11 @@ async def start(score: Callable, *, batched: bool = False, name: str | None = No
                 **server_fields: Any) -> RunningServer:
     """Start serving `score` and return the RunningServer (`await running.stop()` to stop).
 
-    `server_fields` are any `ServerOptions` field: host, port (default 50053; 0 = free port),
-    metrics_port, tls_cert, tls_key, tls_client_ca, tokens_file, max_message_mb, grace_s,
-    ready_file. `token` is an admin bearer token the callers must send (also $PROTEGE_TOKEN).
+    `server_fields` are any `ServerOptions` field: host (default 127.0.0.1; "0.0.0.0" for every
+    interface), port (default 50053; 0 = free port), metrics_port (default 0 = a free port;
+    -1 = none), tls_cert, tls_key, tls_client_ca, tokens_file, max_message_mb (Info reports it as
+    max_request_bytes), grace_s, ready_file. `token` is an admin bearer token the callers must
+    send (also $PROTEGE_TOKEN).
     """
     opts = _options(options, server_fields)
     if max_batch_size < 1:
@@ -408,11 +418,17 @@ async def start(score: Callable, *, batched: bool = False, name: str | None = No
     info = reward_pb2.RewardInfo(
         name=name or getattr(score, "__name__", type(score).__name__),
         description=description if description is not None else (doc[0] if doc else ""),
-        max_batch_size=max_batch_size, item_timeout_s=item_timeout_s)
+        max_batch_size=max_batch_size, item_timeout_s=item_timeout_s,
+        max_request_bytes=opts.max_message_mb << 20)
     servicer = RewardServicer(runner, info)
     auth = TokenAuth.from_env(opts.tokens_file, token=token)
-    return await start_server("reward", opts, servicer.register, [SERVICE_NAME],
-                              on_stop=runner.close, auth=auth)
+    running = await start_server("reward", opts, servicer.register, [SERVICE_NAME],
+                                 on_stop=runner.close, auth=auth)
+    port = running.address.rsplit(":", 1)[1]
+    logger.info("reward %r bound to %s:%s%s; metrics on %s", info.name, opts.host, port,
+                " (every interface)" if opts.host in ("0.0.0.0", "::", "[::]") else "",
+                running.metrics_address or "(off)")
+    return running
 
 
 def serve(score: Callable, **kwargs: Any) -> None:
@@ -431,6 +447,37 @@ def serve(score: Callable, **kwargs: Any) -> None:
 # ----------------------------------------------------------------------------------- client
 
 
+def split_batch(samples: Sequence[reward_pb2.Sample], max_batch_size: int, max_bytes: int,
+                target: str = "the reward") -> list[list[reward_pb2.Sample]]:
+    """Consecutive chunks of at most `max_batch_size` samples (0 = no limit) whose ScoreRequest
+    is at most `max_bytes` serialized; InvalidArgument for one sample that alone is larger."""
+    chunks: list[list[reward_pb2.Sample]] = []
+    current: list[reward_pb2.Sample] = []
+    size = 0
+    for s in samples:
+        n = s.ByteSize()
+        item = 1 + _varint_len(n) + n  # the repeated field's tag, length and bytes
+        if item > max_bytes:
+            raise errors.InvalidArgument(
+                f"sample {s.id!r} is {item} bytes, more than {target} accepts in one request "
+                f"({max_bytes} bytes, RewardInfo.max_request_bytes); shorten its prompt, "
+                "completion or metadata, or raise the server's limit")
+        full = max_batch_size and len(current) >= max_batch_size
+        if current and (full or size + item > max_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(s)
+        size += item
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+
 class RewardClient:
     """Calls a Reward service; splits batches over its max_batch_size and checks the answers."""
 
@@ -438,6 +485,7 @@ class RewardClient:
                  timeout: float = 60.0, max_message_mb: int = 64):
         self.target, self.timeout = target, timeout
         self._channel = make_channel(target, token=token, tls=tls, max_message_mb=max_message_mb)
+        self._max_send_bytes = max_message_mb << 20
         self._stub = reward_pb2_grpc.RewardStub(self._channel)
         self._info: reward_pb2.RewardInfo | None = None
 
@@ -454,10 +502,12 @@ class RewardClient:
             return []
         if self._info is None:
             await self.info()
-        # A server that leaves max_batch_size unset (0) gets the whole batch at once.
-        size = self._info.max_batch_size or len(samples)  # type: ignore[union-attr]
-        parts = await asyncio.gather(*(self._score(samples[i:i + size])
-                                       for i in range(0, len(samples), size)))
+        info = self._info
+        # What the server accepts (4 MiB unless it says more), and never more than this channel
+        # may send.
+        max_bytes = min(info.max_request_bytes or DEFAULT_REQUEST_BYTES, self._max_send_bytes)
+        parts = await asyncio.gather(*(self._score(chunk) for chunk in split_batch(
+            samples, info.max_batch_size, max_bytes, self.target)))
         return [r for part in parts for r in part]
 
     async def _score(self, samples: Sequence[reward_pb2.Sample]) -> list[reward_pb2.ScoreResult]:

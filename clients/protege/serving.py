@@ -116,7 +116,9 @@ class ServerOptions:
 
     host: str = field("0.0.0.0", help="interface to bind; 127.0.0.1 for loopback only")
     port: int = field(50051, help="gRPC port; 0 picks a free one (see ready_file)")
-    metrics_port: int = field(9090, help="Prometheus /metrics HTTP port; 0 picks one, -1 disables")
+    # Not 9090, Prometheus's own port (nor 9091/9093, the Pushgateway's and Alertmanager's).
+    # k8s/ sets its port explicitly; 0 picks a free one (see ready_file).
+    metrics_port: int = field(9400, help="Prometheus /metrics HTTP port; 0 picks one, -1 disables")
     tls_cert: str | None = field(None, help="PEM server certificate; enables TLS with tls_key")
     tls_key: str | None = field(None, help="PEM private key for tls_cert")
     tls_client_ca: str | None = field(None, help="PEM CA bundle; clients then need certs (mTLS)")

@@ -89,7 +89,12 @@ JOB_DEFAULTS: dict[str, Any] = {
     "eval_samples": 64,
     # Sampled, not greedy: the generator has no greedy decoding (temperature >= MIN_TEMPERATURE).
     "eval_temperature": 1.0,
+    "save_total_limit": 0,  # keep every checkpoint unless asked
+    # A 16-row table every 10 steps: a few KB of SQLite per table, enough to see what it learns.
+    "sample_log_every": 10,
 }
+# Experiment trackers a job may report to besides TensorBoard (JobSpec.report_to).
+REPORT_TO = ("wandb", "mlflow")
 DEFAULT_PROMPT_FIELD = "prompt"  # Dataset.prompt_field
 DEFAULT_SPLIT = "train"  # Dataset.split
 DATASET_SOURCES = ("inline", "jsonl_path", "hf_disk_path", "parquet_path", "csv_path")
@@ -393,6 +398,39 @@ class JobSpec(_Strict):
         "eval_temperature", f"Sampling temperature of evaluation completions, in "
         f"[{MIN_TEMPERATURE}, 100]; there is no greedy decoding, a low value comes close.",
         ge=MIN_TEMPERATURE, le=100)
+    save_total_limit: int | None = _int32(
+        "save_total_limit", 0, "Keep at most this many step checkpoints, deleting the oldest "
+        "after each save (never the one `latest` points at); 0 keeps them all.")
+    sample_log_every: int | None = _optional(
+        "sample_log_every", "Store a table of sampled completions (at most 16 rows) every this "
+        "many steps, for TensorBoard and `protege samples`; -1 never (0 is refused because on "
+        "the wire it means 'unset').", ge=-1, le=INT32_MAX)
+    report_to: list[Literal[REPORT_TO]] | None = Field(
+        None, description="Experiment trackers to report to besides TensorBoard: 'wandb', "
+        "'mlflow'. The learner refuses the job at submit when it lacks the package.")
+
+    def __init__(self, **data: Any) -> None:
+        # Keyword construction gets the same one-line-per-field message, with did-you-mean for
+        # unknown keys, as YAML and dicts do (InvalidJobSpec is a ValueError, like pydantic's).
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise errors.InvalidJobSpec(format_validation_error(e, "JobSpec(...)",
+                                                                type(self))) from e
+
+    @field_validator("sample_log_every")
+    @classmethod
+    def _sample_log_not_zero(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("0 means 'unset' on the wire (the learner default is every "
+                             f"{JOB_DEFAULTS['sample_log_every']} steps); use -1 to log no "
+                             "samples")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique_trackers(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(value))
 
     @field_validator("generator_targets")
     @classmethod
@@ -538,7 +576,7 @@ class JobSpec(_Strict):
                 getattr(msg, name).CopyFrom(value.to_proto())
             elif name == "labels":
                 msg.labels.update(value)
-            elif name in ("generator_targets", "stop"):
+            elif name in ("generator_targets", "stop", "report_to"):
                 getattr(msg, name).extend(value)
             else:
                 setattr(msg, name, value)
@@ -638,6 +676,28 @@ class EvalMetrics(BaseModel):
         return jobs_pb2.EvalMetrics(**self.model_dump())
 
 
+class CompletionSample(BaseModel):
+    """One completion sampled for inspection (mirrors `protege.v1.CompletionSample`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: int = Field(description="Step that trained on it.")
+    prompt: str = Field(description="Prompt text.")
+    completion: str = Field(description="Completion text.")
+    reward: float = Field(description="Its reward; meaningful only when reward_status is OK.")
+    reward_status: Literal["OK", "FAILED", "NONE"] = Field(
+        description="OK, FAILED (the reward did not score it) or NONE (no reward service).")
+    tokens: int = Field(description="Completion length in tokens.")
+    policy_version: int = Field(description="Policy version that sampled it.")
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.CompletionSample) -> CompletionSample:
+        return cls(**{f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields})
+
+    def to_proto(self) -> jobs_pb2.CompletionSample:
+        return jobs_pb2.CompletionSample(**self.model_dump())
+
+
 class StepEvent(BaseModel):
     """A step completed."""
 
@@ -666,13 +726,14 @@ class StateEvent(BaseModel):
 
 
 class CheckpointEvent(BaseModel):
-    """A checkpoint was written at `step`."""
+    """A checkpoint was written at `step` (to `path`, on the learner)."""
 
     model_config = ConfigDict(frozen=True)
 
     job_id: str
     step: int
     time: float = 0.0
+    path: str = ""
 
 
 class NoticeEvent(BaseModel):
@@ -711,7 +772,8 @@ def event_from_proto(msg: jobs_pb2.JobEvent) -> Event:
         return StateEvent(job_id=msg.job_id, state=state_name(msg.state), message=msg.message,
                           time=msg.time)
     if kind == "checkpoint_step":
-        return CheckpointEvent(job_id=msg.job_id, step=msg.checkpoint_step, time=msg.time)
+        return CheckpointEvent(job_id=msg.job_id, step=msg.checkpoint_step, time=msg.time,
+                               path=msg.message)
     if kind == "notice":
         return NoticeEvent(job_id=msg.job_id, message=msg.notice, time=msg.time)
     if kind == "eval":

@@ -5,8 +5,16 @@ the tokenizer), so `AutoModelForCausalLM.from_pretrained(dir)` loads it with no 
 next to it what a resume needs: `optimizer.pt` (AdamW state), `scheduler.pt` (the learning-rate
 schedule's state), `rng.pt` (torch and Python RNG states) and `state.json` (step, data cursor,
 policy version). Everything is written into a hidden temporary directory that is renamed into
-place only when complete; then the `latest` pointer file is replaced atomically. A crash
-mid-write leaves a `.tmp-*` directory that readers ignore and the next save removes.
+place only when complete; then `latest`, a relative symlink to the newest `step-<N>`, is replaced
+atomically, so `from_pretrained("<job_dir>/latest")` loads the newest weights. A crash mid-write
+leaves a `.tmp-*` directory that readers ignore and the next save removes. (Checkpoints written
+before `latest` was a symlink have a pointer file holding the directory's name; it is still read.)
+
+With `keep` (JobSpec.save_total_limit) only the newest `keep` step checkpoints stay, never the one
+`latest` names. The job's last checkpoint is also exported to `final/`: the model and tokenizer
+only, no optimizer, scheduler or RNG state (about a third of a checkpoint's size with AdamW).
+Files are written 0644 and directories 0755 (readable by whoever serves the model next), whatever
+the process umask, unless the caller passes other modes.
 """
 
 from __future__ import annotations
@@ -26,8 +34,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+FINAL = "final"
 SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "state.json"
+EXPORT_FILE = "export.json"  # in final/: which step and job it was exported from
+# What only a resume needs; final/ leaves these out.
+RESUME_FILES = frozenset({"optimizer.pt", SCHEDULER_FILE, "rng.pt", STATE_FILE})
+FILE_MODE, DIR_MODE = 0o644, 0o755
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -55,8 +68,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
          optimizer: torch.optim.Optimizer, state: dict[str, Any],
-         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> Path:
-    """Write checkpoint `step` of a job atomically and point `latest` at it; returns its path."""
+         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, keep: int = 0,
+         file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> Path:
+    """Write checkpoint `step` of a job atomically and point `latest` at it; returns its path.
+    With `keep` > 0, older checkpoints beyond the newest `keep` are deleted afterwards."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(job_dir)
@@ -72,13 +87,74 @@ def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
         torch.save(rng_state(), tmp / "rng.pt")
         # state.json last: a directory with it is complete.
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        set_modes(tmp, file_mode, dir_mode)
         final = job_dir / step_dir_name(step)
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_pointer(job_dir, final.name)
+    if keep > 0:
+        prune(job_dir, keep)
     return final
+
+
+def export_final(job_dir: str | Path, ckpt: str | Path, file_mode: int = FILE_MODE,
+                 dir_mode: int = DIR_MODE) -> Path:
+    """Export checkpoint `ckpt` as `<job_dir>/final/`: what `from_pretrained` loads, without the
+    resume state (optimizer, scheduler, RNG). Files are hard-linked where possible (pruning the
+    step checkpoint later leaves final/ intact), else copied. Atomic, like `save`."""
+    job_dir, ckpt = Path(job_dir), Path(ckpt)
+    tmp = job_dir / f".tmp-{FINAL}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for src in ckpt.rglob("*"):
+            rel = src.relative_to(ckpt)
+            if src.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            elif rel.as_posix() not in RESUME_FILES:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(src, tmp / rel)
+        state = read_state(ckpt)
+        (tmp / EXPORT_FILE).write_text(json.dumps(
+            {"step": state.get("step"), "job_id": state.get("job_id"), "from": ckpt.name}))
+        set_modes(tmp, file_mode, dir_mode)
+        _replace_dir(tmp, job_dir / FINAL)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return job_dir / FINAL
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def set_modes(root: Path, file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> None:
+    """chmod `root` and everything under it: directories `dir_mode`, files `file_mode`."""
+    os.chmod(root, dir_mode)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
+
+
+def prune(job_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names);
+    returns the paths deleted. Each is renamed to a temp name first, so a crash mid-delete
+    leaves nothing that looks like a checkpoint."""
+    job_dir = Path(job_dir)
+    protected = latest(job_dir)
+    found = list_checkpoints(job_dir)
+    doomed = [p for _, p in found[:max(0, len(found) - keep)] if p != protected]
+    for path in doomed:
+        trash = path.with_name(f".tmp-pruned-{path.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        logger.info("deleted checkpoint %s (save_total_limit %d)", path, keep)
+    return doomed
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -93,8 +169,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _write_pointer(job_dir: Path, name: str) -> None:
+    """Point `latest` at `name` (a relative symlink, so the job dir can move), atomically."""
     tmp = job_dir / f".{LATEST}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(name + "\n")
+    os.symlink(name, tmp, target_is_directory=True)
     os.replace(tmp, job_dir / LATEST)
 
 
@@ -124,8 +201,13 @@ def latest(job_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: the `latest` pointer if valid, else the highest step."""
     job_dir = Path(job_dir)
     pointer = job_dir / LATEST
-    if pointer.is_file():
-        target = job_dir / pointer.read_text().strip()
+    name = None
+    if pointer.is_symlink():
+        name = os.readlink(pointer)
+    elif pointer.is_file():  # a pointer file, from before `latest` was a symlink
+        name = pointer.read_text().strip()
+    if name is not None:
+        target = job_dir / Path(name).name
         if _STEP_DIR.match(target.name) and _complete(target):
             return target
         logger.warning("checkpoint pointer %s names %s, which is incomplete; scanning", pointer,

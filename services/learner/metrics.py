@@ -2,6 +2,13 @@
 
 Served on the learner's metrics port by `protege.serving`; the Grafana dashboard in k8s/ reads these
 names, so they are part of the contract.
+
+The gauges hold the latest step only: a 15 s scrape of 0.1 s steps sees one step in 150. The
+counters and histograms below add up every step instead, so nothing is lost between scrapes:
+`rate(protege_learner_step_reward_sum[5m]) / rate(protege_learner_step_reward_count[5m])` is the
+mean step reward over the window, `rate(protege_learner_tokens_total[5m])` the training
+throughput and `rate(protege_learner_reward_failures_total[5m]) /
+rate(protege_learner_samples_total[5m])` the reward failure rate, whatever the scrape interval.
 """
 
 from __future__ import annotations
@@ -39,6 +46,28 @@ LEARNING_RATE = prometheus_client.Gauge(
 STEPS = prometheus_client.Counter(
     "protege_learner_steps", "Optimizer steps completed", _JOB)
 JOBS = prometheus_client.Gauge("protege_learner_jobs", "Jobs in each state", ["state"])
+# Every step counted (survive scrape gaps; see the module docstring).
+TOKENS = prometheus_client.Counter(
+    "protege_learner_tokens", "Completion tokens trained on", _JOB)
+SAMPLES = prometheus_client.Counter(
+    "protege_learner_samples", "Completions trained on (scored or not)", _JOB)
+REWARD_FAILURES = prometheus_client.Counter(
+    "protege_learner_reward_failures", "Completions whose reward failed to score", _JOB)
+_UNIT = (0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+# A Summary (sum and count), not a Histogram: rewards may be negative, and a histogram with
+# negative buckets exposes no _sum (OpenMetrics), which the windowed mean needs.
+STEP_REWARD = prometheus_client.Summary(
+    "protege_learner_step_reward", "Mean task reward of each step", _JOB)
+STEP_SUCCESS = prometheus_client.Histogram(
+    "protege_learner_step_success_rate", "Success rate (reward >= 1) of each step", _JOB,
+    buckets=_UNIT)
+STEP_KL = prometheus_client.Histogram(
+    "protege_learner_step_kl", "Mean per-sequence KL(student || reference) of each step", _JOB,
+    buckets=(0, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000))
+STEP_SECONDS = prometheus_client.Histogram(
+    "protege_learner_step_phase_seconds", "Seconds each step spent in each phase",
+    ["job_id", "phase"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
 DEPENDENCY_RETRIES = prometheus_client.Counter(
     "protege_learner_dependency_retries", "Calls to a dependency retried through an outage",
     ["job_id", "dependency"])
@@ -59,13 +88,21 @@ if _unknown:
     raise TypeError(f"learner gauges for fields StepMetrics does not have: {sorted(_unknown)}")
 
 
-def publish_step(job_id: str, metrics: StepMetrics) -> None:
-    """Export one step's metrics for `job_id`."""
+def publish_step(job_id: str, metrics: StepMetrics, samples: int = 0) -> None:
+    """Export one step's metrics for `job_id`; `samples` is the number of completions it
+    trained on (its batch size)."""
     for name, gauge in _GAUGES.items():
         gauge.labels(job_id).set(float(getattr(metrics, name)))
     for phase, seconds in metrics.phase_seconds.items():
         PHASE_SECONDS.labels(job_id, phase).set(float(seconds))
+        STEP_SECONDS.labels(job_id, phase).observe(float(seconds))
     STEPS.labels(job_id).inc()
+    TOKENS.labels(job_id).inc(round(metrics.completion_length_mean * samples))
+    SAMPLES.labels(job_id).inc(samples)
+    REWARD_FAILURES.labels(job_id).inc(round(metrics.reward_failure_rate * samples))
+    STEP_REWARD.labels(job_id).observe(metrics.reward_mean)
+    STEP_SUCCESS.labels(job_id).observe(metrics.success_rate)
+    STEP_KL.labels(job_id).observe(metrics.kl_mean)
 
 
 def set_outage(job_id: str, dependency: str, attempt: int) -> None:

@@ -1,13 +1,21 @@
-"""gRPC servicer of the Jobs service: protobuf in, `JobManager` calls, protobuf out."""
+"""gRPC servicer of the Jobs service: protobuf in, `JobManager` calls, protobuf out.
+
+The history RPCs (GetJobMetrics, ListJobSamples) read the job store directly; DeleteJob removes
+a finished job from the store and, when asked, its checkpoint directory.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
-from protege.errors import InvalidArgument
+from protege.errors import InvalidArgument, NotFound
+from protege.services.learner import tracking
 from protege.services.learner.events import Event
 from protege.services.learner.jobs import JobManager
 from protege.services.learner.store import JobRecord
@@ -65,6 +73,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         jobs_pb2_grpc.add_JobsServicer_to_server(self, server)
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Any) -> jobs_pb2.Job:
+        tracking.check_report_to(request.spec.report_to)  # this learner's packages, not the SDK's
         return job_to_proto(await self.manager.submit(request.spec))
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> jobs_pb2.Job:
@@ -82,3 +91,42 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                        context: Any) -> AsyncIterator[jobs_pb2.JobEvent]:
         async for event in self.manager.watch(request.job_id):
             yield event_to_proto(event)
+
+    async def GetJobMetrics(self, request: jobs_pb2.GetJobMetricsRequest,
+                            context: Any) -> jobs_pb2.JobMetrics:
+        store = self.manager.store
+        store.get(request.job_id)  # NotFound for an unknown id, not an empty history
+        after = request.after_step
+        if after < 0:
+            raise InvalidArgument(f"after_step must be >= 0 (0 = every step), got {after}")
+        return jobs_pb2.JobMetrics(
+            job_id=request.job_id,
+            steps=[m.to_proto() for m in store.metrics_history(request.job_id, after)],
+            evals=[m.to_proto() for m in store.eval_history(request.job_id, after)])
+
+    async def ListJobSamples(self, request: jobs_pb2.ListJobSamplesRequest,
+                             context: Any) -> jobs_pb2.JobSamples:
+        store = self.manager.store
+        store.get(request.job_id)
+        logged = store.sample_steps(request.job_id)
+        if request.step < 0:
+            raise InvalidArgument(f"step must be >= 0 (0 = the latest logged), got {request.step}")
+        step = request.step or (logged[-1] if logged else 0)
+        if request.step and step not in logged:
+            raise NotFound(f"job {request.job_id} logged no samples at step {step}; logged: "
+                           f"{logged or 'none yet'} (JobSpec.sample_log_every sets how often)")
+        return jobs_pb2.JobSamples(
+            job_id=request.job_id, step=step, logged_steps=logged,
+            samples=[s.to_proto() for s in store.samples(request.job_id, step)])
+
+    async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest,
+                        context: Any) -> jobs_pb2.DeleteJobResponse:
+        record = self.manager.store.delete(request.job_id)
+        removed = ""
+        if request.delete_checkpoints and record.checkpoint_dir:
+            path = Path(record.checkpoint_dir)
+            if path.is_dir():
+                await asyncio.to_thread(shutil.rmtree, path)
+                removed = str(path)
+        logger.info("job=%s deleted (checkpoints %s)", record.id, removed or "kept")
+        return jobs_pb2.DeleteJobResponse(job_id=record.id, removed_checkpoint_dir=removed)

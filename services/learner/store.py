@@ -1,8 +1,9 @@
 """The job store: job state and per-step metrics in one SQLite file (stdlib sqlite3, WAL mode).
 
 Table `jobs` holds one row per job (the JobSpec as protobuf JSON, state, step, error, timestamps,
-checkpoint dir and the latest metrics); table `step_metrics` keeps every step's metrics and
-`eval_metrics` every held-out evaluation's, so the history survives restarts. Every write is one
+checkpoint dir and the latest metrics); table `step_metrics` keeps every step's metrics,
+`eval_metrics` every held-out evaluation's and `samples` the completions logged for inspection,
+so the history survives restarts. Every write is one
 transaction, and state changes are validated: a finished job never runs again. The store is
 shared by the event loop and worker threads, so one lock guards the connection.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from protege.errors import FailedPrecondition, NotFound
-from protege.spec import EvalMetrics, StepMetrics
+from protege.spec import CompletionSample, EvalMetrics, StepMetrics
 from protege.v1 import jobs_pb2
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,16 @@ CREATE TABLE IF NOT EXISTS eval_metrics (
     time REAL NOT NULL,
     PRIMARY KEY (job_id, step)
 );
+CREATE TABLE IF NOT EXISTS samples (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    step INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    sample TEXT NOT NULL,
+    PRIMARY KEY (job_id, step, idx)
+);
 """
+# Tables holding a job's history, keyed by (job_id, step): what rewind trims and delete clears.
+_HISTORY = ("step_metrics", "eval_metrics", "samples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,21 +156,35 @@ class JobStore:
         out.update({r[0]: r[1] for r in rows})
         return out
 
-    def metrics_history(self, job_id: str) -> list[StepMetrics]:
-        """Every stored step's metrics, in step order."""
+    def metrics_history(self, job_id: str, after_step: int = 0) -> list[StepMetrics]:
+        """Every stored step's metrics after `after_step`, in step order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT metrics FROM step_metrics WHERE job_id = ? ORDER BY step", (job_id,)
-            ).fetchall()
+                "SELECT metrics FROM step_metrics WHERE job_id = ? AND step > ? ORDER BY step",
+                (job_id, after_step)).fetchall()
         return [_stored_metrics(r[0]) for r in rows]
 
-    def eval_history(self, job_id: str) -> list[EvalMetrics]:
-        """Every stored evaluation, in step order."""
+    def eval_history(self, job_id: str, after_step: int = 0) -> list[EvalMetrics]:
+        """Every stored evaluation after `after_step`, in step order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT metrics FROM eval_metrics WHERE job_id = ? ORDER BY step", (job_id,)
-            ).fetchall()
+                "SELECT metrics FROM eval_metrics WHERE job_id = ? AND step > ? ORDER BY step",
+                (job_id, after_step)).fetchall()
         return [EvalMetrics.model_validate_json(r[0]) for r in rows]
+
+    def sample_steps(self, job_id: str) -> list[int]:
+        """Steps that logged a table of samples, ascending."""
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT step FROM samples WHERE job_id = ? "
+                                    "ORDER BY step", (job_id,)).fetchall()
+        return [r[0] for r in rows]
+
+    def samples(self, job_id: str, step: int) -> list[CompletionSample]:
+        """The samples logged at `step`, in batch order ([] when none)."""
+        with self._lock:
+            rows = self._db.execute("SELECT sample FROM samples WHERE job_id = ? AND step = ? "
+                                    "ORDER BY idx", (job_id, step)).fetchall()
+        return [CompletionSample.model_validate_json(r[0]) for r in rows]
 
     # ------------------------------------------------------------------------------------- writes
 
@@ -207,12 +231,36 @@ class JobStore:
                        "VALUES (?, ?, ?, ?)",
                        (job_id, metrics.step, metrics.model_dump_json(), time.time()))
 
-    def rewind(self, job_id: str, step: int) -> None:
-        """Set the job back to `step` (a resume from an older checkpoint); drop later metrics and
-        evaluations."""
+    def record_samples(self, job_id: str, step: int,
+                       samples: Iterable[CompletionSample]) -> None:
+        """Store one step's table of samples (replacing any logged at that step before)."""
         with self._tx() as db:
-            db.execute("DELETE FROM step_metrics WHERE job_id = ? AND step > ?", (job_id, step))
-            db.execute("DELETE FROM eval_metrics WHERE job_id = ? AND step > ?", (job_id, step))
+            db.execute("DELETE FROM samples WHERE job_id = ? AND step = ?", (job_id, step))
+            db.executemany("INSERT INTO samples (job_id, step, idx, sample) VALUES (?, ?, ?, ?)",
+                           [(job_id, step, i, s.model_dump_json())
+                            for i, s in enumerate(samples)])
+
+    def delete(self, job_id: str) -> JobRecord:
+        """Forget a finished job and its history; FailedPrecondition while it may still run."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job with id {job_id!r}; ListJobs shows the known ids")
+            if row["state"] not in TERMINAL:
+                raise FailedPrecondition(f"job {job_id} is {row['state']}; cancel it first "
+                                         "(`protege cancel`), then delete it once it has ended")
+            for table in _HISTORY:
+                db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return _record(row)
+
+    def rewind(self, job_id: str, step: int) -> None:
+        """Set the job back to `step` (a resume from an older checkpoint); drop later metrics,
+        evaluations and samples."""
+        with self._tx() as db:
+            for table in _HISTORY:
+                db.execute(f"DELETE FROM {table} WHERE job_id = ? AND step > ?",
+                           (job_id, step))
             row = db.execute("SELECT metrics FROM step_metrics WHERE job_id = ? AND step = ?",
                              (job_id, step)).fetchone()
             db.execute("UPDATE jobs SET step = ?, last_metrics = ?, updated_at = ? WHERE id = ?",

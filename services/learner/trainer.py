@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from protege import errors
 from protege.services.common.models import load_causal_lm, load_tokenizer
-from protege.services.learner import checkpoint, evaluation, metrics
+from protege.services.learner import checkpoint, evaluation, metrics, tracking
 from protege.services.learner.admission import with_defaults
 from protege.services.learner.batch import Batch, build_batch, reference_tensors, reference_to
 from protege.services.learner.clients import Clients
@@ -135,6 +135,7 @@ class Trainer:
         self.rollouts: Rollouts | None = None
         self.weights: WeightSync | None = None
         self.eval_rows: list[PromptRow] = []  # the held-out prompts, when eval_every > 0
+        self.tracker: tracking.Tracker | None = None  # TensorBoard (+ report_to), from setup
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -176,6 +177,8 @@ class Trainer:
             self.cursor = Cursor.from_dict(state["cursor"])
         self.store.rewind(self.job_id, self.step)
         self.log.at_step(self.step)
+        self.tracker = await asyncio.to_thread(tracking.Tracker, self.job_dir, self.job_id, spec,
+                                               self.step)
         generator = self.clients.generator(spec.generator_targets)
         reference = self.clients.reference(spec.reference_target) if spec.beta > 0 else None
         reward = self.clients.reward(spec.reward_target) if spec.reward_target else None
@@ -248,7 +251,9 @@ class Trainer:
     async def close(self) -> None:
         if self.rollouts is not None:
             await self.rollouts.close()
-        self.rollouts = self.weights = None
+        if self.tracker is not None:
+            await asyncio.to_thread(self.tracker.close)
+        self.rollouts = self.weights = self.tracker = None
 
     # ------------------------------------------------------------------------------ a step
 
@@ -278,7 +283,7 @@ class Trainer:
         self.log.at_step(self.step)
         out = step_metrics(self.step, stats, grad_norm, scored, batch, trained_version,
                            self.version, self.rollouts.reward is not None, phases)
-        self._publish(out)
+        self._publish(out, scored)
         return out
 
     def _update(self, batch: Batch, scored: Scored,
@@ -336,6 +341,7 @@ class Trainer:
         out = evaluation.eval_metrics(self.step, scored, batch, kl, self.version,
                                       self.rollouts.reward is not None)
         self.store.record_eval(self.job_id, out)
+        self.tracker.log_eval(out)
         self.hub.publish(Event.eval(self.job_id, out))
         self.log.info("eval reward %.4f success %.2f kl %.4f length %.1f n %d", out.reward_mean,
                       out.success_rate, out.kl_mean, out.completion_length_mean, out.n)
@@ -347,9 +353,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------- bookkeeping
 
-    def _publish(self, out: StepMetrics) -> None:
+    def _publish(self, out: StepMetrics, scored: Scored) -> None:
         self.store.record_step(self.job_id, out)
-        metrics.publish_step(self.job_id, out)
+        metrics.publish_step(self.job_id, out, samples=len(scored.rollouts))
+        rows = tracking.step_samples(out.step, self.spec.sample_log_every, scored,
+                                     self.rollouts.reward is not None)
+        if rows:
+            self.store.record_samples(self.job_id, out.step, rows)
+        self.tracker.log_step(out, rows)
         self.hub.publish(Event.step(self.job_id, out))
         self.log.info("reward %.4f kl %.4f loss %.4f grad %.3f version %d %.2fs",
                       out.reward_mean, out.kl_mean, out.loss, out.grad_norm, out.policy_version,
@@ -363,8 +374,11 @@ class Trainer:
         if prefetched is not None:
             state["prefetched"] = prefetched
         with timed(phases, "checkpoint"):
-            path = await asyncio.to_thread(checkpoint.save, self.job_dir, self.step, self.model,
-                                           self.tokenizer, self.optimizer, state, self.scheduler)
+            path = await asyncio.to_thread(
+                checkpoint.save, self.job_dir, self.step, self.model, self.tokenizer,
+                self.optimizer, state, self.scheduler, keep=self.spec.save_total_limit)
+            if self.step >= self.spec.steps:  # the last step: a weights-only export as well
+                await asyncio.to_thread(checkpoint.export_final, self.job_dir, path)
         self.last_checkpoint = self.step
         self.hub.publish(Event.checkpoint(self.job_id, self.step, str(path)))
         self.log.info("checkpoint %s (%.2fs)", path, phases["checkpoint"])

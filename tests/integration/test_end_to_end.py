@@ -33,7 +33,8 @@ def _dataset(path: Path) -> Path:
 
 def _latest_step(job_dir: Path) -> int:
     pointer = job_dir / "latest"
-    return int(pointer.read_text().strip().removeprefix("step-")) if pointer.exists() else 0
+    # `latest` is a symlink to the newest step-<N> directory.
+    return int(pointer.resolve().name.removeprefix("step-")) if pointer.exists() else 0
 
 
 def _cursor(job_dir: Path, step: int) -> dict:

@@ -207,6 +207,9 @@ class JobSpec(_message.Message):
     EVAL_EVERY_FIELD_NUMBER: _builtins.int
     EVAL_SAMPLES_FIELD_NUMBER: _builtins.int
     EVAL_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    SAVE_TOTAL_LIMIT_FIELD_NUMBER: _builtins.int
+    SAMPLE_LOG_EVERY_FIELD_NUMBER: _builtins.int
+    REPORT_TO_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name."""
     student_model: _builtins.str
@@ -309,6 +312,15 @@ class JobSpec(_message.Message):
     strings), in [0.01, 100]. The generator has no greedy decoding; a low temperature such as
     0.01 comes close to it. Default: 1.0.
     """
+    save_total_limit: _builtins.int
+    """Keep at most this many step-<N> checkpoints, deleting the oldest after each save (the one
+    `latest` points at is never deleted); 0 keeps them all. Default: 0.
+    """
+    sample_log_every: _builtins.int
+    """Store a table of sampled completions (prompt, completion, reward, status) every this many
+    steps, shown in TensorBoard and by `protege samples`; a negative value never logs one (0 means
+    unset). At most 16 rows per table, the step's first samples. Default: 10.
+    """
     @_builtins.property
     def generator_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generator gRPC targets (e.g. "dns:///gen.ns.svc:50051" or "127.0.0.1:50051")."""
@@ -331,6 +343,13 @@ class JobSpec(_message.Message):
     def eval_dataset(self) -> Global___Dataset:
         """Held-out prompts for the job's own evaluation (same row shape as `dataset`). Required when
         eval_every > 0.
+        """
+
+    @_builtins.property
+    def report_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Experiment trackers to report to besides TensorBoard (which the learner always writes, under
+        <checkpoint_dir>/tensorboard): "wandb", "mlflow". A tracker whose package the learner lacks is
+        refused at submit (INVALID_ARGUMENT), never silently skipped.
         """
 
     def __init__(
@@ -373,10 +392,13 @@ class JobSpec(_message.Message):
         eval_every: _builtins.int = ...,
         eval_samples: _builtins.int = ...,
         eval_temperature: _builtins.float = ...,
+        save_total_limit: _builtins.int = ...,
+        sample_log_every: _builtins.int = ...,
+        report_to: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "eval_dataset", b"eval_dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "eval_dataset", b"eval_dataset", "eval_every", b"eval_every", "eval_samples", b"eval_samples", "eval_temperature", b"eval_temperature", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "samples_per_prompt", b"samples_per_prompt", "sampling_top_k", b"sampling_top_k", "seed", b"seed", "steps", b"steps", "stop", b"stop", "student_model", b"student_model", "teacher_model", b"teacher_model", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "eval_dataset", b"eval_dataset", "eval_every", b"eval_every", "eval_samples", b"eval_samples", "eval_temperature", b"eval_temperature", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "report_to", b"report_to", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "sample_log_every", b"sample_log_every", "samples_per_prompt", b"samples_per_prompt", "sampling_top_k", b"sampling_top_k", "save_total_limit", b"save_total_limit", "seed", b"seed", "steps", b"steps", "stop", b"stop", "student_model", b"student_model", "teacher_model", b"teacher_model", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -628,7 +650,9 @@ class JobEvent(_message.Message):
     padded vocabulary, a dependency being retried, samples whose rewards failed.
     """
     message: _builtins.str
-    """Message for state changes (e.g. the error for FAILED)."""
+    """Message for state changes (e.g. the error for FAILED); the checkpoint's path for checkpoint
+    events.
+    """
     time: _builtins.float
     """Unix seconds."""
     @_builtins.property
@@ -798,3 +822,227 @@ class WatchJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
+
+@_typing.final
+class GetJobMetricsRequest(_message.Message):
+    """GetJobMetrics request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    AFTER_STEP_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job id."""
+    after_step: _builtins.int
+    """Only steps and evaluations after this step (a client polling for new ones, or reading a long
+    history in parts); 0 returns them all.
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        after_step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_step", b"after_step", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobMetricsRequest: _TypeAlias = GetJobMetricsRequest  # noqa: Y015
+
+@_typing.final
+class JobMetrics(_message.Message):
+    """A job's curves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    EVALS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepMetrics]:
+        """Every stored step, in step order (a resume from an older checkpoint drops the later ones)."""
+
+    @_builtins.property
+    def evals(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvalMetrics]:
+        """Every held-out evaluation, in step order."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        steps: _abc.Iterable[Global___StepMetrics] | None = ...,
+        evals: _abc.Iterable[Global___EvalMetrics] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evals", b"evals", "job_id", b"job_id", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobMetrics: _TypeAlias = JobMetrics  # noqa: Y015
+
+@_typing.final
+class CompletionSample(_message.Message):
+    """One completion sampled for inspection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    COMPLETION_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    REWARD_STATUS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Step that trained on it."""
+    prompt: _builtins.str
+    """Prompt text, as the generator decoded it."""
+    completion: _builtins.str
+    """Completion text."""
+    reward: _builtins.float
+    """Its reward; meaningful only when reward_status is "OK"."""
+    reward_status: _builtins.str
+    """"OK", "FAILED" (the reward did not score it) or "NONE" (the job has no reward service)."""
+    tokens: _builtins.int
+    """Completion length in tokens."""
+    policy_version: _builtins.int
+    """Policy version that sampled it."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        prompt: _builtins.str = ...,
+        completion: _builtins.str = ...,
+        reward: _builtins.float = ...,
+        reward_status: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+        policy_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "policy_version", b"policy_version", "prompt", b"prompt", "reward", b"reward", "reward_status", b"reward_status", "step", b"step", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletionSample: _TypeAlias = CompletionSample  # noqa: Y015
+
+@_typing.final
+class ListJobSamplesRequest(_message.Message):
+    """ListJobSamples request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job id."""
+    step: _builtins.int
+    """The step whose table to return; 0 means the latest step that logged one."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobSamplesRequest: _TypeAlias = ListJobSamplesRequest  # noqa: Y015
+
+@_typing.final
+class JobSamples(_message.Message):
+    """Sampled completions of one step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    LOGGED_STEPS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job."""
+    step: _builtins.int
+    """The step they come from (0 when none was logged yet)."""
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompletionSample]:
+        """The samples, in batch order."""
+
+    @_builtins.property
+    def logged_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Every step that logged a table, ascending."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        samples: _abc.Iterable[Global___CompletionSample] | None = ...,
+        logged_steps: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "logged_steps", b"logged_steps", "samples", b"samples", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobSamples: _TypeAlias = JobSamples  # noqa: Y015
+
+@_typing.final
+class DeleteJobRequest(_message.Message):
+    """DeleteJob request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DELETE_CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job id."""
+    delete_checkpoints: _builtins.bool
+    """Also remove the job's checkpoint directory (checkpoints, final export, TensorBoard files)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        delete_checkpoints: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_checkpoints", b"delete_checkpoints", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobResponse(_message.Message):
+    """DeleteJob response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REMOVED_CHECKPOINT_DIR_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job deleted."""
+    removed_checkpoint_dir: _builtins.str
+    """The checkpoint directory removed ("" when kept or when there was none)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        removed_checkpoint_dir: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "removed_checkpoint_dir", b"removed_checkpoint_dir"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015

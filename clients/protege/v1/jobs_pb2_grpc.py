@@ -60,6 +60,21 @@ class JobsStub:
                 request_serializer=protege_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=protege_dot_v1_dot_jobs__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.GetJobMetrics = channel.unary_unary(
+                '/protege.v1.Jobs/GetJobMetrics',
+                request_serializer=protege_dot_v1_dot_jobs__pb2.GetJobMetricsRequest.SerializeToString,
+                response_deserializer=protege_dot_v1_dot_jobs__pb2.JobMetrics.FromString,
+                _registered_method=True)
+        self.ListJobSamples = channel.unary_unary(
+                '/protege.v1.Jobs/ListJobSamples',
+                request_serializer=protege_dot_v1_dot_jobs__pb2.ListJobSamplesRequest.SerializeToString,
+                response_deserializer=protege_dot_v1_dot_jobs__pb2.JobSamples.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/protege.v1.Jobs/DeleteJob',
+                request_serializer=protege_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=protege_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -101,6 +116,30 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobMetrics(self, request, context):
+        """Every stored step's metrics and every evaluation of a job, in step order (the curves). Works
+        for running and finished jobs alike; NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobSamples(self, request, context):
+        """The completions sampled for inspection (JobSpec.sample_log_every): one step's table, or the
+        latest one logged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Forget a finished job: its row, metrics, evaluations and samples; with delete_checkpoints,
+        its checkpoint directory too. A QUEUED or RUNNING job is FAILED_PRECONDITION (cancel it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +167,21 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=protege_dot_v1_dot_jobs__pb2.WatchJobRequest.FromString,
                     response_serializer=protege_dot_v1_dot_jobs__pb2.JobEvent.SerializeToString,
+            ),
+            'GetJobMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobMetrics,
+                    request_deserializer=protege_dot_v1_dot_jobs__pb2.GetJobMetricsRequest.FromString,
+                    response_serializer=protege_dot_v1_dot_jobs__pb2.JobMetrics.SerializeToString,
+            ),
+            'ListJobSamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobSamples,
+                    request_deserializer=protege_dot_v1_dot_jobs__pb2.ListJobSamplesRequest.FromString,
+                    response_serializer=protege_dot_v1_dot_jobs__pb2.JobSamples.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=protege_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
+                    response_serializer=protege_dot_v1_dot_jobs__pb2.DeleteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +320,87 @@ class Jobs:
             '/protege.v1.Jobs/WatchJob',
             protege_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
             protege_dot_v1_dot_jobs__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protege.v1.Jobs/GetJobMetrics',
+            protege_dot_v1_dot_jobs__pb2.GetJobMetricsRequest.SerializeToString,
+            protege_dot_v1_dot_jobs__pb2.JobMetrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobSamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protege.v1.Jobs/ListJobSamples',
+            protege_dot_v1_dot_jobs__pb2.ListJobSamplesRequest.SerializeToString,
+            protege_dot_v1_dot_jobs__pb2.JobSamples.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protege.v1.Jobs/DeleteJob',
+            protege_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+            protege_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

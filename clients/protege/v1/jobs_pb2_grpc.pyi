@@ -43,6 +43,18 @@ class JobsStub:
     """Ask a job to stop after its current step; it ends CANCELLED."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]
     """Stream the job's step metrics and state changes until it ends (first replays its current state)."""
+    GetJobMetrics: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobMetricsRequest, _jobs_pb2.JobMetrics]
+    """Every stored step's metrics and every evaluation of a job, in step order (the curves). Works
+    for running and finished jobs alike; NOT_FOUND for an unknown id.
+    """
+    ListJobSamples: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobSamplesRequest, _jobs_pb2.JobSamples]
+    """The completions sampled for inspection (JobSpec.sample_log_every): one step's table, or the
+    latest one logged.
+    """
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
+    """Forget a finished job: its row, metrics, evaluations and samples; with delete_checkpoints,
+    its checkpoint directory too. A QUEUED or RUNNING job is FAILED_PRECONDITION (cancel it first).
+    """
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -59,6 +71,18 @@ class JobsAsyncStub(JobsStub):
     """Ask a job to stop after its current step; it ends CANCELLED."""
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]  # type: ignore[assignment]
     """Stream the job's step metrics and state changes until it ends (first replays its current state)."""
+    GetJobMetrics: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobMetricsRequest, _jobs_pb2.JobMetrics]  # type: ignore[assignment]
+    """Every stored step's metrics and every evaluation of a job, in step order (the curves). Works
+    for running and finished jobs alike; NOT_FOUND for an unknown id.
+    """
+    ListJobSamples: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobSamplesRequest, _jobs_pb2.JobSamples]  # type: ignore[assignment]
+    """The completions sampled for inspection (JobSpec.sample_log_every): one step's table, or the
+    latest one logged.
+    """
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Forget a finished job: its row, metrics, evaluations and samples; with delete_checkpoints,
+    its checkpoint directory too. A QUEUED or RUNNING job is FAILED_PRECONDITION (cancel it first).
+    """
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     """Owns training jobs."""
@@ -102,5 +126,35 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.JobEvent], _abc.AsyncIterator[_jobs_pb2.JobEvent]]:
         """Stream the job's step metrics and state changes until it ends (first replays its current state)."""
+
+    @_abc_1.abstractmethod
+    def GetJobMetrics(
+        self,
+        request: _jobs_pb2.GetJobMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.JobMetrics, _abc.Awaitable[_jobs_pb2.JobMetrics]]:
+        """Every stored step's metrics and every evaluation of a job, in step order (the curves). Works
+        for running and finished jobs alike; NOT_FOUND for an unknown id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobSamples(
+        self,
+        request: _jobs_pb2.ListJobSamplesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.JobSamples, _abc.Awaitable[_jobs_pb2.JobSamples]]:
+        """The completions sampled for inspection (JobSpec.sample_log_every): one step's table, or the
+        latest one logged.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _jobs_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.DeleteJobResponse, _abc.Awaitable[_jobs_pb2.DeleteJobResponse]]:
+        """Forget a finished job: its row, metrics, evaluations and samples; with delete_checkpoints,
+        its checkpoint directory too. A QUEUED or RUNNING job is FAILED_PRECONDITION (cancel it first).
+        """
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protege/v1/reward.proto\x12\nprotege.v1\"O\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"3\n\x0cScoreRequest\x12#\n\x07samples\x18\x01 \x03(\x0b\x32\x12.protege.v1.Sample\"\xd0\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.protege.v1.ScoreStatus\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12;\n\ncomponents\x18\x05 \x03(\x0b\x32\'.protege.v1.ScoreResult.ComponentsEntry\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\rScoreResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.protege.v1.ScoreResult\"\x13\n\x11RewardInfoRequest\"_\n\nRewardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\x05\x12\x16\n\x0eitem_timeout_s\x18\x04 \x01(\x01*\x8c\x01\n\x0bScoreStatus\x12\x1c\n\x18SCORE_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fSCORE_STATUS_OK\x10\x01\x12\x16\n\x12SCORE_STATUS_ERROR\x10\x02\x12\x18\n\x14SCORE_STATUS_TIMEOUT\x10\x03\x12\x18\n\x14SCORE_STATUS_INVALID\x10\x04\x32\x85\x01\n\x06Reward\x12<\n\x05Score\x12\x18.protege.v1.ScoreRequest\x1a\x19.protege.v1.ScoreResponse\x12=\n\x04Info\x12\x1d.protege.v1.RewardInfoRequest\x1a\x16.protege.v1.RewardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protege/v1/reward.proto\x12\nprotege.v1\"O\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"3\n\x0cScoreRequest\x12#\n\x07samples\x18\x01 \x03(\x0b\x32\x12.protege.v1.Sample\"\xd0\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.protege.v1.ScoreStatus\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12;\n\ncomponents\x18\x05 \x03(\x0b\x32\'.protege.v1.ScoreResult.ComponentsEntry\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\rScoreResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.protege.v1.ScoreResult\"\x13\n\x11RewardInfoRequest\"z\n\nRewardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\x05\x12\x16\n\x0eitem_timeout_s\x18\x04 \x01(\x01\x12\x19\n\x11max_request_bytes\x18\x05 \x01(\x03*\x8c\x01\n\x0bScoreStatus\x12\x1c\n\x18SCORE_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fSCORE_STATUS_OK\x10\x01\x12\x16\n\x12SCORE_STATUS_ERROR\x10\x02\x12\x18\n\x14SCORE_STATUS_TIMEOUT\x10\x03\x12\x18\n\x14SCORE_STATUS_INVALID\x10\x04\x32\x85\x01\n\x06Reward\x12<\n\x05Score\x12\x18.protege.v1.ScoreRequest\x1a\x19.protege.v1.ScoreResponse\x12=\n\x04Info\x12\x1d.protege.v1.RewardInfoRequest\x1a\x16.protege.v1.RewardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCORERESULT_COMPONENTSENTRY']._loaded_options = None
   _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_options = b'8\001'
-  _globals['_SCORESTATUS']._serialized_start=562
-  _globals['_SCORESTATUS']._serialized_end=702
+  _globals['_SCORESTATUS']._serialized_start=589
+  _globals['_SCORESTATUS']._serialized_end=729
   _globals['_SAMPLE']._serialized_start=39
   _globals['_SAMPLE']._serialized_end=118
   _globals['_SCOREREQUEST']._serialized_start=120
@@ -48,7 +48,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWARDINFOREQUEST']._serialized_start=443
   _globals['_REWARDINFOREQUEST']._serialized_end=462
   _globals['_REWARDINFO']._serialized_start=464
-  _globals['_REWARDINFO']._serialized_end=559
-  _globals['_REWARD']._serialized_start=705
-  _globals['_REWARD']._serialized_end=838
+  _globals['_REWARDINFO']._serialized_end=586
+  _globals['_REWARD']._serialized_start=732
+  _globals['_REWARD']._serialized_end=865
 # @@protoc_insertion_point(module_scope)

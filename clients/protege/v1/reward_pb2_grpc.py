@@ -52,10 +52,20 @@ class RewardServicer:
     """
 
     def Score(self, request, context):
-        """Score a batch. The response has exactly one result per sample, in the same order, with the same ids.
-        A batch over max_batch_size, with duplicate ids or with an over-long id is INVALID_ARGUMENT; a
-        problem with one sample (its metadata, its scorer's failure or result) is that sample's status,
-        never a failure of the call.
+        """Score a batch. The response has exactly one result per sample, in the same order, with the
+        same ids. An empty batch gets an empty response (OK).
+
+        Call errors (the whole call fails, nothing is scored), all INVALID_ARGUMENT with a message
+        saying which rule was broken:
+        - more samples than RewardInfo.max_batch_size (when it is not 0);
+        - two samples with the same id (results are matched to samples by id);
+        - an id longer than 1024 characters.
+
+        Item errors (that sample's ScoreResult.status, never a failure of the call): metadata_json
+        that is malformed, is not a JSON object (an array, a string, a number), is longer than
+        4 Mi characters or nests deeper than 64 levels is ERROR; a scorer that raises is ERROR, one
+        that misses its deadline is TIMEOUT, one that returns NaN, infinity or a non-number is
+        INVALID. Every non-OK result carries `error`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

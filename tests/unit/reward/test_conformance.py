@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import sys
-import time
 
 import grpc
 import protege.reward
@@ -18,7 +17,7 @@ from protege.conformance import CHECKS, run_checks, run_checks_async
 from protege.reward import RewardClient
 from protege.v1 import reward_pb2, reward_pb2_grpc
 
-ALL = {name for name, _ in CHECKS}
+ALL = {name for name, _, _ in CHECKS}
 
 
 def exact_answer(sample) -> float:
@@ -67,7 +66,8 @@ async def start_broken() -> tuple[grpc.aio.Server, BrokenReward, str]:
 
 
 def failed(results) -> set[str]:
-    return {r.name for r in results if not r.passed}
+    """Required checks that failed (a warning is not a failure)."""
+    return {r.name for r in results if not r.passed and r.required}
 
 
 def test_a_kit_served_reward_passes_every_check():
@@ -80,8 +80,12 @@ def test_a_kit_served_reward_passes_every_check():
         finally:
             await running.stop(0)
     denied, results = asyncio.run(main())
-    assert [r.name for r in results] == [name for name, _ in CHECKS]
-    assert failed(results) == set(), results
+    assert [r.name for r in results] == [name for name, _, _ in CHECKS]
+    assert all(r.passed for r in results), results  # warnings included
+    by_name = {r.name: r.detail for r in results}
+    assert by_name["auth"] == "no token: UNAUTHENTICATED; a wrong token: UNAUTHENTICATED"
+    assert by_name["reflection"].startswith("v1alpha lists")
+    assert "(asked without a token)" in by_name["health"]
     assert "UNAUTHENTICATED" in {r.name: r.detail for r in denied}["info"]
 
 
@@ -110,16 +114,13 @@ def test_a_hanging_server_is_cut_off_by_the_deadline():
         server, servicer, address = await start_broken()
         servicer.mode = "hang"
         try:
-            start = time.monotonic()
-            results = await run_checks_async(address, timeout=1)
-            return results, time.monotonic() - start
+            return await run_checks_async(address, timeout=1)
         finally:
             await server.stop(0)
-    results, elapsed = asyncio.run(main())
+    results = asyncio.run(main())  # a checker that waited on the hang would hit pytest's timeout
     by_name = {r.name: r for r in results}
     assert by_name["deadline"].passed and "DEADLINE_EXCEEDED" in by_name["deadline"].detail
     assert not by_name["order_and_ids"].passed
-    assert elapsed < 15
 
 
 def test_the_client_refuses_answers_that_break_the_contract():
@@ -139,7 +140,13 @@ def test_the_client_refuses_answers_that_break_the_contract():
 
 def test_an_unreachable_target_fails_cleanly():
     results = run_checks("127.0.0.1:1", timeout=1)
-    assert failed(results) == ALL - {"scores_finite"}
+    # Not failed: auth (skipped without a token), reflection (only a warning), deadline (it
+    # measures only that a call ends by its deadline, whatever health says) and
+    # timeout_and_invalid (no result to fault). scores_finite fails: it saw no OK score.
+    assert failed(results) == ALL - {"auth", "reflection", "deadline", "timeout_and_invalid"}
+    by_name = {r.name: r for r in results}
+    assert not by_name["reflection"].passed and not by_name["reflection"].required
+    assert "no result scored OK" in by_name["scores_finite"].detail
 
 
 def test_the_builtin_reward_service_passes_from_the_command_line(tmp_path, serve_process):

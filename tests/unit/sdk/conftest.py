@@ -66,20 +66,50 @@ class FakeJobs(jobs_pb2_grpc.JobsServicer):
         job.state = jobs_pb2.JOB_STATE_CANCELLED
         return job
 
+    async def GetJobMetrics(self, request, context):
+        job = self._job(request.job_id)
+        steps = [self.step_metrics(s) for s in range(1, job.step + 1)]
+        evals = [jobs_pb2.EvalMetrics(step=s, n=4, reward_mean=0.5, success_rate=0.5)
+                 for s in range(2, job.step + 1, 2)]
+        return jobs_pb2.JobMetrics(job_id=job.id, steps=steps, evals=evals)
+
+    async def ListJobSamples(self, request, context):
+        job = self._job(request.job_id)
+        logged = list(range(1, job.step + 1))
+        step = request.step or (logged[-1] if logged else 0)
+        samples = [jobs_pb2.CompletionSample(step=step, prompt="1+1=", completion=" 2",
+                                             reward=1.0, reward_status="OK", tokens=2,
+                                             policy_version=step)] if step else []
+        return jobs_pb2.JobSamples(job_id=job.id, step=step, samples=samples, logged_steps=logged)
+
+    async def DeleteJob(self, request, context):
+        job = self._job(request.job_id)
+        if job.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING):
+            raise errors.FailedPrecondition(f"job {job.id} is still running; cancel it first")
+        del self.jobs[job.id]
+        removed = job.checkpoint_dir if request.delete_checkpoints else ""
+        return jobs_pb2.DeleteJobResponse(job_id=job.id, removed_checkpoint_dir=removed)
+
+    @staticmethod
+    def step_metrics(step: int) -> jobs_pb2.StepMetrics:
+        return jobs_pb2.StepMetrics(step=step, reward_mean=0.25 * step, kl_mean=0.5,
+                                    success_rate=0.5, policy_version=step, loss=0.1 * step,
+                                    dense_grad_norm=0.3, sparse_grad_norm=0.7,
+                                    tokens_per_s=1000.0, reward_failure_rate=0.25,
+                                    phase_seconds={"generate": 0.1, "total": 0.3})
+
     async def WatchJob(self, request, context):
         job = self._job(request.job_id)
         ev = lambda **kw: jobs_pb2.JobEvent(job_id=job.id, time=time.time(), **kw)
         job.state = jobs_pb2.JOB_STATE_RUNNING
         yield ev(state=jobs_pb2.JOB_STATE_RUNNING)
         for step in range(1, job.spec.steps + 1):
-            metrics = jobs_pb2.StepMetrics(step=step, reward_mean=0.25 * step, kl_mean=0.5,
-                                           success_rate=0.5, policy_version=step,
-                                           phase_seconds={"generate": 0.1, "total": 0.3})
+            metrics = self.step_metrics(step)
             job.step = step
             job.last_metrics.CopyFrom(metrics)
             yield ev(metrics=metrics)
             if step == 2:
-                yield ev(checkpoint_step=2)
+                yield ev(checkpoint_step=2, message=f"{job.checkpoint_dir}/step-2")
             if job.spec.eval_every and step % job.spec.eval_every == 0:
                 yield ev(eval=jobs_pb2.EvalMetrics(
                     step=step, n=4, reward_mean=0.75, success_rate=0.5, kl_mean=0.2,
@@ -122,11 +152,14 @@ class ServerThread:
 
 
 @pytest.fixture
-def no_protege_env(monkeypatch):
-    """Tests decide targets and tokens themselves: drop anything the caller's shell exported."""
+def no_protege_env(monkeypatch, tmp_path):
+    """Tests decide targets and tokens themselves: drop anything the caller's shell exported, and
+    keep contexts in a file of the test's own (never the user's ~/.config/protege)."""
     for name in ("PROTEGE_TOKEN", "PROTEGE_TOKENS_FILE", "PROTEGE_TARGET", "PROTEGE_TLS",
-                 "PROTEGE_TLS_CA", "PROTEGE_TLS_CERT", "PROTEGE_TLS_KEY", "PROTEGE_CLIENT_TOKEN"):
+                 "PROTEGE_TLS_CA", "PROTEGE_TLS_CERT", "PROTEGE_TLS_KEY", "PROTEGE_CLIENT_TOKEN",
+                 "PROTEGE_CONTEXT"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PROTEGE_CONFIG", str(tmp_path / "protege-config.yaml"))
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ real reward-kit server for `reward check`."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 
@@ -85,10 +86,17 @@ def test_list_get_cancel(runner, jobs_server, job_yaml):
     assert table.stdout.index("job-0002") < table.stdout.index("job-0001")  # newest first
     assert "QUEUED" in table.stdout and "sdk-test" in table.stdout
 
-    got = _invoke(runner, *target, "get", "job-0001")
+    got = _invoke(runner, *target, "get", "job-0001", "-o", "json")
     assert got.exit_code == 0, got.output
     job = json.loads(got.stdout)
     assert job["id"] == "job-0001" and job["state"] == "QUEUED" and job["spec"]["steps"] == 4
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", job["created_at"])  # not a float
+    as_yaml = yaml.safe_load(_invoke(runner, *target, "get", "job-0001", "-o", "yaml").stdout)
+    assert as_yaml == job
+    row = _invoke(runner, *target, "get", "job-0001").stdout.splitlines()
+    assert row[0].split() == ["ID", "NAME", "STATE", "STEP", "REWARD", "KL", "SUCCESS", "AGE"]
+    assert row[1].split()[:4] == ["job-0001", "sdk-test", "QUEUED", "0/4"]
+    assert re.fullmatch(r"\d+s", row[1].split()[-1])  # a human age, not a timestamp
 
     cancelled = _invoke(runner, *target, "cancel", "job-0002")
     assert cancelled.exit_code == 0 and cancelled.stdout.strip() == "job-0002 CANCELLED"

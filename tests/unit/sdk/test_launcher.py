@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protege.launcher import SERVICES, ServiceStartError, Suite, ensure_default_models
 
@@ -139,7 +140,10 @@ def _start_up(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
     proc = subprocess.Popen(
         [sys.executable, "-m", "protege", "up", "--workdir", str(tmp_path / "up"),
          "--endpoints-file", str(tmp_path / "endpoints.json"), *args],
-        stdout=out.open("w"), stderr=err.open("w"), env={**os.environ, **(env or {})})
+        stdout=out.open("w"), stderr=err.open("w"),
+        # `up` writes its context there, never to the user's ~/.config/protege.
+        env={**os.environ, "PROTEGE_CONFIG": str(tmp_path / "protege-config.yaml"),
+             **(env or {})})
     return proc, out, err
 
 
@@ -162,12 +166,21 @@ def _check_up_and_stop(tmp_path: Path, proc, out: Path, err: Path, timeout: floa
         pids = [json.loads((tmp_path / "up" / "run" / f"{n}.json").read_text())["pid"]
                 for n in SERVICES]
         assert json.loads(out.read_text().strip().splitlines()[0]) == endpoints
+        config = yaml.safe_load((tmp_path / "protege-config.yaml").read_text())
+        assert config["current_context"] == "local"
+        local = config["contexts"]["local"]
+        assert local["learner"] == endpoints["learner"]["grpc"]
+        assert local["generators"] == [endpoints["generator"]["grpc"]]
+        assert (local["reference"], local["reward"]) == (endpoints["reference"]["grpc"],
+                                                         endpoints["reward"]["grpc"])
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0, err.read_text()
     assert all(_gone(pid) for pid in pids)
     assert not (tmp_path / "endpoints.json").exists()
+    config = yaml.safe_load((tmp_path / "protege-config.yaml").read_text())
+    assert config["contexts"] == {} and config.get("current_context") is None  # removed on stop
 
 
 def _fake_up_args(tmp_path: Path) -> list[str]:
