@@ -21,8 +21,10 @@ fused and logits compute the full hybrid objective (dense KL plus the sparse sco
 with RLOO over groups of 4, 32 positions per sequence); autograd computes the KL alone, so it does
 strictly less work. Each case runs in a fresh process: the median of its timed runs (after one
 warm-up) and its peak RSS above the RSS of its inputs (ru_maxrss). A case whose estimated memory
-would not fit (`--max-gib`) is skipped and says so. Timings are wall-clock on a shared machine:
-the load average is recorded. Prints a table and writes JSON (benchmarks/results/loss.json).
+would not fit (`--max-gib`) is skipped and says so. A last table gives the precision a FULL
+reference costs in bf16 on the wire (the learner's default) against float32. Timings are
+wall-clock on a shared machine: the load average is recorded. Prints tables and writes JSON
+(benchmarks/results/loss.json).
 """
 
 from __future__ import annotations
@@ -120,6 +122,35 @@ def run_case(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def precision(V: int = 151_936, N: int = 256) -> list[dict[str, Any]]:
+    """What a bf16 FULL reference costs: the fused loss with the teacher's log-probs in float32
+    vs rounded to bf16 on the wire (upcast and renormalised per chunk), at several teacher
+    temperatures (entropy in nats). Relative errors of the KL and of the gradients."""
+    g = torch.Generator().manual_seed(1)
+    B = N // T
+    h = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g).div_(math.sqrt(H))
+    t_h, t_w = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask, rewards = torch.ones(B, T, dtype=torch.bool), torch.rand(B, generator=g)
+    rows = []
+    for scale in (2.0, 4.0, 8.0, 16.0):
+        logq = torch.log_softmax(t_h @ t_w.T * (scale / math.sqrt(D)), -1)
+        entropy = float(-(logq.exp() * logq).sum(-1).mean())
+        out = {}
+        for name, ref in (("float32", logq), ("bfloat16", logq.bfloat16())):
+            hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            loss, stats = fused_hybrid_loss(hh, LMHead(ww), tokens, mask, ref, rewards, BETA,
+                                            group_size=GROUP)
+            out[name] = (stats["kl_mean"], *torch.autograd.grad(loss, [hh, ww]))
+        (kl32, gh32, gw32), (kl16, gh16, gw16) = out["float32"], out["bfloat16"]
+        rows.append({"teacher_entropy_nats": entropy, "kl_mean": kl32,
+                     "kl_rel_error": abs(kl16 - kl32) / kl32,
+                     "grad_hidden_rel_error": float((gh16 - gh32).norm() / gh32.norm()),
+                     "grad_head_rel_error": float((gw16 - gw32).norm() / gw32.norm())})
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'V':>8} {'N':>7} {'method':<9} {'seconds':>9} {'peak GiB':>9} "
              f"{'x autograd':>10} {'x logits':>9}  note"]
@@ -146,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip cases estimated to need more memory than this")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--skip-precision", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -169,13 +201,22 @@ def main(argv: list[str] | None = None) -> None:
         load.append(os.getloadavg()[0])
     print()
     print(table(rows))
+    prec = [] if args.skip_precision or args.quick else precision()
+    if prec:
+        print("\nFULL reference in bf16 on the wire vs float32 (fused loss, V = 151,936):")
+        print(f"{'entropy nats':>13} {'KL':>9} {'KL rel err':>11} {'grad h rel':>11} "
+              f"{'grad W rel':>11}")
+        for r in prec:
+            print(f"{r['teacher_entropy_nats']:>13.2f} {r['kl_mean']:>9.3f} "
+                  f"{r['kl_rel_error']:>11.2e} {r['grad_hidden_rel_error']:>11.2e} "
+                  f"{r['grad_head_rel_error']:>11.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "setup": {"H": H, "D": D, "T": T, "group": GROUP, "beta": BETA, "dtype": "float32",
                   "threads": args.threads, "torch": torch.__version__,
                   "machine": platform.processor() or platform.machine(), "load_avg": load},
-        "rows": rows}, indent=2))
+        "rows": rows, "bf16_reference_precision": prec}, indent=2))
     print(f"\nwrote {out}")
 
 
