@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dense_grad import _rss_gib  # noqa: E402 - benchmarks/ is the script's own directory
 from protege.services.learner.fused_loss import LMHead, fused_hybrid_loss
 from protege.services.learner.objective import HiddenRef, hybrid_loss
 
@@ -90,11 +91,6 @@ def _estimate_gib(method: str, N: int, V: int) -> float:
     """Rough peak of a case: [N, V] fp32 tensors alive at once (none for fused)."""
     live = {"fused": 0, "fused_compiled": 0, "logits": 5, "autograd": 5}[method]
     return (live * N * V * 4 + 3 * V * (H + D) * 4) / 2**30
-
-
-def _rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from protege.services.learner.objective import (
     _check_logits_rows,
     _check_options,
     _check_reference,
+    _check_step_tensors,
     _compute_dtype,
     _expect,
     _fail,
@@ -447,16 +448,8 @@ def _check_fused_inputs(hidden_BTH: Tensor, head: LMHead, tokens_BT: Tensor, mas
     if head.softcap is not None and not (math.isfinite(head.softcap) and head.softcap > 0):
         raise _fail("head.softcap", "a finite float > 0 or None", head.softcap,
                     "check final_logit_softcapping")
-    _expect(tokens_BT, "tokens_BT", (B, T), "int", device=dev)
-    _expect(mask_BT, "mask_BT", (B, T), "mask", device=dev)
-    if mask_BT.dtype != torch.bool and not bool(((mask_BT == 0) | (mask_BT == 1)).all()):
-        raise _fail("mask_BT", "bool or 0/1 values", "other values", "pass attention_mask.bool()")
-    if rewards_B is not None:
-        _expect(rewards_B, "rewards_B", (B,), "float", device=dev)
-    if reward_mask_B is not None:
-        _expect(reward_mask_B, "reward_mask_B", (B,), "mask", torch.bool, dev)
-    if behaviour_logprobs_BT is not None:
-        _expect(behaviour_logprobs_BT, "behaviour_logprobs_BT", (B, T), "float", device=dev)
+    _check_step_tensors(B, T, dev, tokens_BT, mask_BT, rewards_B, reward_mask_B,
+                        behaviour_logprobs_BT)
     return B, T, int(w.shape[0])
 
 

@@ -692,8 +692,16 @@ def _check_batch_tensors(
         raise _fail("logits_BTV", "a 3-D tensor [B, T, V]", got,
                     "pass the student logits of the completion positions")
     B, T, V = logits_BTV.shape
-    dev = logits_BTV.device
     _expect(logits_BTV, "logits_BTV", (B, T, V), "float")
+    _check_step_tensors(B, T, logits_BTV.device, tokens_BT, mask_BT, rewards_B, reward_mask_B,
+                        behaviour_logprobs_BT)
+
+
+def _check_step_tensors(
+    B: int, T: int, dev: torch.device, tokens_BT: Tensor, mask_BT: Tensor,
+    rewards_B: Tensor | None, reward_mask_B: Tensor | None, behaviour_logprobs_BT: Tensor | None,
+) -> None:
+    """The tensors of a step besides the logits (or hidden states): shapes [B, T] / [B]."""
     _expect(tokens_BT, "tokens_BT", (B, T), "int", device=dev)
     _expect(mask_BT, "mask_BT", (B, T), "mask", device=dev)
     if mask_BT.dtype != torch.bool and not bool(((mask_BT == 0) | (mask_BT == 1)).all()):
