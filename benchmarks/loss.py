@@ -9,7 +9,7 @@ through its LM head [V, H] to the gradients w.r.t. both, against a HIDDEN teache
 [N, D = 512] and its own LM head: the reference encoding that scales to real vocabularies):
 
 - **fused**: `fused_hybrid_loss` (services/learner/fused_loss.py), the learner's default: chunks
-  of rows sized by the 256 MiB budget; the [N, V] logits never exist. **fused_compiled**: the
+  of rows sized by the 512 MiB budget; the [N, V] logits never exist. **fused_compiled**: the
   same with `kernel="compiled"` (torch.compile of the per-chunk math; its compile time falls in
   the warm-up run, which is not timed).
 - **logits**: the learner's previous path (`loss_path: logits`): logits = h·Wᵀ by autograd, then

@@ -82,7 +82,7 @@ class LearnerConfig(ServerOptions):
         "auto", help="per-chunk math of the fused loss: auto (triton on CUDA, else eager), "
         "eager, compiled (torch.compile; compiles at the first step) or triton (CUDA only)")
     loss_chunk_mb: int = field(
-        256, help="memory budget (MiB) of one chunk of the fused loss's [rows, V] temporaries; "
+        512, help="memory budget (MiB) of one chunk of the fused loss's [rows, V] temporaries; "
         "extra memory stays about this whatever the batch; raise it on GPUs for larger matmuls")
 
     def __post_init__(self) -> None:
