@@ -68,6 +68,9 @@ METHOD_SCOPES: dict[str, str] = {
     "/protege.v1.Generator/Generate": "generate",
     "/protege.v1.Generator/Info": "generate",
     "/protege.v1.Generator/LoadWeights": "weights",
+    "/protege.v1.Generator/LoadWeightsFromPath": "weights",
+    "/protege.v1.Generator/JoinWeightGroup": "weights",
+    "/protege.v1.Generator/ReceiveWeights": "weights",
     "/protege.v1.Reference/": "reference",
     "/protege.v1.Reward/": "reward",
 }

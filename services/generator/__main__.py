@@ -46,7 +46,7 @@ async def serve(config: GeneratorConfig, engine: Engine) -> None:
 
     running = await start_server("generator", server_options(config),
                                  register(engine, config.max_new_tokens_limit, config.max_n,
-                                          config.max_request_rows),
+                                          config.max_request_rows, config.weights_dir or None),
                                  [SERVICE_NAME], on_stop=release)
     await serve_until_signal(running, config.grace_s)
 

@@ -5,6 +5,13 @@ prompt order. `load_weights` pushes to *every* generator: a `dns:///host:port` t
 all its addresses, because a round_robin channel would deliver the upload to only one replica. An
 upload declares its names and size on its first chunk (`upload_header`), so a generator can refuse
 it before buffering anything.
+
+Encode once, fan out: `push_chunks` serialises each chunk of an upload once, in one producer
+thread, and hands the same bytes to every generator's call through a small bounded queue, so the
+calls run concurrently, the learner holds at most `FANOUT_DEPTH` chunks per generator, and a
+generator that fails stops being fed while the others finish. The state_dict handed to
+`load_weights` may be lazy (`weight_sync.ModelWeights` casts one tensor at a time), so no second
+copy of the model is ever made.
 """
 
 from __future__ import annotations
@@ -12,20 +19,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import queue
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 import torch
 from protege.errors import InvalidArgument, ProtegeError, from_rpc_error
-from protege.services.common.codec import DEFAULT_CHUNK_BYTES, iter_chunks
+from protege.services.common.codec import DEFAULT_CHUNK_BYTES, crc32, iter_pieces
 from protege.serving import TLSConfig, make_channel, make_sync_channel
-from protege.v1 import generator_pb2, generator_pb2_grpc
+from protege.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 logger = logging.getLogger(__name__)
 
 DNS_DEFAULT_PORT = 443  # gRPC's default for dns: targets without a port
+FANOUT_DEPTH = 4  # serialised chunks queued per generator while its call drains them
+LOAD_WEIGHTS = "/protege.v1.Generator/LoadWeights"
+_END = object()
+_REPLY = generator_pb2.LoadWeightsResponse.FromString
 
 
 def _split_host_port(hostport: str) -> tuple[str, int]:
@@ -64,10 +77,19 @@ def resolve_targets(target: str) -> list[str]:
     raise InvalidArgument(f"generator target {target!r}: {host!r} resolves to no address")
 
 
+def _nbytes(state_dict: Mapping[str, torch.Tensor], name: str) -> int:
+    """Bytes of one tensor, without materialising it when the mapping can say (ModelWeights)."""
+    nbytes = getattr(state_dict, "nbytes", None)
+    if callable(nbytes):
+        return int(nbytes(name))
+    t = state_dict[name]
+    return t.numel() * t.element_size()
+
+
 def upload_header(state_dict: Mapping[str, torch.Tensor]) -> generator_pb2.WeightUploadHeader:
     """What an upload of `state_dict` declares up front: its names, their number and bytes."""
     return generator_pb2.WeightUploadHeader(
-        total_bytes=sum(t.numel() * t.element_size() for t in state_dict.values()),
+        total_bytes=sum(_nbytes(state_dict, name) for name in state_dict),
         tensor_count=len(state_dict), names=list(state_dict))
 
 
@@ -77,22 +99,107 @@ def weight_chunks(state_dict: Mapping[str, torch.Tensor], version: int,
     `commit` on the last.
 
     Tensors are encoded one at a time as the stream is pulled (a device-to-host copy for GPU
-    tensors); gRPC pulls it in its own thread.
+    tensors).
     """
-    pending: generator_pb2.WeightChunk | None = None
-    first = True
-    for name, t in state_dict.items():
-        for piece in iter_chunks(name, t, chunk_bytes):
-            if pending is not None:
-                yield pending
-            pending = generator_pb2.WeightChunk(tensor=piece)
-            if first:
-                pending.version = version
-                pending.header.CopyFrom(upload_header(state_dict))
-            first = False
-    if pending is not None:
-        pending.commit = True
-        yield pending
+    header = upload_header(state_dict)
+    return weight_stream(((name, state_dict[name]) for name in state_dict), version, header,
+                         chunk_bytes)
+
+
+def weight_stream(tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                  header: generator_pb2.WeightUploadHeader,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, checksums: bool = False,
+                  encoded: bool = False) -> Iterator[Any]:
+    """`weight_chunks` over (name, tensor) pairs pulled one at a time, under a given header;
+    with `checksums` each tensor's crc32 rides on its last piece. `encoded` yields each chunk
+    already serialised, its tensor bytes copied once (`encode_chunk`), instead of messages."""
+    pending, data = generator_pb2.WeightChunk(version=version, header=header), b""
+    for name, t in tensors:
+        for piece, piece_data in iter_pieces(name, t, chunk_bytes):
+            if pending.HasField("tensor"):
+                yield _emit(pending, data, encoded)
+                pending = generator_pb2.WeightChunk()
+            pending.tensor.CopyFrom(piece)
+            data = piece_data
+            if piece.last and checksums:
+                pending.crc32 = crc32(t)
+    pending.commit = True
+    yield _emit(pending, data, encoded)
+
+
+_TENSOR_TAG = bytes([generator_pb2.WeightChunk.DESCRIPTOR.fields_by_name["tensor"].number << 3 | 2])
+_DATA_TAG = bytes([tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name["data"].number << 3 | 2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_chunk(chunk: generator_pb2.WeightChunk, data: Any) -> bytes:
+    """`chunk` with `data` as its tensor piece's bytes, serialised with one copy of `data`
+    (protobuf would copy it into the message, then again into the wire bytes). Fields may come
+    in any order on the wire, so the piece's bytes field is appended after its other fields."""
+    size = len(memoryview(data).cast("B"))
+    if not chunk.HasField("tensor") or size == 0:
+        return chunk.SerializeToString()
+    inner = chunk.tensor.SerializeToString()
+    inner_len = len(inner) + len(_DATA_TAG) + len(_varint(size)) + size
+    outer = generator_pb2.WeightChunk()
+    outer.CopyFrom(chunk)
+    outer.ClearField("tensor")
+    return b"".join((outer.SerializeToString(), _TENSOR_TAG, _varint(inner_len), inner,
+                     _DATA_TAG, _varint(size), data))
+
+
+def _emit(chunk: generator_pb2.WeightChunk, data: Any, encoded: bool) -> Any:
+    if encoded:
+        return encode_chunk(chunk, data)
+    if chunk.HasField("tensor"):
+        chunk.tensor.data = bytes(data)
+    return chunk
+
+
+def _feed(calls: dict[str, tuple[queue.Queue, Any]], chunks: Iterable[Any],
+          failure: list[BaseException]) -> None:
+    """Serialise each chunk once and queue the bytes for every call still running; a call that
+    has ended (refused, failed) is fed no more. If producing the chunks fails, every call is
+    cancelled (the generators keep their version) and the error lands in `failure`."""
+    live = dict(calls)
+    try:
+        for chunk in chunks:
+            data = chunk if isinstance(chunk, bytes) else chunk.SerializeToString()
+            for address, (q, future) in list(live.items()):
+                if not _put(q, future, data):
+                    del live[address]
+            if not live:
+                return
+    except BaseException as e:
+        failure.append(e)
+        for _, future in live.values():
+            future.cancel()
+        live = {}
+    finally:
+        for q, future in live.values():
+            _put(q, future, _END)
+
+
+def _put(q: queue.Queue, future: Any, item: Any) -> bool:
+    while True:
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            if future.done():
+                return False
+
+
+def _drain(q: queue.Queue) -> Iterator[bytes]:
+    return iter(q.get, _END)
 
 
 async def _outcome(call: Any) -> Any:
@@ -134,6 +241,24 @@ class GeneratorClient:
             return await self._stubs[0].Info(generator_pb2.InfoRequest())
         except grpc.aio.AioRpcError as e:
             raise _error(e, self._targets[0]) from e
+
+    async def replicas(self) -> list[str]:
+        """Every generator address behind the targets (dns:/// names resolved)."""
+        return [a for a, _ in await asyncio.to_thread(self._addresses)]
+
+    async def replica_infos(self) -> dict[str, generator_pb2.GeneratorInfo]:
+        """Info of every generator replica, by address (asked concurrently)."""
+        addresses = await asyncio.to_thread(self._addresses)
+
+        async def one(address: str, name: str | None) -> generator_pb2.GeneratorInfo:
+            stub = generator_pb2_grpc.GeneratorStub(self._channel_for(address, name))
+            try:
+                return await stub.Info(generator_pb2.InfoRequest())
+            except grpc.aio.AioRpcError as e:
+                raise _error(e, address) from e
+
+        infos = await asyncio.gather(*(one(a, n) for a, n in addresses))
+        return {a: info for (a, _), info in zip(addresses, infos, strict=True)}
 
     async def generate(self, prompts: Sequence[str | Sequence[int]], n: int, *,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -200,34 +325,91 @@ class GeneratorClient:
         """Push `state_dict` as policy `version` to every generator; one response per generator."""
         if not state_dict:
             raise InvalidArgument("load_weights: the state_dict is empty")
-        addresses = await asyncio.to_thread(self._addresses)
-        results = await asyncio.gather(
-            *(self._push(a, name, state_dict, version, chunk_bytes) for a, name in addresses),
-            return_exceptions=True)
-        for result in results:
+        results = await self.push_chunks(weight_stream(
+            ((name, state_dict[name]) for name in state_dict), version, upload_header(state_dict),
+            chunk_bytes, encoded=True))
+        for result in results.values():
             if isinstance(result, BaseException):
                 raise result
-        return list(results)  # type: ignore[arg-type]
+        return list(results.values())  # type: ignore[arg-type]
 
-    async def _push(self, address: str, server_name: str | None,
-                    state_dict: Mapping[str, torch.Tensor], version: int, chunk_bytes: int
-                    ) -> generator_pb2.LoadWeightsResponse:
+    async def push_chunks(self, chunks: Iterable[generator_pb2.WeightChunk | bytes],
+                          addresses: Sequence[str] | None = None
+                          ) -> dict[str, generator_pb2.LoadWeightsResponse | BaseException]:
+        """Stream one upload to `addresses` (default: every replica) concurrently, each chunk
+        serialised once; the reply or the (ProtegeError) failure of each, by address."""
+        names = dict(await asyncio.to_thread(self._addresses))
+        addresses = list(names) if addresses is None else list(addresses)
+        if not addresses:
+            return {}
         # A push uses the blocking API on its own connection. When a generator refuses an upload
         # mid-stream (NaN weights, an unknown tensor) while chunks are still in flight, grpc.aio's
         # client replaces the server's status with INTERNAL "Internal error from Core"
         # (grpc/grpc#36066; seen here about half the time); the blocking API reports it.
-        channel = make_sync_channel(address, self._token, self._tls_for(server_name))
+        channels = {a: make_sync_channel(a, self._token, self._tls_for(names.get(a)))
+                    for a in addresses}
+        calls: dict[str, tuple[queue.Queue, Any]] = {}
         try:
-            stub = generator_pb2_grpc.GeneratorStub(channel)
-            reply = await _outcome(stub.LoadWeights.future(
-                weight_chunks(state_dict, version, chunk_bytes)))
-            logger.info("pushed version %d to %s: %d tensors, %d bytes in %.2fs", version,
-                        address, reply.tensors, reply.bytes, reply.seconds)
-            return reply
+            for address, channel in channels.items():
+                q: queue.Queue = queue.Queue(FANOUT_DEPTH)
+                send = channel.stream_unary(LOAD_WEIGHTS, response_deserializer=_REPLY)
+                calls[address] = (q, send.future(_drain(q)))
+            failure: list[BaseException] = []
+            feeder = threading.Thread(target=_feed, args=(calls, chunks, failure), daemon=True,
+                                      name="weight-fanout")
+            feeder.start()
+            results = await asyncio.gather(*(self._reply(a, f) for a, (_, f) in calls.items()),
+                                           return_exceptions=True)
+            await asyncio.to_thread(feeder.join)
+            if failure:
+                raise failure[0]
+            return dict(zip(calls, results, strict=True))
+        finally:
+            for _, future in calls.values():
+                future.cancel()
+            for channel in channels.values():
+                channel.close()
+
+    @staticmethod
+    async def _reply(address: str, future: Any) -> generator_pb2.LoadWeightsResponse:
+        try:
+            reply = await _outcome(future)
         except grpc.RpcError as e:
             raise _error(e, address) from e
-        finally:
-            channel.close()
+        logger.info("pushed version %d to %s: %d tensors, %d bytes in %.2fs",
+                    reply.policy_version, address, reply.tensors, reply.bytes, reply.seconds)
+        return reply
+
+    async def load_from_path(self, version: int, files: Sequence[str],
+                             addresses: Sequence[str]) -> dict[str, Any]:
+        """LoadWeightsFromPath on each address concurrently; reply or failure by address."""
+        request = generator_pb2.LoadFromPathRequest(version=version, files=list(files))
+        return await self._each(addresses, lambda stub, _: stub.LoadWeightsFromPath(request))
+
+    async def join_group(self, requests: Mapping[str, generator_pb2.JoinWeightGroupRequest]
+                         ) -> dict[str, Any]:
+        """JoinWeightGroup on each address with its own request (its rank)."""
+        return await self._each(list(requests),
+                                lambda stub, address: stub.JoinWeightGroup(requests[address]))
+
+    async def receive_weights(self, request: generator_pb2.ReceiveWeightsRequest,
+                              addresses: Sequence[str]) -> dict[str, Any]:
+        """ReceiveWeights on each address concurrently (the caller broadcasts meanwhile)."""
+        return await self._each(addresses, lambda stub, _: stub.ReceiveWeights(request))
+
+    async def _each(self, addresses: Sequence[str], call: Any) -> dict[str, Any]:
+        """`await call(stub, address)` on each address concurrently; result or error by address."""
+        names = dict(await asyncio.to_thread(self._addresses))
+
+        async def one(address: str) -> Any:
+            stub = generator_pb2_grpc.GeneratorStub(self._channel_for(address, names.get(address)))
+            try:
+                return await call(stub, address)
+            except grpc.aio.AioRpcError as e:
+                raise _error(e, address) from e
+
+        results = await asyncio.gather(*(one(a) for a in addresses), return_exceptions=True)
+        return dict(zip(addresses, results, strict=True))
 
     async def close(self) -> None:
         for channel in [*self._channels, *self._replica_channels.values()]:

@@ -32,6 +32,9 @@ class GeneratorConfig(ServerOptions):
     max_model_len: int = field(0, help="vLLM: context length; 0 uses the model's own")
     enforce_eager: bool = field(False, help="vLLM: no CUDA graphs / compilation (faster start)")
     vllm_cpu_kvcache_gb: int = field(1, help="vLLM on CPU: KV-cache GiB ($VLLM_CPU_KVCACHE_SPACE)")
+    weights_dir: str = field("", help="the shared weights directory (an RWX volume) the learner's "
+                             "'shared' weight transport writes versions to; LoadWeightsFromPath "
+                             "reads only under it; empty = that transport is off")
 
     def __post_init__(self) -> None:
         super().__post_init__()

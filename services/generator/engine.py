@@ -11,7 +11,10 @@ log-softmax. At temperature 1 with no truncation that is the student's own log-p
 Weight loads are all-or-nothing: an upload declares its tensors up front and `UploadCheck` holds
 every piece to that declaration and to the served model as it arrives (names, shapes, dtypes, sizes,
 finiteness); the copy then happens under the same lock each generation batch holds, so a batch runs
-entirely on one policy version and reports that version.
+entirely on one policy version and reports that version. A delta (`load_weights(..., base_version)`)
+names only the tensors that change, each already applied to a copy of the served tensor
+(`current_weight`) and checked against its crc32, and is swapped only if `base_version` is still
+the one served.
 
 Cancellation: `generate` takes a `threading.Event`; the sampling loop checks it before every token
 step, so a cancelled request stops at the next step and releases the lock to the next request.
@@ -22,6 +25,7 @@ Notation: B = rows in a batch (prompts x n), L = padded prompt length, V = vocab
 from __future__ import annotations
 
 import abc
+import asyncio
 import collections
 import dataclasses
 import enum
@@ -31,7 +35,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,11 +198,12 @@ class WeightSpec:
                 aliases[name] = canonical
         return cls(tensors, aliases)
 
-    def plan(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def plan(self, tensors: Mapping[str, torch.Tensor], partial: bool = False
+             ) -> dict[str, torch.Tensor]:
         """The tensors to copy, by canonical name; raises InvalidArgument listing every problem.
 
         A tied group (e.g. embeddings and LM head) needs any one of its names; when several are sent
-        the canonical one is used.
+        the canonical one is used. `partial` (a delta) lets tensors be left out.
         """
         unknown = sorted(set(tensors) - set(self.tensors))
         problems = []
@@ -217,7 +222,7 @@ class WeightSpec:
             sent = next((n for n in group if n in tensors), None)
             if sent is not None:
                 plan[name] = tensors[sent]
-        _raise_weight_problems(unknown, self.missing(tensors), problems)
+        _raise_weight_problems(unknown, [] if partial else self.missing(tensors), problems)
         return plan
 
 
@@ -249,8 +254,9 @@ class UploadCheck:
     """
 
     def __init__(self, spec: WeightSpec, names: Sequence[str], tensor_count: int,
-                 total_bytes: int):
+                 total_bytes: int, delta: bool = False):
         self.spec = spec
+        self.delta = delta  # a delta names only the tensors that change, and may name none
         self._check_names(names, tensor_count)
         if total_bytes > spec.total_bytes:
             raise ResourceExhausted(
@@ -265,7 +271,7 @@ class UploadCheck:
         self.complete: set[str] = set()
 
     def _check_names(self, names: Sequence[str], tensor_count: int) -> None:
-        if not names or tensor_count != len(names):
+        if (not names and not self.delta) or tensor_count != len(names):
             raise InvalidArgument(
                 f"weight upload header declares tensor_count {tensor_count} and {len(names)} "
                 "names; list every tensor's state_dict name once and set tensor_count to their "
@@ -278,7 +284,7 @@ class UploadCheck:
         if unknown:
             parts.append(f"unknown tensor names {_listed(unknown)} (not in the served model's "
                          "state_dict)")
-        missing = self.spec.missing(names)
+        missing = [] if self.delta else self.spec.missing(names)
         if missing:
             parts.append(f"missing tensors {_listed(missing)} (send the full state_dict)")
         if parts:
@@ -306,13 +312,35 @@ class UploadCheck:
                                   f"{self.expected[name]} bytes")
         self.received[name] = got
 
-    def tensor(self, name: str, t: torch.Tensor) -> None:
-        """Check a completed tensor: every value finite."""
-        if t.is_floating_point():
+    def sparse_piece(self, name: str, values_dtype: torch.dtype, nbytes: int) -> None:
+        """Check one arriving piece of a sparse change (delta uploads only) before it is
+        buffered: a declared tensor, the served dtype, and never more bytes than the dense
+        tensor."""
+        if not self.delta:
+            raise InvalidArgument(f"a sparse piece of '{name}' arrived in a full upload; send "
+                                  "sparse changes only in a delta (header.base_version > 0)")
+        spec = self.spec.tensors.get(name)
+        if spec is not None and values_dtype != spec.dtype:
+            raise InvalidArgument(f"'{name}': sparse values have dtype {values_dtype}, expected "
+                                  f"{spec.dtype} (see Info.dtype)")
+        self.piece(name, spec.dtype if spec else values_dtype, spec.shape if spec else (), nbytes)
+
+    def tensor(self, name: str, t: torch.Tensor, crc: int | None = None) -> None:
+        """Check a completed tensor: its checksum (required in a delta), every value finite."""
+        from protege.services.common.codec import crc32, has_nonfinite
+
+        if crc is None and self.delta:
+            raise InvalidArgument(f"tensor '{name}' of a delta upload arrived without its crc32; "
+                                  "set WeightChunk.crc32 on its last piece")
+        if crc is not None and crc32(t) != crc:
+            raise FailedPrecondition(
+                f"tensor '{name}' does not match its crc32 after it was applied (the delta's "
+                "base differs from the served weights, or bytes were corrupted); push a full "
+                "upload")
+        if t.is_floating_point() and has_nonfinite(t):
             bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise InvalidArgument(f"tensor '{name}' has {bad} NaN or infinite values; fix "
-                                      "the training run (e.g. clip gradients) before pushing")
+            raise InvalidArgument(f"tensor '{name}' has {bad} NaN or infinite values; fix "
+                                  "the training run (e.g. clip gradients) before pushing")
         self.complete.add(name)
 
     def finish(self) -> None:
@@ -374,6 +402,8 @@ class Engine(abc.ABC):
 
     backend: str = ""
     weight_spec: WeightSpec  # what a weight upload must contain (set by each backend)
+    supports_delta = False  # True when `current_weight` and a partial `load_weights` work
+    supports_broadcast = False  # True when weights can be received in this process (weights.py)
 
     def __init__(self, model: str, tokenizer: Any, vocab: dict[str, Any], max_context: int,
                  max_batch_prompts: int):
@@ -449,9 +479,46 @@ class Engine(abc.ABC):
         backend can; the iterator then ends without yielding it.
         """
 
+    async def stream(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
+                     ) -> AsyncIterator[list[Completion]]:
+        """`generate` for an asyncio caller: batches as they finish. Stopping the iteration early
+        (the call was cancelled) stops the running batch at its next token step. This default
+        runs the blocking `generate` in threads; a backend with an async engine overrides it."""
+        cancel = threading.Event()
+        batches = self.generate(prompts, n, params, cancel)
+        try:
+            while True:
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            cancel.set()
+
     @abc.abstractmethod
-    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
-        """Validate all, then swap atomically to `version`; returns the number of tensors copied."""
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int,
+                     base_version: int | None = None) -> int:
+        """Validate all, then swap atomically to `version`; returns the number of tensors copied.
+
+        With `base_version` (a delta) `tensors` may be any subset of the model, and the swap happens
+        only if `base_version` is still the serving version (else FailedPrecondition).
+        """
+
+    def current_weight(self, name: str) -> torch.Tensor:
+        """A CPU copy of the served tensor `name` (a delta is applied to it, then swapped in)."""
+        raise FailedPrecondition(f"the {self.backend} backend takes full weight uploads only")
+
+    def check_base(self, base_version: int | None) -> None:
+        """Raise FailedPrecondition unless a delta on `base_version` applies to what is served."""
+        if base_version is None:
+            return
+        if not self.supports_delta:
+            raise FailedPrecondition(f"the {self.backend} backend takes full weight uploads only; "
+                                     "push the whole model")
+        if base_version != self._version:
+            raise FailedPrecondition(
+                f"the delta applies to policy version {base_version} but this generator serves "
+                f"{self._version}; push a full upload")
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines need nothing
         """Release the model (the server calls this after draining)."""
@@ -471,6 +538,8 @@ class HFEngine(Engine):
     """transformers backend: a KV-cached sampling loop over left-padded batches."""
 
     backend = "hf"
+    supports_delta = True
+    supports_broadcast = True
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
                  max_batch_prompts: int = 64, model_name: str | None = None):
@@ -607,12 +676,19 @@ class HFEngine(Engine):
                 row.finish = FinishReason.LENGTH
         return all(row.finish is not None for row in rows)
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+    def current_weight(self, name: str) -> torch.Tensor:
+        with self._lock:
+            return self.model.state_dict()[name].detach().to("cpu", copy=True)
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int,
+                     base_version: int | None = None) -> int:
         self.check_version(version)
-        plan = self.weight_spec.plan(tensors)
+        self.check_base(base_version)
+        plan = self.weight_spec.plan(tensors, partial=base_version is not None)
         start = time.perf_counter()
         with self._lock:
             self.check_version(version)
+            self.check_base(base_version)
             targets = self.model.state_dict()
             with torch.no_grad():
                 for name, t in plan.items():

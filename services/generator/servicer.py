@@ -4,27 +4,37 @@
 engine's cancellation flag when the call ends early (cancelled, deadline passed), so the batch
 stops at its next token step. `LoadWeights` checks an upload's header before buffering anything and
 every piece as it arrives (`UploadCheck`), and swaps only after a `commit=true` final chunk, so a
-refused upload leaves the old version serving. `Info` reports the model, vocabulary and version.
+refused upload leaves the old version serving. A delta upload (header.base_version > 0) carries
+only the tensors that changed, dense or sparse, each with a crc32 checked after it is applied to a
+copy of the served tensor. `LoadWeightsFromPath` loads from the shared weights directory and
+`JoinWeightGroup`/`ReceiveWeights` receive a broadcast (generator/weights.py); one weight update
+runs at a time, whatever its transport. `Info` reports the model, vocabulary, dtype, version and
+the transports this generator takes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 
 import grpc
 import prometheus_client
-import torch
-from protege.errors import InvalidArgument, ProtegeError, ResourceExhausted
-from protege.services.common.codec import ChunkAssembler, torch_dtype
+from protege.errors import FailedPrecondition, InvalidArgument, ProtegeError, ResourceExhausted
+from protege.services.common.codec import ChunkAssembler, decode, torch_dtype
 from protege.services.generator.engine import (
     Completion,
     Engine,
     SamplingParams,
     UploadCheck,
+)
+from protege.services.generator.weights import (
+    BroadcastReceiver,
+    DeltaStaging,
+    Update,
+    load_files,
 )
 from protege.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
@@ -73,37 +83,50 @@ def rollout(c: Completion, prompt_id: str, prompt_text: str) -> generator_pb2.Ro
 
 
 async def receive_upload(chunks: AsyncIterator[generator_pb2.WeightChunk], engine: Engine
-                         ) -> tuple[int, dict[str, torch.Tensor], int]:
-    """(version, tensors, bytes) of a complete, committed upload. Raises before any swap: at the
-    first chunk for a bad version or header, at the first piece that breaks them."""
+                         ) -> Update:
+    """The complete, committed upload (full, or a delta applied to copies of the served tensors).
+    Raises before any swap: at the first chunk for a bad version, base or header, at the first
+    piece that breaks them, at a tensor whose crc32 does not match."""
     assembler = ChunkAssembler()
+    staging = DeltaStaging(engine)
     check: UploadCheck | None = None
-    version, committed = 0, False
+    version, base, committed = 0, None, False
     async for chunk in chunks:
         if committed:
             raise InvalidArgument("a weight chunk arrived after the commit=true chunk; send commit "
                                   "only on the final chunk")
         if check is None:
-            version, check = _start_upload(chunk, engine)
+            version, base, check = _start_upload(chunk, engine)
         elif chunk.version not in (0, version):
             raise InvalidArgument(f"chunk carries version {chunk.version} but the upload started "
                                   f"as version {version}")
         elif chunk.HasField("header"):
             raise InvalidArgument("a WeightUploadHeader arrived after the first chunk; send it "
                                   "once, on the first chunk")
+        crc = chunk.crc32 if chunk.HasField("crc32") else None
+        if chunk.HasField("tensor") and chunk.HasField("sparse"):
+            raise InvalidArgument("a WeightChunk carries both a tensor piece and a sparse piece; "
+                                  "send one per chunk")
         if chunk.HasField("tensor"):
-            await _receive_piece(chunk.tensor, check, assembler)
+            await _receive_piece(chunk.tensor, check, assembler, crc)
+        elif chunk.HasField("sparse"):
+            await _receive_sparse(chunk.sparse, check, staging, crc)
+        elif crc is not None:
+            raise InvalidArgument("WeightChunk.crc32 is set on a chunk without a tensor piece; "
+                                  "set it on the chunk that carries the tensor's last piece")
         committed = chunk.commit
     if check is None:
         raise InvalidArgument("empty weight upload: send at least one WeightChunk")
     if not committed:
         raise InvalidArgument("weight upload ended without a commit=true chunk (interrupted?)")
-    tensors = assembler.finish()
+    tensors = {**assembler.finish(), **staging.tensors}
     check.finish()
-    return version, tensors, assembler.bytes
+    return Update(version, tensors, base, assembler.bytes + sum(
+        n for name, n in check.received.items() if name in staging.tensors))
 
 
-def _start_upload(chunk: generator_pb2.WeightChunk, engine: Engine) -> tuple[int, UploadCheck]:
+def _start_upload(chunk: generator_pb2.WeightChunk, engine: Engine
+                  ) -> tuple[int, int | None, UploadCheck]:
     if chunk.version < 1:
         raise InvalidArgument(f"the first WeightChunk must carry version >= 1, got {chunk.version}")
     engine.check_version(chunk.version)
@@ -112,30 +135,56 @@ def _start_upload(chunk: generator_pb2.WeightChunk, engine: Engine) -> tuple[int
             "the first WeightChunk must carry a WeightUploadHeader (total_bytes, tensor_count, "
             "names) so the upload can be checked before it is buffered; GeneratorClient sends it")
     header = chunk.header
-    return chunk.version, UploadCheck(engine.weight_spec, list(header.names),
-                                      header.tensor_count, header.total_bytes)
+    if header.base_version < 0:
+        raise InvalidArgument(f"header.base_version must be >= 0 (0 = a full upload), got "
+                              f"{header.base_version}")
+    base = header.base_version or None
+    engine.check_base(base)
+    return chunk.version, base, UploadCheck(engine.weight_spec, list(header.names),
+                                            header.tensor_count, header.total_bytes,
+                                            delta=base is not None)
 
 
 async def _receive_piece(piece: tensor_pb2.TensorChunk, check: UploadCheck,
-                         assembler: ChunkAssembler) -> None:
+                         assembler: ChunkAssembler, crc: int | None) -> None:
     if not piece.name:
         raise InvalidArgument("TensorChunk.name is empty; name every tensor")
     check.piece(piece.name, torch_dtype(piece.dtype, piece.name), piece.shape, len(piece.data))
     assembler.add(piece)
     if piece.last:
-        await asyncio.to_thread(check.tensor, piece.name, assembler.tensors[piece.name])
+        await asyncio.to_thread(check.tensor, piece.name, assembler.tensors[piece.name], crc)
+    elif crc is not None:
+        raise InvalidArgument(f"'{piece.name}': crc32 arrived before the tensor's last piece")
+
+
+async def _receive_sparse(piece: generator_pb2.SparseUpdate, check: UploadCheck,
+                          staging: DeltaStaging, crc: int | None) -> None:
+    if not piece.name:
+        raise InvalidArgument("SparseUpdate.name is empty; name every tensor")
+    indices = decode(piece.indices, f"{piece.name} indices")
+    values = decode(piece.values, f"{piece.name} values")
+    nbytes = len(piece.indices.data) + len(piece.values.data)
+    check.sparse_piece(piece.name, values.dtype, nbytes)
+    t = await asyncio.to_thread(staging.apply, piece.name, indices, values)
+    if piece.last:
+        await asyncio.to_thread(check.tensor, piece.name, t, crc)
+    elif crc is not None:
+        raise InvalidArgument(f"'{piece.name}': crc32 arrived before the tensor's last piece")
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     """Thin adapter between protege.v1.Generator and an `Engine`."""
 
     def __init__(self, engine: Engine, max_new_tokens_limit: int, max_n: int = DEFAULT_MAX_N,
-                 max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS):
+                 max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS,
+                 weights_dir: str | Path | None = None):
         self._engine = engine
         self._limit = max_new_tokens_limit
         self._max_n = max_n
         self._max_rows = max_request_rows
-        self._uploading = asyncio.Lock()  # one upload buffered at a time bounds its memory
+        self._weights_dir = Path(weights_dir) if weights_dir else None
+        self._broadcast = BroadcastReceiver(engine)
+        self._uploading = asyncio.Lock()  # one update buffered at a time bounds its memory
         POLICY_VERSION.set(engine.policy_version)
 
     def _check(self, request: generator_pb2.GenerateRequest) -> SamplingParams:
@@ -173,44 +222,73 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         names = [p.prompt_id or str(i) for i, p in enumerate(request.prompts)]
         self._engine.check_prompts(ids, params, names)
         texts: dict[int, str] = {}
-        cancel = threading.Event()
-        batches = self._engine.generate(ids, request.n, params, cancel)
+        batches = self._engine.stream(ids, request.n, params)
         finished = False
         try:
-            while True:
-                start = time.perf_counter()
-                batch = await asyncio.to_thread(next, batches, None)
-                if batch is None:
-                    finished = True
-                    return
+            start = time.perf_counter()
+            async for batch in batches:
                 _record_batch(batch, time.perf_counter() - start)
                 for c in batch:
                     if c.prompt_index not in texts:
                         texts[c.prompt_index] = self._engine.decode(c.prompt_token_ids)
                     yield rollout(c, request.prompts[c.prompt_index].prompt_id,
                                   texts[c.prompt_index])
+                start = time.perf_counter()
+            finished = True
         finally:
-            # grpc.aio cancels this handler when the client cancels or the deadline passes; the
-            # engine thread does not see that, so tell it to stop at its next token step.
-            cancel.set()
+            # grpc.aio cancels this handler when the client cancels or the deadline passes;
+            # closing the stream tells the engine to stop (HF: at its next token step; vLLM:
+            # aborts the call's requests).
+            await batches.aclose()
             if not finished:
                 CANCELLED.inc()
 
     async def LoadWeights(self, request_iterator: AsyncIterator[generator_pb2.WeightChunk],
                           context: grpc.aio.ServicerContext) -> generator_pb2.LoadWeightsResponse:
+        return await self._update(lambda: receive_upload(request_iterator, self._engine))
+
+    async def LoadWeightsFromPath(self, request: generator_pb2.LoadFromPathRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> generator_pb2.LoadWeightsResponse:
+        if self._weights_dir is None:
+            raise FailedPrecondition("this generator has no --weights-dir (the shared weights "
+                                     "volume); start it with one or push over gRPC")
+        return await self._update(lambda: asyncio.to_thread(
+            load_files, self._engine, self._weights_dir, list(request.files), request.version))
+
+    async def JoinWeightGroup(self, request: generator_pb2.JoinWeightGroupRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> generator_pb2.JoinWeightGroupResponse:
+        if self._uploading.locked():
+            raise ResourceExhausted("a weight update is in progress; retry when it ends")
+        async with self._uploading:
+            device = await asyncio.to_thread(
+                self._broadcast.join, request.store_host, request.store_port, request.rank,
+                request.world_size, request.backend, request.group_id, request.timeout_s)
+        return generator_pb2.JoinWeightGroupResponse(device=device)
+
+    async def ReceiveWeights(self, request: generator_pb2.ReceiveWeightsRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> generator_pb2.LoadWeightsResponse:
+        return await self._update(lambda: asyncio.to_thread(
+            self._broadcast.receive, request.group_id, list(request.names), request.version))
+
+    async def _update(self, receive: Callable[[], Awaitable[Update]]
+                      ) -> generator_pb2.LoadWeightsResponse:
         if self._uploading.locked():
             WEIGHT_LOADS.labels("refused").inc()
-            raise ResourceExhausted("another weight upload is being received; retry when it ends "
-                                    "(one upload is buffered at a time)")
+            raise ResourceExhausted("another weight upload (or other update) is in progress; "
+                                    "retry when it ends (one update is buffered at a time)")
         async with self._uploading:
-            return await self._load_weights(request_iterator)
+            return await self._load_weights(receive)
 
-    async def _load_weights(self, chunks: AsyncIterator[generator_pb2.WeightChunk]
+    async def _load_weights(self, receive: Callable[[], Awaitable[Update]]
                             ) -> generator_pb2.LoadWeightsResponse:
         start = time.perf_counter()
         try:
-            version, tensors, nbytes = await receive_upload(chunks, self._engine)
-            count = await asyncio.to_thread(self._engine.load_weights, tensors, version)
+            update = await receive()
+            count = await asyncio.to_thread(update.apply, self._engine)
+            nbytes = update.bytes
         except BaseException as e:
             WEIGHT_LOADS.labels("refused").inc()
             if isinstance(e, ProtegeError):
@@ -230,7 +308,18 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         return generator_pb2.GeneratorInfo(
             model=info.model, backend=info.backend, vocab=tensor_pb2.VocabInfo(**info.vocab),
             policy_version=self._engine.policy_version, device=info.device, dtype=info.dtype,
-            weights_fingerprint=info.weights_fingerprint)
+            weights_fingerprint=info.weights_fingerprint, weight_transports=self.transports())
+
+    def transports(self) -> list[str]:
+        """The weight transports this generator takes (GeneratorInfo.weight_transports)."""
+        out = ["grpc"]
+        if self._engine.supports_delta:
+            out.append("delta")
+        if self._weights_dir is not None:
+            out.append("shared")
+        if self._engine.supports_broadcast:
+            out.append("broadcast")
+        return out
 
 
 def _record_batch(batch: list[Completion], seconds: float) -> None:
@@ -242,11 +331,13 @@ def _record_batch(batch: list[Completion], seconds: float) -> None:
 
 
 def register(engine: Engine, max_new_tokens_limit: int, max_n: int = DEFAULT_MAX_N,
-             max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS):
+             max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS,
+             weights_dir: str | Path | None = None):
     """A `register(server)` callback for `protege.serving.start_server`."""
 
     def add(server: grpc.aio.Server) -> None:
         generator_pb2_grpc.add_GeneratorServicer_to_server(
-            GeneratorServicer(engine, max_new_tokens_limit, max_n, max_request_rows), server)
+            GeneratorServicer(engine, max_new_tokens_limit, max_n, max_request_rows,
+                              weights_dir), server)
 
     return add

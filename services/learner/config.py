@@ -11,12 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from protege.configs import field
 from protege.errors import InvalidArgument
 from protege.services.learner.outages import OutagePolicy
 from protege.services.learner.targets import DEFAULT_ALLOWED_TARGETS, TargetAllowList
 from protege.serving import CLIENT_TOKEN_ENV, ServerOptions, TLSConfig, read_token_file
+
+if TYPE_CHECKING:
+    from protege.services.learner.weight_sync import TransportOptions
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,20 @@ class LearnerConfig(ServerOptions):
         [], help="student model paths must lie under one of these directories (empty = any)")
     torch_threads: int = field(0, help="torch intra-op threads (0 = torch's default)")
     weight_chunk_mb: int = field(4, help="size of the chunks weights are pushed to generators in")
+    weight_transport: str = field(
+        "grpc", help="how weights reach the generators (weight_sync.py): 'grpc' (full push, each "
+        "chunk encoded once and fanned out), 'delta' (only changed tensors, sparse or dense, "
+        "crc-checked; one serving-dtype copy of the student on the learner), 'shared' (safetensors "
+        "files in weight_shared_dir, which the generators mount as --weights-dir) or 'broadcast' "
+        "(a torch.distributed group: nccl on GPUs, gloo on CPUs)")
+    weight_shared_dir: str = field("", help="'shared' transport: the learner's mount of the "
+                                   "generators' --weights-dir (an RWX volume)")
+    weight_full_every: int = field(10, help="'shared' transport: write a full file at least "
+                                   "every this many versions (deltas in between)")
+    weight_broadcast_backend: str = field("nccl", help="'broadcast' transport: nccl or gloo")
+    weight_broadcast_host: str = field(
+        "127.0.0.1", help="'broadcast' transport: the address generators reach this learner's "
+        "rendezvous store at (the pod IP on Kubernetes)")
     outage_budget_s: float = field(
         300.0, help="seconds a job keeps retrying a dependency that is down (UNAVAILABLE, "
         "DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED or no answer) before the job fails")
@@ -109,6 +127,10 @@ class LearnerConfig(ServerOptions):
             raise InvalidArgument(f"loss_chunk_mb must be >= 1, got {self.loss_chunk_mb}")
         if self.weight_chunk_mb < 1:
             raise InvalidArgument(f"weight_chunk_mb must be >= 1, got {self.weight_chunk_mb}")
+        if self.weight_broadcast_backend not in ("nccl", "gloo"):
+            raise InvalidArgument(f"weight_broadcast_backend must be nccl or gloo, got "
+                                  f"{self.weight_broadcast_backend!r}")
+        self.transport_options()  # fail at startup on a bad transport setting
         for name in ("outage_budget_s", "deadline_floor_s"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name} must be > 0, got {getattr(self, name)}")
@@ -149,6 +171,16 @@ class LearnerConfig(ServerOptions):
                             generate_s_per_token=self.generate_s_per_token,
                             reference_s_per_position=self.reference_s_per_position,
                             reward_s_per_sample=self.reward_s_per_sample)
+
+    def transport_options(self) -> TransportOptions:
+        """How weights travel to the generators (weight_sync.py)."""
+        from protege.services.learner.weight_sync import TransportOptions
+
+        return TransportOptions(
+            transport=self.weight_transport, chunk_bytes=self.weight_chunk_mb << 20,
+            shared_dir=self.weight_shared_dir, full_every=self.weight_full_every,
+            broadcast_backend=self.weight_broadcast_backend,
+            broadcast_host=self.weight_broadcast_host)
 
     def client_tls(self) -> TLSConfig | None:
         """TLS settings for outgoing calls, or None for plaintext."""

@@ -190,7 +190,8 @@ class Trainer:
             reference_dtype=self.config.full_reference_dtype)
         self.weights = WeightSync(generator, self.clients, spec.generator_targets,
                                   self.config.weight_chunk_mb << 20,
-                                  self.rollouts.deps["generator"])
+                                  self.rollouts.deps["generator"],
+                                  self.config.transport_options())
         if reference is not None:
             self.lm_head = await teacher_head(reference, self.rollouts.deps["reference"], spec,
                                               V, self.model.device, self._announce)

@@ -2,31 +2,124 @@
 
 Every generator target must end up serving the pushed version; a reply that says otherwise fails
 the step (another learner may be pushing to the same generators). Weights travel in the dtype the
-generators serve when they all agree on one, else in the training dtype. Pushes and Info calls go
-through the job's generator `Dependency`, so a generator that restarts mid-push is retried
-through the outage, and `restore` gives a generator that came back at version 0 the weights the
-learner serves now.
+generators serve (GeneratorInfo.dtype) when they all agree on one, else in the training dtype, one
+tensor at a time (`ModelWeights`), so the learner never holds a second full copy of the model for
+a push. Pushes and Info calls go through the job's generator `Dependency`, so a generator that
+restarts mid-push is retried through the outage, and `restore` gives a generator that came back at
+version 0 the weights the learner serves now.
+
+The transport is chosen per deployment (LearnerConfig.weight_transport, DESIGN §4):
+
+- ``grpc`` (default): a full push over `LoadWeights`; each chunk is serialised once and fanned
+  out to every generator concurrently (GeneratorClient.push_chunks). No extra learner memory.
+- ``delta``: only what changed since the version a generator holds. Unchanged tensors are
+  skipped, a tensor with few changed elements travels as sparse (flat int32 offset, value) pairs,
+  others dense; every sent tensor carries a crc32 that the generator checks after applying it.
+  The generator swaps atomically, and one whose version is not the learner's last push (missed a
+  version, restarted, refused) gets a full push instead. Costs one copy of the model *in the
+  serving dtype* on the learner (the baseline the changes are computed against).
+- ``shared``: the learner writes each version once, as one safetensors file (full, or a delta
+  against the previous version) into a directory every generator mounts (an RWX volume on
+  Kubernetes; the generators' --weights-dir), then tells each generator which files to apply
+  (`LoadWeightsFromPath`): the chain from the latest full file, or the one delta when it holds
+  the previous version. Files are written atomically (rename) and files older than the latest
+  full one are deleted after a push. Needs the same baseline as ``delta``.
+- ``broadcast``: a torch.distributed process group of its own between the learner (rank 0) and
+  the generators, formed over the gRPC control plane (`JoinWeightGroup`, with the learner hosting
+  a TCPStore) and re-formed when the set of generators changes or one restarts; each push is one
+  `ReceiveWeights` call per generator while the learner broadcasts tensor by tensor. ``nccl`` on
+  GPUs, ``gloo`` on CPUs (LearnerConfig.weight_broadcast_backend).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from protege import errors
+from protege.services.common.codec import (
+    DEFAULT_CHUNK_BYTES,
+    SPARSE_INDICES,
+    SPARSE_VALUES,
+    changed_elements,
+    crc32,
+    encode,
+    index_dtype,
+    iter_pieces,
+    sparse_bytes,
+    write_weights_file,
+)
 from protege.services.common.models import DTYPES
-from protege.services.learner.clients import Clients
-from protege.services.learner.outages import Dependency
+from protege.v1 import generator_pb2
+
+if TYPE_CHECKING:
+    from protege.services.learner.clients import Clients
+    from protege.services.learner.outages import Dependency
 
 logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("grpc", "delta", "shared", "broadcast")
+DEFAULT_TRANSPORT = "grpc"  # works against every generator and costs the learner no memory
+
+
+# ----------------------------------------------------------------------------- the model's view
+
+
+class ModelWeights(Mapping[str, torch.Tensor]):
+    """The model's state_dict as generators take it: floating tensors cast to `dtype` (when
+    given) on access, one tensor at a time, and one name per tied group (a tied LM head is sent
+    once, as its embedding). Nothing is copied until a tensor is read."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
+        self.dtype = dtype
+        seen: set[int] = set()
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                self._tensors[name] = t
+
+    def _cast(self, t: torch.Tensor) -> torch.dtype:
+        return self.dtype if t.is_floating_point() and self.dtype else t.dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.on_device(name).to("cpu")  # cast on the device: half the bytes to move
+
+    def on_device(self, name: str) -> torch.Tensor:
+        """The tensor cast to the serving dtype, where the model keeps it (a GPU for NCCL)."""
+        t = self._tensors[name].detach()
+        return t.to(self._cast(t))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def nbytes(self, name: str) -> int:
+        t = self._tensors[name]
+        return t.numel() * torch.empty((), dtype=self._cast(t)).element_size()
+
+    def layout(self, name: str) -> tuple[torch.dtype, list[int]]:
+        t = self._tensors[name]
+        return self._cast(t), list(t.shape)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(name) for name in self)
 
 
 def weights_for_generators(model: torch.nn.Module,
                            dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's state dict, floating tensors cast to `dtype` (when given)."""
+    """A CPU copy of the model's state dict, floating tensors cast to `dtype` (when given).
+    Kept for tools and the benchmark's baseline; pushes use `ModelWeights`."""
     out = {}
     for name, t in model.state_dict().items():
         cast = dtype if t.is_floating_point() and dtype else t.dtype
@@ -34,16 +127,486 @@ def weights_for_generators(model: torch.nn.Module,
     return out
 
 
+# ---------------------------------------------------------------------------------- deltas
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """How one tensor travels in a delta: 'dense' (all of it) or 'sparse' (changed elements)."""
+
+    name: str
+    kind: str
+    changed: int  # elements that differ from the baseline
+    nbytes: int  # bytes it takes on the wire or in a file
+    crc: int  # crc32 of the tensor's new bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    """One planned change as it goes out: the new tensor (dense), or offsets and values."""
+
+    change: Change
+    tensor: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+class Baseline:
+    """The weights of the last version pushed, in the serving dtype, that deltas are computed
+    against. `version` is None until a push has gone through whole (or after one broke off).
+
+    `plan` reads the model once; the sparse changes it finds are kept (up to a quarter of the
+    model's bytes) so that `changes` sends them without reading the model again, and only dense
+    tensors are cast a second time."""
+
+    CACHE_FRACTION = 0.25
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.version: int | None = None
+        self._sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def plan(self, weights: ModelWeights, cache_bytes: int | None = None) -> list[Change]:
+        """What changed since the baseline (the baseline must be valid). Sparse where that takes
+        fewer bytes than the dense tensor."""
+        budget = int(weights.total_bytes * self.CACHE_FRACTION) if cache_bytes is None \
+            else cache_bytes
+        self._sparse = {}
+        out = []
+        for name in weights:
+            new, old, dense = weights[name], self.tensors.get(name), weights.nbytes(name)
+            if old is None or old.shape != new.shape or old.dtype != new.dtype:
+                out.append(Change(name, "dense", new.numel(), dense, crc32(new)))
+                continue
+            indices = changed_elements(new, old)
+            if indices.numel() == 0:
+                continue
+            sparse = sparse_bytes(indices.numel(), new.numel(), new.element_size())
+            if sparse >= dense:
+                out.append(Change(name, "dense", indices.numel(), dense, crc32(new)))
+                continue
+            out.append(Change(name, "sparse", indices.numel(), sparse, crc32(new)))
+            if sparse <= budget:
+                budget -= sparse
+                self._sparse[name] = (indices.to(index_dtype(new.numel())),
+                                      new.reshape(-1)[indices])
+        return out
+
+    def changes(self, weights: ModelWeights, plan: Sequence[Change]) -> Iterator[Sent]:
+        """What each planned change sends, moving the baseline to the new values as it goes."""
+        for change in plan:
+            base = self.tensors.get(change.name)
+            if change.name in self._sparse:
+                indices, values = self._sparse.pop(change.name)
+                base.view(-1)[indices.long()] = values
+                yield Sent(change, indices=indices, values=values)
+                continue
+            new = weights[change.name]
+            if change.kind == "sparse":
+                indices = changed_elements(new, base)
+                assert indices.numel() == change.changed, f"{change.name} changed during a push"
+                sent = Sent(change, indices=indices.to(index_dtype(new.numel())),
+                            values=new.reshape(-1)[indices])
+            else:
+                sent = Sent(change, tensor=new)
+            self._store(change.name, new)
+            yield sent
+
+    def refresh(self, weights: ModelWeights) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of `weights`, moving the baseline to it as it goes (a full push)."""
+        for name in weights:
+            new = weights[name]
+            self._store(name, new)
+            yield name, new
+
+    def _store(self, name: str, new: torch.Tensor) -> None:
+        old = self.tensors.get(name)
+        if old is None or old.shape != new.shape or old.dtype != new.dtype:
+            self.tensors[name] = new.clone()
+        else:
+            old.copy_(new)
+
+
+def delta_chunks(baseline: Baseline, weights: ModelWeights, plan: Sequence[Change], version: int,
+                 base_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """A delta upload from `base_version` (the baseline's) to `version`, serialised: the planned
+    tensors dense or sparse, each with its crc32 on its last piece; the baseline moves to the new
+    values as the stream is pulled."""
+    from protege.services.generator.client import encode_chunk
+
+    header = generator_pb2.WeightUploadHeader(
+        total_bytes=sum(c.nbytes for c in plan), tensor_count=len(plan),
+        names=[c.name for c in plan], base_version=base_version)
+    pending, data = generator_pb2.WeightChunk(version=version, header=header), b""
+    for sent in baseline.changes(weights, plan):
+        name = sent.change.name
+        pieces = (_sparse_pieces(name, sent.indices, sent.values, chunk_bytes)
+                  if sent.tensor is None
+                  else ((generator_pb2.WeightChunk(tensor=p), d, p.last)
+                        for p, d in iter_pieces(name, sent.tensor, chunk_bytes)))
+        for chunk, piece_data, last in pieces:
+            if pending.HasField("tensor") or pending.HasField("sparse"):
+                yield encode_chunk(pending, data)
+                pending = chunk
+            else:
+                pending.MergeFrom(chunk)
+            data = piece_data
+            if last:
+                pending.crc32 = sent.change.crc
+    pending.commit = True
+    yield encode_chunk(pending, data)
+
+
+def _sparse_pieces(name: str, indices: torch.Tensor, values: torch.Tensor, chunk_bytes: int
+                   ) -> Iterator[tuple[generator_pb2.WeightChunk, bytes, bool]]:
+    per = max(1, chunk_bytes // (indices.element_size() + values.element_size()))
+    for start in range(0, max(indices.numel(), 1), per):
+        last = start + per >= indices.numel()
+        yield generator_pb2.WeightChunk(sparse=generator_pb2.SparseUpdate(
+            name=name, indices=encode(indices[start:start + per]),
+            values=encode(values[start:start + per]), last=last)), b"", last
+
+
+# --------------------------------------------------------------------------- shared storage
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredVersion:
+    version: int
+    kind: str  # "full" or "delta"
+    file: str  # relative to the store's root
+
+
+class SharedStore:
+    """Versions in the shared weights directory, each written once (full, or a delta against the
+    version before it) and deleted once a newer full file makes them unnecessary. A job writes
+    under a directory of its own (`subdir`), which it empties first (a resumed job starts with a
+    full file), so jobs sharing generators never meet each other's files."""
+
+    def __init__(self, root: str | Path, full_every: int, subdir: str = ""):
+        self.root = Path(root)
+        self.subdir = subdir
+        (self.root / subdir).mkdir(parents=True, exist_ok=True)
+        for stale in (self.root / subdir).glob("v*.safetensors"):
+            stale.unlink(missing_ok=True)
+        self.full_every = full_every
+        self.baseline = Baseline()
+        self.versions: list[StoredVersion] = []
+
+    def write(self, weights: ModelWeights, version: int) -> StoredVersion:
+        """Write `version`: a delta when the previous written version is the baseline and the
+        latest full file is fewer than `full_every` versions back, else a full file."""
+        last_full = next((v.version for v in reversed(self.versions) if v.kind == "full"), None)
+        delta = (self.baseline.version is not None and self.versions
+                 and self.versions[-1].version == self.baseline.version
+                 and last_full is not None and version - last_full < self.full_every)
+        base = self.baseline.version
+        self.baseline.version = None  # moving; valid again only once the file is whole
+        if delta:
+            stored = self._write_delta(weights, version, base)
+        else:
+            stored = self._write_full(weights, version)
+        self.baseline.version = version
+        self.versions.append(stored)
+        return stored
+
+    def _write_full(self, weights: ModelWeights, version: int) -> StoredVersion:
+        file = self._name(version, "full")
+        layout = {name: weights.layout(name) for name in weights}
+        # The manifest leads the file and a full file is written in one pass, so it carries no
+        # crc32s: it is checked by its layout (names, shapes, dtypes) and finiteness, as a full
+        # gRPC upload is.
+        write_weights_file(self.root / file, layout, self.baseline.refresh(weights),
+                           {"version": version, "kind": "full", "base_version": 0})
+        return StoredVersion(version, "full", file)
+
+    def _write_delta(self, weights: ModelWeights, version: int, base: int | None
+                     ) -> StoredVersion:
+        file = self._name(version, "delta")
+        plan = self.baseline.plan(weights)
+        layout: dict[str, tuple[torch.dtype, list[int]]] = {}
+        for c in plan:
+            dtype, shape = weights.layout(c.name)
+            if c.kind == "dense":
+                layout[c.name] = (dtype, shape)
+            else:
+                layout[c.name + SPARSE_INDICES] = (index_dtype(_numel(shape)), [c.changed])
+                layout[c.name + SPARSE_VALUES] = (dtype, [c.changed])
+        checksums = {c.name: c.crc for c in plan}  # the manifest leads the file: from the plan
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for sent in self.baseline.changes(weights, plan):
+                if sent.tensor is not None:
+                    yield sent.change.name, sent.tensor
+                else:
+                    yield sent.change.name + SPARSE_INDICES, sent.indices
+                    yield sent.change.name + SPARSE_VALUES, sent.values
+
+        write_weights_file(self.root / file, layout, tensors(),
+                           {"version": version, "kind": "delta", "base_version": base,
+                            "crc32": checksums})
+        return StoredVersion(version, "delta", file)
+
+    def _name(self, version: int, kind: str) -> str:
+        name = f"v{version:012d}.{kind}.safetensors"
+        return f"{self.subdir}/{name}" if self.subdir else name
+
+    def files_for(self, held: int, version: int) -> list[str]:
+        """Files that take a generator holding `held` to `version` (which must be written)."""
+        upto = [v for v in self.versions if v.version <= version]
+        if not upto or upto[-1].version != version:
+            raise errors.FailedPrecondition(f"version {version} is not in the shared store")
+        if upto[-1].kind == "delta" and len(upto) > 1 and upto[-2].version == held:
+            return [upto[-1].file]
+        start = max(i for i, v in enumerate(upto) if v.kind == "full")
+        return [v.file for v in upto[start:]]
+
+    def collect(self) -> None:
+        """Delete every file older than the latest full one (no generator needs it any more)."""
+        fulls = [i for i, v in enumerate(self.versions) if v.kind == "full"]
+        if not fulls:
+            return
+        for old in self.versions[:fulls[-1]]:
+            (self.root / old.file).unlink(missing_ok=True)
+        self.versions = self.versions[fulls[-1]:]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------------------------ transports
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportOptions:
+    """What the learner's config says about how weights travel (LearnerConfig.weight_*)."""
+
+    transport: str = DEFAULT_TRANSPORT
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    shared_dir: str = ""  # the learner's mount of the generators' --weights-dir
+    full_every: int = 10  # shared: a full file at least every this many versions
+    broadcast_backend: str = "gloo"
+    broadcast_host: str = "127.0.0.1"  # the address generators reach the learner's TCPStore at
+    broadcast_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise errors.InvalidArgument(f"weight_transport must be one of {TRANSPORTS}, got "
+                                         f"{self.transport!r}")
+        if self.transport == "shared" and not self.shared_dir:
+            raise errors.InvalidArgument("weight_transport 'shared' needs weight_shared_dir (the "
+                                         "learner's mount of the generators' --weights-dir)")
+        if self.full_every < 1:
+            raise errors.InvalidArgument(f"weight_full_every must be >= 1, got {self.full_every}")
+
+
+class Transport(abc.ABC):
+    """Sends one version to a set of generator replicas; a reply or an error per address."""
+
+    def __init__(self, generator: Any, options: TransportOptions):
+        self.generator = generator
+        self.options = options
+
+    @abc.abstractmethod
+    async def send(self, weights: ModelWeights, version: int, held: Mapping[str, int],
+                   ) -> dict[str, Any]:
+        """Push `version` to every address in `held` (address -> version it serves now)."""
+
+    async def full(self, weights: ModelWeights, version: int, addresses: Sequence[str]
+                   ) -> dict[str, Any]:
+        if not addresses:
+            return {}
+        return await self.generator.push_chunks(
+            _full_stream(weights.items(), weights, version, self.options.chunk_bytes), addresses)
+
+
+class GrpcTransport(Transport):
+    async def send(self, weights: ModelWeights, version: int, held: Mapping[str, int]
+                   ) -> dict[str, Any]:
+        return await self.full(weights, version, list(held))
+
+
+class DeltaTransport(Transport):
+    def __init__(self, generator: Any, options: TransportOptions):
+        super().__init__(generator, options)
+        self.baseline = Baseline()
+
+    async def send(self, weights: ModelWeights, version: int, held: Mapping[str, int]
+                   ) -> dict[str, Any]:
+        base = self.baseline.version
+        on_base = [a for a, v in held.items() if base is not None and v == base]
+        others = [a for a in held if a not in on_base]
+        self.baseline.version = None  # moving; valid again only once a whole stream went out
+        if on_base:  # the delta stream moves the baseline; the full one only reads the model
+            plan = await asyncio.to_thread(self.baseline.plan, weights)
+            stream = _Counted(delta_chunks(self.baseline, weights, plan, version, base,
+                                           self.options.chunk_bytes))
+            done = await asyncio.gather(self.generator.push_chunks(stream, on_base),
+                                        self.full(weights, version, others))
+            results = {**done[0], **done[1]}
+        else:
+            stream = _Counted(_full_stream(self.baseline.refresh(weights), weights, version,
+                                           self.options.chunk_bytes))
+            results = await self.generator.push_chunks(stream, others)
+        self.baseline.version = version if stream.done else None
+        refused = [a for a in on_base if isinstance(results[a], errors.FailedPrecondition)]
+        if refused:  # its version moved (a restart, another learner): a full push repairs it
+            results.update(await self.full(weights, version, refused))
+        return results
+
+
+class SharedTransport(Transport):
+    def __init__(self, generator: Any, options: TransportOptions, job_id: str = ""):
+        super().__init__(generator, options)
+        self.store = SharedStore(options.shared_dir, options.full_every, _safe_name(job_id))
+
+    async def send(self, weights: ModelWeights, version: int, held: Mapping[str, int]
+                   ) -> dict[str, Any]:
+        if not self.store.versions or self.store.versions[-1].version != version:
+            await asyncio.to_thread(self.store.write, weights, version)
+        by_files: dict[tuple[str, ...], list[str]] = {}
+        for address, v in held.items():
+            by_files.setdefault(tuple(self.store.files_for(v, version)), []).append(address)
+        results: dict[str, Any] = {}
+        for files, addresses in by_files.items():
+            results.update(await self.generator.load_from_path(version, files, addresses))
+        if not any(isinstance(r, BaseException) for r in results.values()):
+            await asyncio.to_thread(self.store.collect)
+        return results
+
+
+class BroadcastTransport(Transport):
+    """Rank 0 of a process group with the generators (see the module docstring)."""
+
+    def __init__(self, generator: Any, options: TransportOptions):
+        super().__init__(generator, options)
+        self.group: Any = None
+        self.group_id = ""
+        self.members: tuple[str, ...] = ()
+        self.pushed: dict[str, int] = {}  # the version each member was last sent
+        self._store: Any = None
+
+    async def send(self, weights: ModelWeights, version: int, held: Mapping[str, int]
+                   ) -> dict[str, Any]:
+        members = tuple(sorted(held))
+        if (self.group is None or members != self.members
+                or any(self.pushed.get(a) != v for a, v in held.items())):
+            await self._form(members)
+        names = list(weights)
+        request = generator_pb2.ReceiveWeightsRequest(version=version, group_id=self.group_id,
+                                                      names=names)
+        receiving = asyncio.ensure_future(self.generator.receive_weights(request, members))
+        try:
+            await asyncio.to_thread(self._broadcast, weights, names)
+        except RuntimeError as e:
+            self.group = None
+            logger.warning("weight broadcast failed (%s); the group is re-formed next push", e)
+        results = await receiving
+        for address, result in results.items():
+            if isinstance(result, BaseException):
+                self.group = None
+            else:
+                self.pushed[address] = version
+        return results
+
+    def _broadcast(self, weights: ModelWeights, names: Sequence[str]) -> None:
+        from protege.services.generator.weights import broadcast
+
+        nccl = self.options.broadcast_backend == "nccl"
+        for name in names:
+            if nccl:  # NCCL sends from the GPU: no copy to the host
+                t = weights.on_device(name)
+                broadcast(self.group, t if t.is_cuda else t.cuda())
+            else:
+                broadcast(self.group, weights[name])
+
+    async def _form(self, members: tuple[str, ...]) -> None:
+        import datetime
+
+        import torch.distributed as dist
+        from protege.services.generator.weights import group_on_store
+
+        self.group, self.pushed = None, {}
+        timeout = datetime.timedelta(seconds=self.options.broadcast_timeout_s)
+        if self._store is None:
+            self._store = dist.TCPStore(self.options.broadcast_host, 0, is_master=True,
+                                        timeout=timeout, wait_for_workers=False)
+        group_id = f"protege-weights-{uuid.uuid4().hex[:12]}"
+        world = len(members) + 1
+        requests = {a: generator_pb2.JoinWeightGroupRequest(
+            store_host=self.options.broadcast_host, store_port=self._store.port, rank=rank,
+            world_size=world, backend=self.options.broadcast_backend, group_id=group_id,
+            timeout_s=self.options.broadcast_timeout_s)
+            for rank, a in enumerate(members, start=1)}
+        joining = asyncio.ensure_future(self.generator.join_group(requests))
+        try:
+            group = await asyncio.to_thread(
+                group_on_store, dist.PrefixStore(group_id, self._store), 0, world,
+                self.options.broadcast_backend, timeout)
+        finally:
+            joined = await joining
+        failed = {a: r for a, r in joined.items() if isinstance(r, BaseException)}
+        if failed:
+            address, error = next(iter(failed.items()))
+            raise errors.Unavailable(f"generator {address} did not join the weight group: "
+                                     f"{error}") from error
+        self.group, self.group_id, self.members = group, group_id, members
+        logger.info("formed weight group %s with %d generators (%s)", group_id, len(members),
+                    self.options.broadcast_backend)
+
+
+def _full_stream(tensors: Iterable[tuple[str, torch.Tensor]], weights: ModelWeights,
+                 version: int, chunk_bytes: int) -> Iterator[bytes]:
+    from protege.services.generator.client import upload_header, weight_stream
+
+    return weight_stream(tensors, version, upload_header(weights), chunk_bytes, encoded=True)
+
+
+class _Counted:
+    """Wraps an iterator and says whether it was pulled to its end."""
+
+    def __init__(self, it: Iterator[Any]):
+        self._it, self.done = it, False
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._it
+        self.done = True
+
+
+def _safe_name(job_id: str) -> str:
+    """A job id as one path component."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id).strip(".")
+
+
+def make_transport(generator: Any, options: TransportOptions, job_id: str = ""
+                   ) -> Transport | None:
+    """The configured transport; None for plain gRPC through `generator.load_weights`."""
+    if options.transport == "shared":
+        return SharedTransport(generator, options, job_id)
+    kinds: dict[str, type[Transport]] = {"delta": DeltaTransport, "broadcast": BroadcastTransport}
+    return kinds[options.transport](generator, options) if options.transport in kinds else None
+
+
+# ------------------------------------------------------------------------------- WeightSync
+
+
 class WeightSync:
     """Pushes a job's student to its generators and reads the version they serve."""
 
     def __init__(self, generator: Any, clients: Clients, targets: Sequence[str], chunk_bytes: int,
-                 dependency: Dependency):
+                 dependency: Dependency, options: TransportOptions | None = None):
         self.generator = generator  # the job's GeneratorClient over every target
         self.clients = clients
         self.targets = list(targets)
         self.chunk_bytes = chunk_bytes
         self.dependency = dependency
+        self.options = dataclasses.replace(options or TransportOptions(), chunk_bytes=chunk_bytes)
+        self.transport = make_transport(generator, self.options,
+                                        getattr(dependency, "job_id", ""))
         self.dtype: torch.dtype | None = None  # the generators' serving dtype, once known
 
     async def served_versions(self) -> dict[str, int]:
@@ -53,6 +616,7 @@ class WeightSync:
         dtypes = {info.dtype for info in infos.values()}
         if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES:
             self.dtype = DTYPES[next(iter(dtypes))]
+        self._check_transport(infos)
         return {t: int(info.policy_version) for t, info in infos.items()}
 
     async def served_version(self) -> int:
@@ -61,30 +625,50 @@ class WeightSync:
 
     async def push(self, model: torch.nn.Module, version: int) -> None:
         """Send the model's weights to every generator as policy `version`."""
-        state = await asyncio.to_thread(weights_for_generators, model, self.dtype)
-        deadline = self._deadline(state)
+        weights = ModelWeights(model, self.dtype)
+        deadline = self.dependency.policy.push_deadline(weights.total_bytes)
+
+        attempts = 0
 
         async def send() -> None:
-            replies = await self.generator.load_weights(state, version,
-                                                        chunk_bytes=self.chunk_bytes)
-            self._check(replies, version)
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # a retry: the generators that took `version` keep it
+                await self.restore(model, version)
+                return
+            if self.transport is None:
+                replies = await self.generator.load_weights(weights, version,
+                                                            chunk_bytes=self.chunk_bytes)
+                self._check(replies, version)
+                return
+            held = {a: int(i.policy_version)
+                    for a, i in (await self.generator.replica_infos()).items()}
+            self._settle(await self.transport.send(weights, version, held), version)
 
         await self.dependency.call(send, deadline)
 
     async def restore(self, model: torch.nn.Module, version: int) -> None:
         """Push `version` to every target that serves an older one (a generator that restarted
         and came back at version 0). Only call it while no update is changing the model."""
+        weights = ModelWeights(model, self.dtype)
+        if self.transport is not None:
+            infos = await self.generator.replica_infos()  # retried by the caller's attempt
+            held = {a: int(i.policy_version) for a, i in infos.items()
+                    if int(i.policy_version) < version}
+            for address in held:
+                logger.warning("generator %s lost its weights; pushing policy version %d again",
+                               address, version)
+            if held:
+                self._settle(await self.transport.send(weights, version, held), version)
+            return
         infos = await self._infos()  # no retry of its own: it runs inside a retried attempt
         behind = [t for t, info in infos.items() if int(info.policy_version) < version]
-        if not behind:
-            return
-        state = await asyncio.to_thread(weights_for_generators, model, self.dtype)
         for target in behind:
             logger.warning("generator %s lost its weights; pushing policy version %d again",
                            target, version)
             client = self.clients.generator([target])
             try:
-                self._check(await client.load_weights(state, version,
+                self._check(await client.load_weights(weights, version,
                                                       chunk_bytes=self.chunk_bytes), version)
             finally:
                 await client.close()
@@ -100,9 +684,21 @@ class WeightSync:
                 await client.close()
         return out
 
-    def _deadline(self, state: dict[str, torch.Tensor]) -> float:
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        return self.dependency.policy.push_deadline(nbytes)
+    def _check_transport(self, infos: Mapping[str, Any]) -> None:
+        """Refuse a transport some generator cannot take, naming it (delta falls back to full)."""
+        need = {"shared": "shared", "broadcast": "broadcast"}.get(self.options.transport)
+        for target, info in infos.items():
+            offered = list(getattr(info, "weight_transports", []))
+            if need and offered and need not in offered:
+                raise errors.FailedPrecondition(
+                    f"generator {target} does not take weight_transport {need!r} (it takes "
+                    f"{offered}); start it with --weights-dir for 'shared', or choose 'grpc'")
+
+    def _settle(self, results: Mapping[str, Any], version: int) -> None:
+        for result in results.values():
+            if isinstance(result, BaseException):
+                raise result
+        self._check(list(results.values()), version)
 
     @staticmethod
     def _check(replies: Sequence[Any], version: int) -> None:

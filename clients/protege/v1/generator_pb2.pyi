@@ -253,6 +253,7 @@ class WeightUploadHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     """Total tensor bytes the upload sends: the sum over its tensors of numel x itemsize. More than
     the served model's whole state_dict is RESOURCE_EXHAUSTED; otherwise it must equal what the
@@ -260,6 +261,13 @@ class WeightUploadHeader(_message.Message):
     """
     tensor_count: _builtins.int
     """Number of tensors the upload sends; must equal the number of `names`."""
+    base_version: _builtins.int
+    """0 for a full upload. Otherwise a delta upload: the policy version it applies on top of, which
+    must be the serving one (else FAILED_PRECONDITION: push a full upload). A delta's `names` are
+    the tensors that change (any subset, possibly empty); each arrives dense (TensorChunk pieces)
+    or sparse (SparseUpdate pieces, never more bytes than the dense tensor), and `total_bytes`
+    counts the bytes of both kinds.
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The state_dict names of those tensors, each once. Every name must be one the served model has,
@@ -272,14 +280,55 @@ class WeightUploadHeader(_message.Message):
         total_bytes: _builtins.int = ...,
         tensor_count: _builtins.int = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
+        base_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "names", b"names", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WeightUploadHeader: _TypeAlias = WeightUploadHeader  # noqa: Y015
+
+@_typing.final
+class SparseUpdate(_message.Message):
+    """A sparse change of one tensor: new values at flat (row-major) element offsets. A tensor may
+    arrive as several SparseUpdate pieces; offsets must be in [0, numel) and in no particular order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INDICES_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """State_dict name of the tensor."""
+    last: _builtins.bool
+    """True on the last piece of this tensor's change."""
+    @_builtins.property
+    def indices(self) -> _tensor_pb2.Tensor:
+        """Flat element offsets, 1-D int32 (int64 when the tensor has 2^31 elements or more)."""
+
+    @_builtins.property
+    def values(self) -> _tensor_pb2.Tensor:
+        """New values at those offsets, 1-D, the served dtype, as many as `indices`."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        indices: _tensor_pb2.Tensor | None = ...,
+        values: _tensor_pb2.Tensor | None = ...,
+        last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "last", b"last", "name", b"name", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SparseUpdate: _TypeAlias = SparseUpdate  # noqa: Y015
 
 @_typing.final
 class WeightChunk(_message.Message):
@@ -294,6 +343,8 @@ class WeightChunk(_message.Message):
     TENSOR_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
     HEADER_FIELD_NUMBER: _builtins.int
+    SPARSE_FIELD_NUMBER: _builtins.int
+    CRC32_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The policy version these weights become. Read from the first chunk; later chunks may leave it
     0 or repeat it. The rule: any version greater than the serving one is accepted (not only
@@ -305,6 +356,11 @@ class WeightChunk(_message.Message):
     """
     commit: _builtins.bool
     """Set on the final chunk of the whole upload; the swap happens only when it is seen."""
+    crc32: _builtins.int
+    """zlib crc32 of the complete new bytes (served dtype, row-major) of the tensor whose last piece
+    this chunk carries. Required in delta uploads, checked when present in full ones; a mismatch
+    is FAILED_PRECONDITION (push a full upload) and nothing is swapped.
+    """
     @_builtins.property
     def tensor(self) -> _tensor_pb2.TensorChunk:
         """A piece of one named parameter (names as in the model's state_dict). Its dtype and shape must
@@ -315,6 +371,10 @@ class WeightChunk(_message.Message):
     def header(self) -> Global___WeightUploadHeader:
         """Required on the first chunk, and only there."""
 
+    @_builtins.property
+    def sparse(self) -> Global___SparseUpdate:
+        """A piece of a sparse change (delta uploads only), instead of `tensor`."""
+
     def __init__(
         self,
         *,
@@ -322,14 +382,147 @@ class WeightChunk(_message.Message):
         tensor: _tensor_pb2.TensorChunk | None = ...,
         commit: _builtins.bool = ...,
         header: Global___WeightUploadHeader | None = ...,
+        sparse: Global___SparseUpdate | None = ...,
+        crc32: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "tensor", b"tensor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "crc32", b"crc32", "header", b"header", "sparse", b"sparse", "tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "header", b"header", "tensor", b"tensor", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "commit", b"commit", "crc32", b"crc32", "header", b"header", "sparse", b"sparse", "tensor", b"tensor", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__crc32: _TypeAlias = _typing.Literal["crc32"]  # noqa: Y015
+    _WhichOneofArgType__crc32: _TypeAlias = _typing.Literal["_crc32", b"_crc32"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32) -> _WhichOneofReturnType__crc32 | None: ...
+
+Global___WeightChunk: _TypeAlias = WeightChunk  # noqa: Y015
+
+@_typing.final
+class LoadFromPathRequest(_message.Message):
+    """Where a version lies in the shared weights directory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The policy version these files make."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Files to apply in order, relative to the generator's --weights-dir: each a safetensors file
+        written by the learner (weight_sync.SharedStore) whose metadata gives its version, base
+        version and per-tensor crc32s.
+        """
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        files: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WeightChunk: _TypeAlias = WeightChunk  # noqa: Y015
+Global___LoadFromPathRequest: _TypeAlias = LoadFromPathRequest  # noqa: Y015
+
+@_typing.final
+class JoinWeightGroupRequest(_message.Message):
+    """Where the learner hosts a weight-broadcast group's rendezvous (a torch TCPStore)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_HOST_FIELD_NUMBER: _builtins.int
+    STORE_PORT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    store_host: _builtins.str
+    """Host and port of the learner's TCPStore."""
+    store_port: _builtins.int
+    rank: _builtins.int
+    """This generator's rank (1..world_size-1; the learner is rank 0) and the group's size."""
+    world_size: _builtins.int
+    backend: _builtins.str
+    """"nccl" (GPU) or "gloo" (CPU, for tests and CPU deployments)."""
+    group_id: _builtins.str
+    """Names the group in the store, so a re-formed group never meets an old one."""
+    timeout_s: _builtins.float
+    """Seconds the rendezvous and every broadcast may take."""
+    def __init__(
+        self,
+        *,
+        store_host: _builtins.str = ...,
+        store_port: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        world_size: _builtins.int = ...,
+        backend: _builtins.str = ...,
+        group_id: _builtins.str = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "group_id", b"group_id", "rank", b"rank", "store_host", b"store_host", "store_port", b"store_port", "timeout_s", b"timeout_s", "world_size", b"world_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinWeightGroupRequest: _TypeAlias = JoinWeightGroupRequest  # noqa: Y015
+
+@_typing.final
+class JoinWeightGroupResponse(_message.Message):
+    """A formed group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """The device tensors are received on, e.g. "cuda:0" or "cpu"."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinWeightGroupResponse: _TypeAlias = JoinWeightGroupResponse  # noqa: Y015
+
+@_typing.final
+class ReceiveWeightsRequest(_message.Message):
+    """One broadcast of weights: every tensor, in order, at the served shape and dtype."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The policy version these weights become."""
+    group_id: _builtins.str
+    """The group the broadcast runs on (from JoinWeightGroupRequest)."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tensors broadcast, in order; they must cover the model as an upload's names do."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        group_id: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "names", b"names", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveWeightsRequest: _TypeAlias = ReceiveWeightsRequest  # noqa: Y015
 
 @_typing.final
 class LoadWeightsResponse(_message.Message):
@@ -395,6 +588,7 @@ class GeneratorInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    WEIGHT_TRANSPORTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model path or name it was started with."""
     backend: _builtins.str
@@ -414,6 +608,12 @@ class GeneratorInfo(_message.Message):
     def vocab(self) -> _tensor_pb2.VocabInfo:
         """Vocabulary and tokenizer identity."""
 
+    @_builtins.property
+    def weight_transports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ways this generator takes weights: "grpc", "delta", and "shared" when it has a
+        --weights-dir, "broadcast" when it can join a weight-broadcast group.
+        """
+
     def __init__(
         self,
         *,
@@ -424,10 +624,11 @@ class GeneratorInfo(_message.Message):
         device: _builtins.str = ...,
         dtype: _builtins.str = ...,
         weights_fingerprint: _builtins.str = ...,
+        weight_transports: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vocab", b"vocab"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab", "weight_transports", b"weight_transports", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

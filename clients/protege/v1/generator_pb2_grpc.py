@@ -45,6 +45,21 @@ class GeneratorStub:
                 request_serializer=protege_dot_v1_dot_generator__pb2.WeightChunk.SerializeToString,
                 response_deserializer=protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.FromString,
                 _registered_method=True)
+        self.LoadWeightsFromPath = channel.unary_unary(
+                '/protege.v1.Generator/LoadWeightsFromPath',
+                request_serializer=protege_dot_v1_dot_generator__pb2.LoadFromPathRequest.SerializeToString,
+                response_deserializer=protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.FromString,
+                _registered_method=True)
+        self.JoinWeightGroup = channel.unary_unary(
+                '/protege.v1.Generator/JoinWeightGroup',
+                request_serializer=protege_dot_v1_dot_generator__pb2.JoinWeightGroupRequest.SerializeToString,
+                response_deserializer=protege_dot_v1_dot_generator__pb2.JoinWeightGroupResponse.FromString,
+                _registered_method=True)
+        self.ReceiveWeights = channel.unary_unary(
+                '/protege.v1.Generator/ReceiveWeights',
+                request_serializer=protege_dot_v1_dot_generator__pb2.ReceiveWeightsRequest.SerializeToString,
+                response_deserializer=protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/protege.v1.Generator/Info',
                 request_serializer=protege_dot_v1_dot_generator__pb2.InfoRequest.SerializeToString,
@@ -67,12 +82,42 @@ class GeneratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadWeights(self, request_iterator, context):
-        """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+        """Client-streams a full set of new weights in chunks, or a delta on the serving version (only
+        the tensors that changed, dense or sparse, each crc32-checked; see
+        WeightUploadHeader.base_version). The first chunk declares the upload
         (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
         an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
         changes until the final chunk is validated; then the engine swaps atomically and the policy
         version becomes `version`. A refused upload leaves the old version serving. One upload at a
         time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadWeightsFromPath(self, request, context):
+        """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
+        volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
+        alone on top of the serving version), checked like an upload, then swapped atomically. A
+        generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinWeightGroup(self, request, context):
+        """Joins a weight-broadcast process group (torch.distributed, NCCL on GPUs, gloo on CPU) whose
+        rendezvous the learner hosts; answers once the group is formed. The group replaces any
+        earlier one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveWeights(self, request, context):
+        """Receives a new version broadcast over the joined group (rank 0 is the learner), in the order
+        and at the shapes the request lists, then swaps atomically. The learner broadcasts while this
+        call is in flight; no group is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +141,21 @@ def add_GeneratorServicer_to_server(servicer, server):
             'LoadWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.LoadWeights,
                     request_deserializer=protege_dot_v1_dot_generator__pb2.WeightChunk.FromString,
+                    response_serializer=protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.SerializeToString,
+            ),
+            'LoadWeightsFromPath': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadWeightsFromPath,
+                    request_deserializer=protege_dot_v1_dot_generator__pb2.LoadFromPathRequest.FromString,
+                    response_serializer=protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.SerializeToString,
+            ),
+            'JoinWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWeightGroup,
+                    request_deserializer=protege_dot_v1_dot_generator__pb2.JoinWeightGroupRequest.FromString,
+                    response_serializer=protege_dot_v1_dot_generator__pb2.JoinWeightGroupResponse.SerializeToString,
+            ),
+            'ReceiveWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveWeights,
+                    request_deserializer=protege_dot_v1_dot_generator__pb2.ReceiveWeightsRequest.FromString,
                     response_serializer=protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
@@ -158,6 +218,87 @@ class Generator:
             target,
             '/protege.v1.Generator/LoadWeights',
             protege_dot_v1_dot_generator__pb2.WeightChunk.SerializeToString,
+            protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadWeightsFromPath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protege.v1.Generator/LoadWeightsFromPath',
+            protege_dot_v1_dot_generator__pb2.LoadFromPathRequest.SerializeToString,
+            protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protege.v1.Generator/JoinWeightGroup',
+            protege_dot_v1_dot_generator__pb2.JoinWeightGroupRequest.SerializeToString,
+            protege_dot_v1_dot_generator__pb2.JoinWeightGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protege.v1.Generator/ReceiveWeights',
+            protege_dot_v1_dot_generator__pb2.ReceiveWeightsRequest.SerializeToString,
             protege_dot_v1_dot_generator__pb2.LoadWeightsResponse.FromString,
             options,
             channel_credentials,

