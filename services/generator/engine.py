@@ -79,7 +79,9 @@ class SamplingParams:
 
     def validate(self, max_new_tokens_limit: int, vocab_size: int) -> None:
         """Raise InvalidArgument naming the first bad field and its valid range."""
-        if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
+        # The minimum travels as float32 (0.0099999998): allow that rounding.
+        if not (math.isfinite(self.temperature)
+                and self.temperature >= MIN_TEMPERATURE * (1 - 1e-6)):
             raise InvalidArgument(
                 f"sampling.temperature must be a finite number >= {MIN_TEMPERATURE}, got "
                 f"{self.temperature}; use 1.0 to sample the model's own distribution (greedy "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import numpy as np
 import pytest
 import torch
 from protege.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -155,10 +156,12 @@ def test_stop_strings_cut_the_text_before_the_match(engine):
 
 def test_sampling_params_validation():
     for ok in (SamplingParams(), SamplingParams(temperature=0.01, top_p=1e-45, top_k=2**31 - 1),
-               SamplingParams(stop_strings=("x" * 1024,) * 64)):
+               SamplingParams(stop_strings=("x" * 1024,) * 64),
+               SamplingParams(temperature=float(np.float32(0.01)))):  # the minimum, via float32
         ok.validate(64, 60)
     bad = [
         ({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),
+        ({"temperature": 0.0099}, "temperature"),
         ({"temperature": 1e-45}, r"temperature must be a finite number >= 0.01, got 1e-45"),
         ({"temperature": float("nan")}, "temperature"),
         ({"temperature": float("inf")}, "temperature"),
