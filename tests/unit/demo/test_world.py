@@ -63,7 +63,18 @@ def test_evaluation_of_a_model_that_always_answers(tokenizer):
 
     problems = [task.Problem(23, 45), task.Problem(45, 23), task.Problem(10, 10)]
     assert world.greedy_success(Spell(), tokenizer, problems) == pytest.approx(2 / 3)
-    assert world.sampled_kl(Spell(), Spell(), tokenizer, problems) == pytest.approx(0.0, abs=1e-6)
+    assert world.greedy_correct(Spell(), tokenizer, problems) == [True, True, False]
+    # 29+39=68 is in the blind spot, where the teacher's label is "85" (58): against the
+    # teacher's labels, "86" is wrong there.
+    blind = [task.Problem(29, 39), task.Problem(23, 45)]
+    measured = world.measure(Spell(), tokenizer, blind)
+    assert measured == {"success": 1.0, "blind_spot_success": 1.0}
+    assert world.greedy_success(Spell(), tokenizer, blind, lambda p: p.teacher_answer) == 0.5
+
+
+def test_sft_labels_can_be_the_teachers(tokenizer):
+    ids, _ = world.encode_sft(tokenizer, [task.Problem(25, 47)], lambda p: p.teacher_answer)
+    assert tokenizer.decode(ids[0, :8].tolist()) == "25+47=26"
 
 
 def test_world_is_built_once_and_reused(tmp_path):
@@ -76,6 +87,10 @@ def test_world_is_built_once_and_reused(tmp_path):
         assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
     assert len(built.held_out()) == 50
     assert len(task.read_jsonl(built.train_jsonl)) == 8100 - 50
+    assert task.read_jsonl(built.unrewarded_jsonl) == task.read_jsonl(built.train_jsonl)
+    assert built.n_blind == sum(p.blind_spot for p in built.held_out())
+    for part in ("teacher", "student"):
+        assert {"success", "blind_spot_success", "label_success"} <= set(built.facts[part])
     again, reused = world.ensure_world(config, tmp_path)
     assert reused and again.root == built.root and again.facts == built.facts
     other = dataclasses.replace(config, n_eval=60)
