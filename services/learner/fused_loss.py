@@ -199,7 +199,7 @@ def _future_in_chunk(kl_c: Tensor, seq_c: Tensor, carry_B: Tensor) -> Tensor:
     return incl - k - after + carry_B.index_select(0, seq_c)
 
 
-def _reference_logprobs(plan: _Plan, rows: Tensor, like: Tensor) -> Tensor:
+def _reference_logprobs(plan: _Plan, rows: Tensor) -> Tensor:
     """The reference's log-probs [n, V] at the flat rows (FULL or HIDDEN), in the compute dtype."""
     ref = plan.reference
     if isinstance(ref, HiddenRef):
@@ -207,7 +207,8 @@ def _reference_logprobs(plan: _Plan, rows: Tensor, like: Tensor) -> Tensor:
         if plan.validate and not bool(torch.isfinite(h).all()):
             raise _fail("reference.hidden", "finite hidden states", "NaN or inf",
                         "fix the reference forward or mask those positions out")
-        logq = F.linear(h, ref.lm_head_VD.to(plan.cd), ref.bias_V)  # the chunk is in budget
+        bias = None if ref.bias_V is None else ref.bias_V.to(plan.cd)
+        logq = F.linear(h, ref.lm_head_VD.to(plan.cd), bias)  # the chunk is in budget
         return logq.sub_(torch.logsumexp(logq, -1, keepdim=True))
     arrived = ref.index_select(0, rows)
     logq = arrived.to(plan.cd)
@@ -232,7 +233,7 @@ def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
     ref = plan.reference
     dense = None
     if plan.kernel != "eager" and ref is not None and not isinstance(ref, TopKRef):
-        dense = _fused_dense(plan.kernel, z, _reference_logprobs(plan, rows, z), y)
+        dense = _fused_dense(plan.kernel, z, _reference_logprobs(plan, rows), y)
     if dense is None:
         dense = _eager_dense(plan, z, rows, y)
     kl, logp_y, p_sq, grad_sq, finish = dense
@@ -275,7 +276,7 @@ def _eager_dense(plan: _Plan, z: Tensor, rows: Tensor, y: Tensor) -> Dense:
         kl, g_dense = logp_y.new_zeros(logp_y.shape), None
     elif not isinstance(ref, TopKRef):
         p_m = p.gather(-1, m)
-        kl, g_dense = _bucket_kl_grad(logp, _reference_logprobs(plan, rows, logp), p, m)
+        kl, g_dense = _bucket_kl_grad(logp, _reference_logprobs(plan, rows), p, m)
         p.scatter_(-1, m, p_m)  # _bucket_kl_grad zeroed the argmax entry of p
     del logp
     grad_sq = (logp_y.new_zeros(logp_y.shape) if g_dense is None
