@@ -122,8 +122,11 @@ def tokenizer_summary(tokenizer: Any) -> dict[str, Any]:
     byte-identical tokenizers loaded as different classes must agree."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     digest = _digest(vocab)
-    blocks = [_digest([kv for kv in vocab if start <= kv[1] < start + VOCAB_BLOCK])[:12]
-              for start in range(0, (vocab[-1][1] + 1) if vocab else 0, VOCAB_BLOCK)]
+    by_block: list[list[tuple[str, int]]] = [
+        [] for _ in range(-(-(vocab[-1][1] + 1) // VOCAB_BLOCK) if vocab else 0)]
+    for kv in vocab:  # one pass: ids are sorted, so each block keeps its id order
+        by_block[kv[1] // VOCAB_BLOCK].append(kv)
+    blocks = [_digest(block)[:12] for block in by_block]
     special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())
                if isinstance(value, str)}
     return {
@@ -135,9 +138,11 @@ def tokenizer_summary(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of `tokenizer_summary`: equal exactly when two tokenizers agree on what matters."""
-    blob = json.dumps(tokenizer_summary(tokenizer), sort_keys=True, separators=(",", ":"))
+def tokenizer_fingerprint(tokenizer: Any, summary: dict[str, Any] | None = None) -> str:
+    """sha256 of `tokenizer_summary` (pass it when already computed): equal exactly when two
+    tokenizers agree on what matters."""
+    summary = tokenizer_summary(tokenizer) if summary is None else summary
+    blob = json.dumps(summary, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -174,7 +179,7 @@ def vocab_info(tokenizer: Any, model_config: Any) -> dict[str, Any]:
     summary = tokenizer_summary(tokenizer)
     return {
         "vocab_size": int(text_config(model_config).vocab_size),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer, summary),
         "eos_token_id": -1 if eos is None else int(eos),
         "pad_token_id": -1 if pad is None else int(pad),
         **summary,

@@ -79,3 +79,28 @@ def test_a_probe_difference_names_the_position_and_ids(tmp_path):
     assert tokenizer_difference(info(base), info(other)) == (
         f"the probe text tokenizes differently at position {position}: "
         f"id {base.get_vocab()['q']} vs id {base.get_vocab()['7']}")
+
+
+class _GappyTokenizer:
+    """A vocabulary with an empty block between used ids (ids 0-2, then 3 blocks later)."""
+    special_tokens_map: dict[str, str] = {}
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0, "b": 1, "c": 2, "z": 3 * VOCAB_BLOCK + 5, "y": 3 * VOCAB_BLOCK + 4}
+
+    def __len__(self) -> int:
+        return 5
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [0]
+
+
+def test_block_digests_cover_every_block_in_id_order_including_empty_ones():
+    from protege.services.common.models import _digest, tokenizer_summary
+
+    vocab = sorted(_GappyTokenizer().get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    expected = [_digest([kv for kv in vocab if start <= kv[1] < start + VOCAB_BLOCK])[:12]
+                for start in range(0, vocab[-1][1] + 1, VOCAB_BLOCK)]
+    blocks = tokenizer_summary(_GappyTokenizer())["vocab_block_digests"]
+    assert blocks == expected and len(blocks) == 4
+    assert blocks[1] == blocks[2] == _digest([])[:12] != blocks[0]
