@@ -673,6 +673,10 @@ def up(
         help="NAME='ARGS': extra flags for one service, e.g. learner='--device cuda'")] = None,
     start_timeout: Annotated[float, typer.Option(help="seconds each service may take")] = 300.0,
     grace: Annotated[float, typer.Option(help="seconds services get to drain on stop")] = 10.0,
+    learner_procs: Annotated[int, typer.Option(
+        help="run the learner as a torchrun world of N processes (FSDP2; rank 0 serves)")] = 1,
+    learner_restarts: Annotated[int, typer.Option(
+        help="torchrun --max-restarts for the learner world")] = 0,
     context_name: Annotated[str, typer.Option(
         "--context-name", help="context to write (and make current) while the services run; "
         "'' writes none")] = "local",
@@ -693,7 +697,8 @@ def up(
                   reward_scorers=json.loads(scorers) if scorers else None,
                   token=token or (ctx.find_root().obj or Connection()).token,
                   extra_args={k: shlex.split(v) for k, v in _parse_pairs(extra, "--extra").items()},
-                  modules=_parse_pairs(service, "--service"), start_timeout=start_timeout)
+                  modules=_parse_pairs(service, "--service"), start_timeout=start_timeout,
+                  learner_procs=learner_procs, learner_restarts=learner_restarts)
     code = _run_suite(suite, endpoints_file, grace, context_name)
     if code:
         raise typer.Exit(code)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,13 +137,25 @@ class Suite:
     their admin token ($PROTEGE_TOKEN) and the token the learner sends ($PROTEGE_CLIENT_TOKEN).
     With `die_with_parent` (Linux), children get SIGTERM when the thread that started them exits, so
     start and stop a Suite from a long-lived thread (normally the main one).
+
+    With `learner_procs` > 1 the learner runs as a torch.distributed world of that many
+    processes on this machine (`python -m torch.distributed.run --standalone --nproc-per-node N
+    -m protege.services.learner ...`); rank 0 serves the Jobs API. `learner_restarts` is
+    torchrun's `--max-restarts`: a world that loses a rank restarts that many times, and its jobs
+    resume from their last checkpoint.
     """
 
     def __init__(self, workdir: Path, student: Path, teacher: Path,
                  reward_scorers: list[dict] | None = None, token: str | None = None,
                  extra_args: dict[str, list[str]] | None = None,
                  env: Mapping[str, str] | None = None, modules: Mapping[str, str] | None = None,
-                 start_timeout: float = 180.0, die_with_parent: bool = True):
+                 start_timeout: float = 180.0, die_with_parent: bool = True,
+                 learner_procs: int = 1, learner_restarts: int = 0):
+        if learner_procs < 1 or learner_restarts < 0:
+            raise errors.InvalidArgument(
+                f"learner_procs must be >= 1 and learner_restarts >= 0, got {learner_procs} and "
+                f"{learner_restarts}")
+        self.learner_procs, self.learner_restarts = learner_procs, learner_restarts
         self.workdir = Path(workdir).absolute()
         # Children run in `workdir`, so relative model paths must be resolved here.
         self.student, self.teacher = Path(student).absolute(), Path(teacher).absolute()
@@ -235,6 +248,14 @@ class Suite:
         return ["--db-path", str(learner / "jobs.sqlite"),
                 "--checkpoint-root", str(learner / "checkpoints")]
 
+    def _launch(self, name: str) -> list[str]:
+        """The module a service runs as (after `python -m`), torchrun's for a learner world."""
+        if name != "learner" or (self.learner_procs == 1 and self.learner_restarts == 0):
+            return [self.modules[name]]
+        return ["torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(self.learner_procs), "--max-restarts", str(self.learner_restarts),
+                "-m", self.modules[name]]
+
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONUNBUFFERED": "1", **self.env}
@@ -250,7 +271,10 @@ class Suite:
         (self.workdir / "learner").mkdir(exist_ok=True)
         ready = run_dir / f"{name}.json"
         ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", self.modules[name], "--host", "127.0.0.1",
+        if name == "learner" and self.learner_restarts and not port:
+            # A restarted world's rank 0 must come back where clients look for it.
+            port, metrics_port = _free_port(), metrics_port or _free_port()
+        cmd = [sys.executable, "-m", *self._launch(name), "--host", "127.0.0.1",
                "--port", str(port), "--metrics-port", str(metrics_port),
                "--ready-file", str(ready), *self._service_args(name),
                *self.extra_args.get(name, [])]
@@ -309,6 +333,12 @@ def _stop_children(children: list[_Child], grace: float) -> None:
         child.log_file.close()
         child.ready_file.unlink(missing_ok=True)
         logger.info("%s stopped (exit code %s)", child.name, child.proc.returncode)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _port(address: str | None) -> int:

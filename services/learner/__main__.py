@@ -3,6 +3,10 @@
     python -m protege.services.learner --db-path .protege/learner/jobs.sqlite \\
         --checkpoint-root .protege/learner/checkpoints --device cpu --port 50051
 
+Under torchrun (`python -m torch.distributed.run --nproc-per-node N -m protege.services.learner
+...`, or `protege up --learner-procs N`) rank 0 is this learner and the other ranks follow it
+(distributed.py): they hold shards of the student and open no port.
+
 Every ServerOptions flag works too (`--host 127.0.0.1 --port 0 --metrics-port 0 --ready-file F`);
 `--help` lists them all. On start, jobs left RUNNING by an earlier learner resume from their
 latest checkpoint. On SIGTERM the learner stops accepting calls, lets running jobs finish their
@@ -13,6 +17,7 @@ the next start.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from protege.configs import parse_config
@@ -59,7 +64,28 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(config.torch_threads)
-    asyncio.run(serve(config))
+    from protege.services.learner import distributed
+
+    world = distributed.init_world(config.device, config.world_timeout_s)
+    if world is None:
+        asyncio.run(serve(config))
+        return
+    try:
+        if not world.leader:
+            from protege.services.learner.follower import follow
+
+            follow(world, config)
+            return
+        if config.max_concurrent_jobs != 1:  # followers hold one job's student at a time
+            logger.warning("a learner world trains one job at a time; max_concurrent_jobs %d "
+                           "is taken as 1", config.max_concurrent_jobs)
+            config = dataclasses.replace(config, max_concurrent_jobs=1)
+        try:
+            asyncio.run(serve(config))
+        finally:
+            world.command("shutdown")
+    finally:
+        distributed.close_world()
 
 
 if __name__ == "__main__":

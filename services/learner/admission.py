@@ -372,6 +372,18 @@ async def dry_run_reward(target: str, rows: Sequence[PromptRow], clients: Client
             "reads (fields beside the prompt, or a nested 'metadata' object)")
 
 
+def check_world(spec: jobs_pb2.JobSpec) -> None:
+    """A learner world splits each step by prompt groups: every rank needs at least one."""
+    from protege.services.learner import distributed
+
+    world = distributed.current()
+    if world is not None and spec.prompts_per_step < world.size:
+        raise errors.InvalidJobSpec(
+            f"prompts_per_step is {spec.prompts_per_step}, but this learner runs as {world.size} "
+            f"processes that each train on whole prompt groups; set prompts_per_step >= "
+            f"{world.size} (a multiple of it balances the ranks)")
+
+
 async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
                         clients: Clients) -> jobs_pb2.JobSpec:
     """The spec with defaults filled, or a typed error naming the field and the fix."""
@@ -379,6 +391,7 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
     check_spec(spec, config.allowed_model_roots)
     check_targets(spec, config.target_allow_list())
     JobSpec.from_proto(spec, source="job spec")  # the SDK's bounds and finiteness checks too
+    check_world(spec)
     student = await asyncio.to_thread(student_vocab, spec.student_model)
     layout = await asyncio.to_thread(model_layout, spec.student_model)
     if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student.vocab_size:

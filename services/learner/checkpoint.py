@@ -4,11 +4,13 @@ A checkpoint directory holds the student as a plain `save_pretrained` directory 
 the tokenizer), so `AutoModelForCausalLM.from_pretrained(dir)` loads it with no Protégé code, and
 next to it what a resume needs: `optimizer.pt` (AdamW state), `scheduler.pt` (the learning-rate
 schedule's state), `rng.pt` (torch and Python RNG states) and `state.json` (step, data cursor,
-policy version). Everything is written into a hidden temporary directory that is renamed into
-place only when complete; then `latest`, a relative symlink to the newest `step-<N>`, is replaced
-atomically, so `from_pretrained("<job_dir>/latest")` loads the newest weights. A crash mid-write
-leaves a `.tmp-*` directory that readers ignore and the next save removes. (Checkpoints written
-before `latest` was a symlink have a pointer file holding the directory's name; it is still read.)
+policy version). A distributed learner writes its optimizer's shards into `optimizer/` instead of
+`optimizer.pt` (torch.distributed.checkpoint; any world size reads them). Everything is written
+into a hidden temporary directory that is renamed into place only when complete; then `latest`, a
+relative symlink to the newest `step-<N>`, is replaced atomically, so
+`from_pretrained("<job_dir>/latest")` loads the newest weights. A crash mid-write leaves a `.tmp-*`
+directory that readers ignore and the next save removes. (Checkpoints written before `latest` was a
+symlink have a pointer file holding the directory's name; it is still read.)
 
 With `keep` (JobSpec.save_total_limit) only the newest `keep` step checkpoints stay, never the one
 `latest` names. The job's last checkpoint is also exported to `final/`: the model and tokenizer
@@ -26,6 +28,7 @@ import random
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ STATE_FILE = "state.json"
 EXPORT_FILE = "export.json"  # in final/: which step and job it was exported from
 # What only a resume needs; final/ leaves these out.
 RESUME_FILES = frozenset({"optimizer.pt", SCHEDULER_FILE, "rng.pt", STATE_FILE})
+RESUME_DIRS = frozenset({"optimizer"})  # a distributed learner's optimizer shards (DCP)
 FILE_MODE, DIR_MODE = 0o644, 0o755
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -69,19 +73,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
          optimizer: torch.optim.Optimizer, state: dict[str, Any],
          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, keep: int = 0,
-         file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> Path:
+         file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE,
+         weights: Mapping[str, torch.Tensor] | None = None,
+         write_optimizer: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `step` of a job atomically and point `latest` at it; returns its path.
-    With `keep` > 0, older checkpoints beyond the newest `keep` are deleted afterwards."""
+    With `keep` > 0, older checkpoints beyond the newest `keep` are deleted afterwards.
+
+    A sharded student (distributed.py) passes its full `weights` (the model's own are shards)
+    and `write_optimizer(tmp)`, which writes every rank's optimizer shard into `tmp/optimizer/`
+    instead of `optimizer.pt`."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(job_dir)
     tmp = job_dir / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **({} if weights is None else {"state_dict": weights}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if write_optimizer is not None:
+            write_optimizer(tmp)
+        else:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save(rng_state(), tmp / "rng.pt")
@@ -110,6 +123,8 @@ def export_final(job_dir: str | Path, ckpt: str | Path, file_mode: int = FILE_MO
     try:
         for src in ckpt.rglob("*"):
             rel = src.relative_to(ckpt)
+            if rel.parts[0] in RESUME_DIRS:
+                continue
             if src.is_dir():
                 (tmp / rel).mkdir(parents=True, exist_ok=True)
             elif rel.as_posix() not in RESUME_FILES:
@@ -221,6 +236,8 @@ def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
 
 
 def load_optimizer(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """A one-process checkpoint's optimizer (`optimizer.pt`); `distributed.load_optimizer`
+    reads either form on any world size."""
     state = torch.load(Path(ckpt_dir) / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state)
 

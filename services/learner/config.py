@@ -64,6 +64,12 @@ class LearnerConfig(ServerOptions):
     allowed_model_roots: list[str] = field(
         [], help="student model paths must lie under one of these directories (empty = any)")
     torch_threads: int = field(0, help="torch intra-op threads (0 = torch's default)")
+    activation_checkpointing: bool = field(
+        False, help="under torchrun (distributed.py): recompute each decoder layer's "
+        "activations in backward instead of keeping them (less memory, ~1/3 more compute)")
+    world_timeout_s: float = field(
+        1800.0, help="under torchrun: seconds a collective waits for every rank before the world "
+        "fails (torchrun then restarts it and the job resumes from its last checkpoint)")
     weight_chunk_mb: int = field(4, help="size of the chunks weights are pushed to generators in")
     weight_transport: str = field(
         "grpc", help="how weights reach the generators (weight_sync.py): 'grpc' (full push, each "
@@ -113,6 +119,8 @@ class LearnerConfig(ServerOptions):
                 f"max_concurrent_jobs must be >= 1, got {self.max_concurrent_jobs}")
         if self.submit_timeout_s <= 0:
             raise InvalidArgument(f"submit_timeout_s must be > 0, got {self.submit_timeout_s}")
+        if self.world_timeout_s <= 0:
+            raise InvalidArgument(f"world_timeout_s must be > 0, got {self.world_timeout_s}")
         if self.torch_threads < 0:
             raise InvalidArgument(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.loss_path not in ("fused", "logits"):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 
 from protege import errors
-from protege.services.learner import metrics
+from protege.services.learner import distributed, metrics
 from protege.services.learner.admission import validate_spec
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
@@ -203,6 +204,11 @@ class JobManager:
             if not self._stopping:  # only a shutdown may leave a job RUNNING
                 self._fail(trainer, "the job's task was cancelled outside a learner shutdown")
             raise
+        except distributed.WorldLost as e:  # not the job's fault: the world restarts, it resumes
+            trainer.log.critical("%s; the job stays RUNNING and resumes from its last checkpoint "
+                                 "once torchrun restarts the world", e)
+            logging.shutdown()
+            os._exit(distributed.WORLD_LOST_EXIT)
         except BaseException as e:  # noqa: BLE001 - every end of a job is a terminal state
             self._fail(trainer, f"{e or type(e).__name__}", e)
             if not isinstance(e, Exception):

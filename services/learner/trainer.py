@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from protege import errors
 from protege.services.common.models import load_causal_lm, load_tokenizer
-from protege.services.learner import checkpoint, evaluation, metrics, tracking
+from protege.services.learner import checkpoint, distributed, evaluation, metrics, tracking
 from protege.services.learner.admission import with_defaults
 from protege.services.learner.batch import Batch, build_batch, reference_tensors, reference_to
 from protege.services.learner.clients import Clients
@@ -136,6 +136,11 @@ class Trainer:
         self.weights: WeightSync | None = None
         self.eval_rows: list[PromptRow] = []  # the held-out prompts, when eval_every > 0
         self.tracker: tracking.Tracker | None = None  # TensorBoard (+ report_to), from setup
+        # In a torchrun world (distributed.py): the FSDP root around the sharded student, and on
+        # the leader the full CPU copy of its weights that pushes and restores read.
+        self.world = distributed.current()
+        self.root: distributed.Root | None = None
+        self.host: distributed.HostCopy | None = None
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -170,7 +175,8 @@ class Trainer:
             held_out = await asyncio.to_thread(load_prompts, spec.eval_dataset, spec.student_model)
             self.eval_rows = evaluation.eval_rows(held_out, spec.eval_samples)
         ckpt = checkpoint.latest(self.job_dir)
-        state = await asyncio.to_thread(self._load_student, ckpt)
+        with distributed.collective(self.world, "loading the student"):
+            state = await asyncio.to_thread(self._load_student, ckpt)
         self.step = int(state.get("step", 0))
         self.last_checkpoint = self.step if ckpt else -1
         if "cursor" in state:
@@ -186,7 +192,7 @@ class Trainer:
         self.rollouts = Rollouts(
             self.job_id, spec, rows, generator, reference, reward, self.log, vocab_size=V,
             policy=self.config.outage_policy(), notify=self._notify,
-            restore_weights=lambda: self.weights.restore(self.model, self.version),
+            restore_weights=lambda: self.weights.restore(self._serving(), self.version),
             reference_dtype=self.config.full_reference_dtype)
         self.weights = WeightSync(generator, self.clients, spec.generator_targets,
                                   self.config.weight_chunk_mb << 20,
@@ -194,7 +200,12 @@ class Trainer:
                                   self.config.transport_options())
         if reference is not None:
             self.lm_head = await teacher_head(reference, self.rollouts.deps["reference"], spec,
-                                              V, self.model.device, self._announce)
+                                              V, self._device(), self._announce)
+            if self.world is not None and self.lm_head is not None:
+                with distributed.collective(self.world, "sending the teacher's head"):
+                    await asyncio.to_thread(self.world.command, "teacher_head",
+                                            tuple(None if t is None else t.cpu()
+                                                  for t in self.lm_head))
         served = await self.weights.served_version()
         if served >= MAX_POLICY_VERSION:
             raise errors.FailedPrecondition(
@@ -202,7 +213,7 @@ class Trainer:
                 f"{served}, too close to the int64 limit to count on from; restart that generator "
                 "(it comes back at version 0) and submit the job again")
         self.version = max(served, self.version_floor, int(state.get("policy_version", 0))) + 1
-        await self.weights.push(self.model, self.version)
+        await self.weights.push(self._serving(), self.version)
         if spec.max_staleness > 0 and state.get("prefetched"):
             self.rollouts.restore_prefetched(state["prefetched"], self.step, self.cursor,
                                              self.version)
@@ -213,24 +224,56 @@ class Trainer:
     def _load_student(self, ckpt: Path | None) -> dict[str, Any]:
         """Model, tokenizer and AdamW; restored (with RNG states) from `ckpt` when given."""
         source = ckpt or self.spec.student_model
+        world = self.world
+        if world is not None and world.leader:
+            world.command("setup", (self.job_id, self.spec, str(self.job_dir), ckpt))
         self.tokenizer = load_tokenizer(self.spec.student_model)
         # Eval mode, as returned: dropout stays off while training (see step 4 above).
-        self.model = load_causal_lm(source, self.config.device, self.config.dtype)
+        device = str(world.device) if world is not None else self.config.device
+        self.model = load_causal_lm(source, device, self.config.dtype)
+        if world is not None:
+            self.root = distributed.shard(self.model, world, self.config.activation_checkpointing)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.spec.learning_rate,
                                            weight_decay=self.spec.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, self.spec.warmup_steps, self.spec.steps,
                                         self.spec.lr_schedule)
-        if self.config.loss_path == "fused":
+        if self.config.loss_path == "fused" and world is None:
             self.head = lm_head_of(self.model)
             V = self.head.weight_VH.shape[0]
             check_lm_head(self.model, self.head, [min(i, V - 1) for i in (1, 2, 3, 5, 8, 13)])
         if ckpt is None:
             torch.manual_seed(self.spec.seed)
-            return {}
-        checkpoint.load_optimizer(ckpt, self.optimizer)  # before the scheduler: holds the rate
-        checkpoint.load_scheduler(ckpt, self.scheduler)
-        checkpoint.load_rng(ckpt)
-        return checkpoint.read_state(ckpt)
+        else:  # the optimizer before the scheduler: it holds the rate
+            distributed.load_optimizer(ckpt, self.root or self.model, self.optimizer)
+            checkpoint.load_scheduler(ckpt, self.scheduler)
+            checkpoint.load_rng(ckpt)
+        if self.root is not None:
+            self._gather()
+        return checkpoint.read_state(ckpt) if ckpt else {}
+
+    @classmethod
+    def replica(cls, job_id: str, spec: jobs_pb2.JobSpec, job_dir: str,
+                config: LearnerConfig) -> Trainer:
+        """A follower's trainer (distributed.py): the student's shard, its optimizer and the
+        update; no store, services or metrics, which stay with the leader."""
+        record = JobRecord(id=job_id, spec=spec, state="RUNNING", step=0, error="",
+                           created_at=0.0, updated_at=0.0, checkpoint_dir=job_dir,
+                           last_metrics=None)
+        return cls(record, config, store=None, hub=None, clients=None)
+
+    def _device(self) -> torch.device:
+        return self.world.device if self.world is not None else self.model.device
+
+    def _serving(self) -> Any:
+        """What pushes and restores read the weights from: the student, or in a world the
+        leader's full CPU copy of it (gathered after every update)."""
+        return self.host if self.world is not None else self.model
+
+    def _gather(self) -> None:
+        """Every rank: gather the student's full weights into the leader's CPU copy."""
+        weights = distributed.full_weights(self.root, self.world)
+        if weights is not None:
+            self.host = distributed.HostCopy(weights)
 
     def _announce(self, message: str) -> None:
         """A notice for whoever watches the job, and an info line in the log."""
@@ -250,6 +293,9 @@ class Trainer:
             self.rollouts.cancel_next()
 
     async def close(self) -> None:
+        if self.world is not None and self.world.leader and self.model is not None:
+            with distributed.collective(self.world, "closing the job"):
+                await asyncio.to_thread(self.world.command, "close")
         if self.rollouts is not None:
             await self.rollouts.close()
         if self.tracker is not None:
@@ -268,7 +314,8 @@ class Trainer:
         scored = await self.rollouts.scored(draw)
         phases = draw.phases
         batch = build_batch(scored.rollouts, self._pad_id())
-        stats, grad_norm = await asyncio.to_thread(self._update, batch, scored, phases)
+        with distributed.collective(self.world, "the update"):
+            stats, grad_norm = await asyncio.to_thread(self._update, batch, scored, phases)
         trained_version = self.version
         self.version += 1
         if self.cancel_requested:
@@ -277,7 +324,7 @@ class Trainer:
         # weights it was requested on (one version behind when trained; deterministic).
         await self.rollouts.next_generated()
         with timed(phases, "weight_sync"):
-            await self.weights.push(self.model, self.version)
+            await self.weights.push(self._serving(), self.version)
         phases["total"] = time.perf_counter() - start
         self.step += 1
         self.cursor = draw.cursor
@@ -289,56 +336,115 @@ class Trainer:
 
     def _update(self, batch: Batch, scored: Scored,
                 phases: dict[str, float]) -> tuple[dict[str, Any], float]:
-        """Forward, hybrid loss, backward, clip, AdamW step (runs in a worker thread)."""
-        spec, model = self.spec, self.model
-        device = next(model.parameters()).device
-        T = batch.tokens_BT.shape[1]
+        """Forward, hybrid loss, backward, clip, AdamW step (runs in a worker thread); in a world,
+        every rank trains on its share of whole prompt groups (distributed.py)."""
+        if self.world is not None:
+            self.world.command("update")
+            shares = [(scored.rollouts[s], scored.rewards_B[s], scored.reward_mask_B[s],
+                       None if scored.ref is None else scored.ref[s])
+                      for s in distributed.split_groups(len(scored.rollouts),
+                                                        self.spec.samples_per_prompt,
+                                                        self.world.size)]
+            return self.update_share(self.world.scatter(shares), phases)
         with timed(phases, "forward_backward"):
-            model.eval()  # no dropout: the policy that sampled the batch (step 4 above)
-            inputs = (batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device),
-                      batch.position_ids_BL.to(device))
+            stats = self._forward_backward(batch, scored.ref, scored.rewards_B,
+                                           scored.reward_mask_B)
+        stats["learning_rate"], grad_norm = self._optimizer_step(phases)
+        return stats, grad_norm
+
+    def update_share(self, share: tuple[Any, ...], phases: dict[str, float]
+                     ) -> tuple[dict[str, Any], float] | None:
+        """Every rank of a world: forward + backward on this rank's share of the step, with the
+        loss scaled so that FSDP's gradient average is the whole batch's gradient; then clip,
+        AdamW and the leader's full copy. Returns the whole step's metrics on the leader."""
+        rollouts, rewards_B, reward_mask_B, ref = share
+        batch = build_batch(rollouts, self._pad_id())
+        n_local = (len(rollouts) if self.spec.normalization == "sequence"
+                   else int(batch.mask_BT.sum()))
+        scale = self.world.size * n_local / max(self.world.total(n_local), 1.0)
+        with timed(phases, "forward_backward"):
+            stats = self._forward_backward(batch, ref, rewards_B, reward_mask_B, scale)
+        stats["n_sequences"] = len(rollouts)
+        parts = self.world.gather(stats)
+        learning_rate, grad_norm = self._optimizer_step(phases)
+        self._gather()
+        if parts is None:
+            return None
+        combined = distributed.combine_stats(parts, self.spec.normalization)
+        combined["learning_rate"] = learning_rate
+        return combined, grad_norm
+
+    def _forward_backward(self, batch: Batch, ref_results: Any, rewards_B: torch.Tensor,
+                          reward_mask_B: torch.Tensor, scale: float = 1.0) -> dict[str, Any]:
+        """The student's forward on `batch`, the hybrid loss, and its backward (times `scale`)."""
+        spec, device = self.spec, self._device()
+        T = batch.tokens_BT.shape[1]
+        self.model.eval()  # no dropout: the policy that sampled the batch (step 4 above)
+        inputs = (batch.input_ids_BL.to(device), batch.attention_mask_BL.to(device),
+                  batch.position_ids_BL.to(device))
+
+        def compute(model: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+            head = self.head if self.root is None else (
+                lm_head_of(model) if self.config.loss_path == "fused" else None)
             V = int(model.get_output_embeddings().weight.shape[0])
-            ref = None if scored.ref is None else reference_to(
-                reference_tensors(scored.ref, spec.reference_encoding, T, V, self.lm_head,
-                                  None if self.head is not None else torch.float32), device)
+            ref = None if ref_results is None else reference_to(
+                reference_tensors(ref_results, spec.reference_encoding, T, V, self.lm_head,
+                                  None if head is not None else torch.float32), device)
             args = (batch.tokens_BT.to(device), batch.mask_BT.to(device), ref,
-                    scored.rewards_B.to(device), spec.beta)
+                    rewards_B.to(device), spec.beta)
             options = dict(baseline=spec.baseline, group_size=spec.samples_per_prompt,
                            normalization=spec.normalization, normalize_std=spec.normalize_std,
                            behaviour_logprobs_BT=batch.behaviour_BT.to(device),
                            importance_cap=spec.importance_cap,
-                           reward_mask_B=scored.reward_mask_B.to(device))
-            if self.head is not None:  # hidden states in, no [B, T, V] logits (fused_loss.py)
+                           reward_mask_B=reward_mask_B.to(device))
+            if head is not None:  # hidden states in, no [B, T, V] logits (fused_loss.py)
                 hidden = completion_hidden(model, *inputs, T)
-                loss, stats = fused_hybrid_loss(hidden, self.head, *args, **options,
-                                                chunk_bytes=self.config.loss_chunk_mb << 20,
-                                                kernel=self.config.loss_kernel)
-            else:
-                out = model(input_ids=inputs[0], attention_mask=inputs[1],
-                            position_ids=inputs[2], logits_to_keep=T + 1)
-                logits_BTV = out.logits[:, :-1].float()  # position P-1+t predicts token t
-                loss, stats = hybrid_loss(logits_BTV, *args, **options)
-            loss.backward()
+                return fused_hybrid_loss(hidden, head, *args, **options,
+                                         chunk_bytes=self.config.loss_chunk_mb << 20,
+                                         kernel=self.config.loss_kernel)
+            out = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2],
+                        logits_to_keep=T + 1)
+            logits_BTV = out.logits[:, :-1].float()  # position P-1+t predicts token t
+            return hybrid_loss(logits_BTV, *args, **options)
+
+        loss, stats = compute(self.model) if self.root is None else self.root(compute)
+        (loss * scale if scale != 1.0 else loss).backward()
+        return stats
+
+    def _optimizer_step(self, phases: dict[str, float]) -> tuple[float, float]:
+        """Clip, AdamW step, schedule step; returns (the rate it stepped at, the grad norm)."""
         with timed(phases, "optimizer"):
-            max_norm = spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            max_norm = self.spec.max_grad_norm if self.spec.max_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
             if not math.isfinite(grad_norm):
                 raise errors.FailedPrecondition(
                     f"gradient norm is {grad_norm}; the step was skipped. Lower learning_rate or "
                     "check the rewards and the reference")
-            stats["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+            learning_rate = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return stats, grad_norm
+        return learning_rate, grad_norm
+
+    def eval_kl(self, batch: Batch, ref: Any) -> float:
+        """The held-out batch's mean KL to the reference (every rank of a world runs it)."""
+        if self.world is not None and self.world.leader:
+            self.world.command("eval", (batch, ref))
+        args = (batch, ref, self.spec.reference_encoding, self.lm_head)
+        if self.root is None:
+            return evaluation.kl_mean(self.model, *args, self.head)
+        fused = self.config.loss_path == "fused"
+        with torch.no_grad():
+            return self.root(lambda lm: evaluation.kl_mean(lm, *args,
+                                                           lm_head_of(lm) if fused else None))
 
     async def evaluate(self) -> EvalMetrics:
         """Evaluate the weights just pushed on the held-out prompts and publish the result."""
         generated = await evaluation.generate(self.rollouts, self.eval_rows, self.version)
         scored = await self.rollouts.score(self.eval_rows, generated, {})
         batch = build_batch(scored.rollouts, self._pad_id())
-        kl = await asyncio.to_thread(evaluation.kl_mean, self.model, batch, scored.ref,
-                                     self.spec.reference_encoding, self.lm_head, self.head)
+        with distributed.collective(self.world, "the evaluation"):
+            kl = await asyncio.to_thread(self.eval_kl, batch, scored.ref)
         out = evaluation.eval_metrics(self.step, scored, batch, kl, self.version,
                                       self.rollouts.reward is not None)
         self.store.record_eval(self.job_id, out)
@@ -374,13 +480,21 @@ class Trainer:
         prefetched = self.rollouts.prefetched_state(self.version)
         if prefetched is not None:
             state["prefetched"] = prefetched
-        with timed(phases, "checkpoint"):
+        sharded = {} if self.world is None else dict(
+            weights=self.host.tensors, write_optimizer=self._save_optimizer)
+        with timed(phases, "checkpoint"), distributed.collective(self.world, "the checkpoint"):
             path = await asyncio.to_thread(
                 checkpoint.save, self.job_dir, self.step, self.model, self.tokenizer,
-                self.optimizer, state, self.scheduler, keep=self.spec.save_total_limit)
+                self.optimizer, state, self.scheduler, keep=self.spec.save_total_limit,
+                **sharded)
             if self.step >= self.spec.steps:  # the last step: a weights-only export as well
                 await asyncio.to_thread(checkpoint.export_final, self.job_dir, path)
         self.last_checkpoint = self.step
         self.hub.publish(Event.checkpoint(self.job_id, self.step, str(path)))
         self.log.info("checkpoint %s (%.2fs)", path, phases["checkpoint"])
         return path
+
+    def _save_optimizer(self, tmp: Path) -> None:
+        """In a world: every rank writes its optimizer shard into the checkpoint being written."""
+        self.world.command("checkpoint", str(tmp))
+        distributed.save_optimizer(tmp / distributed.OPTIMIZER_DIR, self.root, self.optimizer)

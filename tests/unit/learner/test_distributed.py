@@ -1,0 +1,150 @@
+"""The pieces of the distributed learner that need no torchrun (distributed.py): the split by
+prompt groups, the loss scaling and the metrics' combination (checked against the whole batch's
+`hybrid_loss`), the optimizer state across checkpoint forms, the full-weights copy, activation
+checkpointing, and the admission check. The world itself runs in
+tests/integration/test_distributed_learner.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from protege import errors
+from protege.services.learner import admission, checkpoint, distributed
+from protege.services.learner.objective import hybrid_loss
+from protege.v1 import jobs_pb2
+
+B, T, V, G = 8, 5, 11, 2  # 4 prompt groups of 2 samples
+
+
+def test_split_groups_gives_whole_groups_as_evenly_as_possible():
+    assert distributed.split_groups(8, 2, 2) == [slice(0, 4), slice(4, 8)]
+    assert distributed.split_groups(10, 2, 3) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    with pytest.raises(errors.FailedPrecondition, match="prompts_per_step"):
+        distributed.split_groups(4, 2, 3)
+
+
+def _case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    ref = torch.randn(B, T, V, generator=g, dtype=torch.float64).log_softmax(-1)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    rewards = torch.rand(B, generator=g, dtype=torch.float64)
+    ok = torch.ones(B, dtype=torch.bool)
+    ok[3] = False  # a failed reward: masks only R - b
+    return logits, ref, tokens, mask, rewards, ok
+
+
+@pytest.mark.parametrize("normalization", ["sequence", "token"])
+@pytest.mark.parametrize("baseline", ["rloo", "group_mean"])
+def test_shares_scaled_and_combined_equal_the_whole_batch(normalization, baseline):
+    logits, ref, tokens, mask, rewards, ok = _case(3)
+    options = dict(baseline=baseline, group_size=G, normalization=normalization)
+    whole = logits.clone().requires_grad_()
+    loss, stats = hybrid_loss(whole, tokens, mask, ref, rewards, 0.1, **options,
+                              reward_mask_B=ok)
+    loss.backward()
+    shares = distributed.split_groups(B, G, 2)
+    n_of = (lambda s: s.stop - s.start) if normalization == "sequence" else (
+        lambda s: int(mask[s].sum()))
+    n = sum(n_of(s) for s in shares)
+    grad = torch.zeros_like(logits)
+    parts = []
+    for s in shares:
+        part = logits[s].clone().requires_grad_()
+        loss_r, stats_r = hybrid_loss(part, tokens[s], mask[s], ref[s], rewards[s], 0.1,
+                                      **options, reward_mask_B=ok[s])
+        # Each rank scales by size * n_r / n; FSDP then averages (divides by size).
+        (loss_r * (2 * n_of(s) / n)).backward()
+        grad[s] = part.grad / 2
+        parts.append({**stats_r, "n_sequences": s.stop - s.start})
+    torch.testing.assert_close(grad, whole.grad, atol=1e-12, rtol=1e-10)
+    combined = distributed.combine_stats(parts, normalization)
+    for key in ("loss", "dense_loss", "sparse_loss", "kl_mean", "kl_token_mean", "ratio_mean",
+                "dense_grad_norm", "sparse_grad_norm", "num_tokens"):
+        assert combined[key] == pytest.approx(float(stats[key]), rel=1e-9, abs=1e-12), key
+    torch.testing.assert_close(combined["kl_per_seq_B"], stats["kl_per_seq_B"])
+
+
+def _model_and_adam(seed: int = 0, steps: int = 1):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_a_one_process_learner_reads_both_optimizer_forms(tmp_path):
+    model, optimizer = _model_and_adam()
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    plain.mkdir()
+    sharded.mkdir()
+    torch.save(optimizer.state_dict(), plain / "optimizer.pt")
+    distributed.save_optimizer(sharded / distributed.OPTIMIZER_DIR,
+                               distributed._Unsharded(model), optimizer)
+    want = optimizer.state_dict()["state"]
+    for ckpt in (plain, sharded):
+        fresh, fresh_opt = _model_and_adam(seed=1, steps=0)  # as a resume builds them
+        distributed.load_optimizer(ckpt, fresh, fresh_opt)
+        got = fresh_opt.state_dict()["state"]
+        assert got.keys() == want.keys()
+        for i in want:
+            torch.testing.assert_close(got[i]["exp_avg"], want[i]["exp_avg"])
+            torch.testing.assert_close(got[i]["exp_avg_sq"], want[i]["exp_avg_sq"])
+            assert float(got[i]["step"]) == float(want[i]["step"]) == 1.0
+
+
+def test_export_final_leaves_the_optimizer_shards_out(tmp_path):
+    ckpt = tmp_path / "job" / "step-1"
+    (ckpt / distributed.OPTIMIZER_DIR).mkdir(parents=True)
+    (ckpt / distributed.OPTIMIZER_DIR / "__0_0.distcp").write_bytes(b"x")
+    (ckpt / "model.safetensors").write_bytes(b"w")
+    (ckpt / checkpoint.STATE_FILE).write_text('{"step": 1}')
+    final = checkpoint.export_final(tmp_path / "job", ckpt)
+    assert (final / "model.safetensors").exists()
+    assert not (final / distributed.OPTIMIZER_DIR).exists()
+
+
+def test_host_copy_keeps_tied_names_as_one_tensor():
+    shared = torch.nn.Parameter(torch.randn(6, 3))
+    tensors = {"embed.weight": shared.detach(), "head.weight": shared.detach()}
+    copy = distributed.HostCopy(tensors)
+    assert set(copy.state_dict()) == {"embed.weight", "head.weight"}
+
+
+def test_activation_checkpointing_keeps_names_outputs_and_gradients(tiny_student):
+    from protege.services.common.models import load_causal_lm
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    grads = []
+    for wrap in (False, True):
+        model = load_causal_lm(tiny_student)
+        if wrap:
+            distributed.checkpoint_activations(model)
+        names = set(model.state_dict())
+        out = model(input_ids=ids).logits
+        out.square().mean().backward()
+        grads.append((names, out.detach(), {n: p.grad.clone() for n, p in
+                                            model.named_parameters()}))
+    (names0, out0, g0), (names1, out1, g1) = grads
+    assert names0 == names1  # checkpoints and pushes see the same names
+    torch.testing.assert_close(out0, out1)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0.values(), g1.values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+class _FakeWorld:
+    size, rank, leader = 3, 0, True
+
+
+def test_a_world_refuses_fewer_prompt_groups_than_ranks(monkeypatch):
+    monkeypatch.setattr(distributed, "_world", _FakeWorld())
+    with pytest.raises(errors.InvalidJobSpec, match="prompts_per_step >= 3"):
+        admission.check_world(jobs_pb2.JobSpec(prompts_per_step=2))
+    admission.check_world(jobs_pb2.JobSpec(prompts_per_step=3))
+    monkeypatch.setattr(distributed, "_world", None)
+    admission.check_world(jobs_pb2.JobSpec(prompts_per_step=1))
