@@ -69,7 +69,7 @@ from protege.services.learner.trainer import Trainer
 from protege.services.reference.engine import ReferenceEngine
 from protege.services.reward.scorers import build_scorer
 from protege.spec import StepEvent
-from protege.v1 import generator_pb2, jobs_pb2, reward_pb2
+from protege.v1 import generator_pb2, jobs_pb2, reference_pb2, reward_pb2, tensor_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,13 @@ class LocalReference:
         out_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         return self.engine.score(sequences, score_from, encoding, top_k, out_dtype, vocab_size)
 
+    async def info(self) -> reference_pb2.ReferenceInfo:
+        info = dict(self.engine.info())
+        return reference_pb2.ReferenceInfo(vocab=tensor_pb2.VocabInfo(**info.pop("vocab")), **info)
+
+    async def lm_head(self, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.engine.lm_head(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+
     async def close(self) -> None:
         pass
 
@@ -275,18 +282,39 @@ def run_job(client: Client, spec: dict[str, Any]) -> list[dict[str, Any]]:
     return metrics
 
 
+def rank_seconds(metrics_address: str, steps: int) -> dict[str, dict[str, float]]:
+    """A learner world's seconds per step by rank and phase, from its Prometheus counters
+    (`protege_learner_rank_seconds_total`), averaged over the `steps` it trained."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "protege_learner_rank_seconds_total":
+                rank = out.setdefault(sample.labels["rank"], {})
+                phase = sample.labels["phase"]
+                rank[phase] = rank.get(phase, 0.0) + sample.value / steps
+    return out
+
+
 def run(student: Path, teacher: Path, dataset: Path, rounds: int, steps: int, warmup: int,
-        workdir: Path) -> tuple[dict[str, list], dict[str, float], list[dict[str, Any]]]:
+        workdir: Path, learner_procs: int = 1
+        ) -> tuple[dict[str, list], dict[str, float], list[dict[str, Any]], dict[str, Any]]:
     """Alternate blocks of in-process steps and service jobs so all modes see the same load.
 
-    Returns the kept (post-warmup) step metrics of each mode, the peak RSS per process and the
-    load average at the start of every block.
+    Returns the kept (post-warmup) step metrics of each mode, the peak RSS per process, the
+    load average at the start of every block, and (a learner world) each rank's phase seconds.
     """
     local = InProcess(student, teacher, dataset, rounds * steps + warmup, workdir)
     local.steps(warmup)
     kept: dict[str, list] = {"in_process": [], "services": [], "services_pipelined": []}
     loads: list[dict[str, Any]] = []
-    with Suite(workdir / "suite", student, teacher, start_timeout=300) as suite:
+    ranks: dict[str, Any] = {}
+    with Suite(workdir / "suite", student, teacher, start_timeout=300,
+               learner_procs=learner_procs) as suite:
         ends = suite.endpoints
         targets = {name: ends[name]["grpc"] for name in ("generator", "reference", "reward")}
         specs = {"services": job_spec(student, dataset, steps + warmup, targets, 0),
@@ -300,9 +328,11 @@ def run(student: Path, teacher: Path, dataset: Path, rounds: int, steps: int, wa
                     loads.append({"round": i, "mode": mode, "load": os.getloadavg()})
                     kept[mode] += run_job(client, specs[mode])[warmup:]
         rss = {name: peak_rss_mib(ends[name]["pid"]) for name in ends}
+        if learner_procs > 1:
+            ranks = rank_seconds(ends["learner"]["metrics"], 2 * rounds * (steps + warmup))
     local.close()
     rss["in_process"] = peak_rss_mib()
-    return kept, rss, loads
+    return kept, rss, loads, ranks
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -414,6 +444,16 @@ def report(result: dict[str, Any]) -> str:
         "{} CPUs".format(*result["load_average_before"], *result["load_average_after"],
                          result["setup"]["cpu_count"]),
     ]
+    ranks = result.get("rank_seconds_per_step") or {}
+    if ranks:
+        phases = sorted({p for r in ranks.values() for p in r})
+        lines += ["", f"learner world of {result['learner_procs']} ranks (FSDP2, gloo): seconds "
+                  "per step by rank (forward_backward includes FSDP's collectives; "
+                  "gather_weights is the full copy onto rank 0)",
+                  f"{'rank':<6}" + "".join(f"{p:>18}" for p in phases)]
+        for rank in sorted(ranks, key=int):
+            lines.append(f"{rank:<6}" + "".join(f"{ranks[rank].get(p, 0.0):>18.4f}"
+                                                for p in phases))
     return "\n".join(lines)
 
 
@@ -427,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/step.json")
     parser.add_argument("--workdir", default=None, help="models and logs (default: a temp dir)")
     parser.add_argument("--setup", choices=("tiny", "real-vocab"), default="tiny")
+    parser.add_argument("--learner-procs", type=int, default=1,
+                        help="tiny setup: the services' learner as a torchrun world of N ranks "
+                        "(FSDP2 on gloo); reports each rank's phase seconds")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
@@ -450,8 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         student, teacher, params = build_models(work / "models")
         dataset = write_dataset(work / "prompts.jsonl")
-        kept, rss, loads = run(student, teacher, dataset, args.rounds, args.steps, args.warmup,
-                               work)
+        kept, rss, loads, ranks = run(student, teacher, dataset, args.rounds, args.steps,
+                                      args.warmup, work, args.learner_procs)
     summaries = {mode: summarize(kept[mode]) for mode, _ in MODES}
     svc_sum, pipe_sum, local_sum = (summaries[m] for m, _ in MODES)
     ratios = {mode: summaries[mode]["median_step_seconds"] / local_sum["median_step_seconds"]
@@ -476,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": time.perf_counter() - start,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "load_average_per_block": loads,
+        "learner_procs": args.learner_procs,
+        "rank_seconds_per_step": ranks,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,20 @@ if _unknown:
     raise TypeError(f"learner gauges for fields StepMetrics does not have: {sorted(_unknown)}")
 
 
+RANK_SECONDS = prometheus_client.Counter(
+    "protege_learner_rank_seconds",
+    "Seconds each rank of a learner world (torchrun) spent in each phase of its updates: "
+    "forward_backward (with FSDP's all-gathers and reduce-scatters), optimizer, gather_weights "
+    "(the full weights onto rank 0 for the push)", ["job_id", "rank", "phase"])
+
+
+def publish_ranks(job_id: str, rank_phases: list[dict[str, float]]) -> None:
+    """Add one step's per-rank phase seconds (a learner world only)."""
+    for rank, phases in enumerate(rank_phases):
+        for phase, seconds in phases.items():
+            RANK_SECONDS.labels(job_id, str(rank), phase).inc(seconds)
+
+
 def publish_step(job_id: str, metrics: StepMetrics, samples: int = 0) -> None:
     """Export one step's metrics for `job_id`; `samples` is the number of completions it
     trained on (its batch size)."""

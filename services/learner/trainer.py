@@ -316,6 +316,8 @@ class Trainer:
         batch = build_batch(scored.rollouts, self._pad_id())
         with distributed.collective(self.world, "the update"):
             stats, grad_norm = await asyncio.to_thread(self._update, batch, scored, phases)
+        if "rank_phases" in stats:
+            metrics.publish_ranks(self.job_id, stats["rank_phases"])
         trained_version = self.version
         self.version += 1
         if self.cancel_requested:
@@ -361,17 +363,21 @@ class Trainer:
         batch = build_batch(rollouts, self._pad_id())
         n_local = (len(rollouts) if self.spec.normalization == "sequence"
                    else int(batch.mask_BT.sum()))
-        scale = self.world.size * n_local / max(self.world.total(n_local), 1.0)
-        with timed(phases, "forward_backward"):
+        mine: dict[str, float] = {}  # this rank's phases (FSDP's own collectives are inside)
+        with timed(mine, "forward_backward"):
+            scale = self.world.size * n_local / max(self.world.total(n_local), 1.0)
             stats = self._forward_backward(batch, ref, rewards_B, reward_mask_B, scale)
-        stats["n_sequences"] = len(rollouts)
+        learning_rate, grad_norm = self._optimizer_step(mine)
+        with timed(mine, "gather_weights"):
+            self._gather()
+        stats.update(n_sequences=len(rollouts), rank_phases=mine)
         parts = self.world.gather(stats)
-        learning_rate, grad_norm = self._optimizer_step(phases)
-        self._gather()
+        phases.update(mine)
         if parts is None:
             return None
         combined = distributed.combine_stats(parts, self.spec.normalization)
         combined["learning_rate"] = learning_rate
+        combined["rank_phases"] = [p["rank_phases"] for p in parts]
         return combined, grad_norm
 
     def _forward_backward(self, batch: Batch, ref_results: Any, rewards_B: torch.Tensor,
