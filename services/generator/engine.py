@@ -14,7 +14,8 @@ finiteness); the copy then happens under the same lock each generation batch hol
 entirely on one policy version and reports that version. A delta (`load_weights(..., base_version)`)
 names only the tensors that change, each already applied to a copy of the served tensor
 (`current_weight`) and checked against its crc32, and is swapped only if `base_version` is still
-the one served.
+the one served. A LoRA version (`load_lora`) serves an adapter on the base weights, checked and
+swapped the same way (generator/lora.py).
 
 Cancellation: `generate` takes a `threading.Event`; the sampling loop checks it before every token
 step, so a cancelled request stops at the next step and releases the lock to the next request.
@@ -406,6 +407,8 @@ class Engine(abc.ABC):
     weight_spec: WeightSpec  # what a weight upload must contain (set by each backend)
     supports_delta = False  # True when `current_weight` and a partial `load_weights` work
     supports_broadcast = False  # True when weights can be received in this process (weights.py)
+    supports_lora = False  # True when LoRA adapters can be served (`load_lora`, lora.py)
+    max_lora_rank = 0  # the largest LoRA rank served; 0 = no limit
 
     def __init__(self, model: str, tokenizer: Any, vocab: dict[str, Any], max_context: int,
                  max_batch_prompts: int):
@@ -417,6 +420,9 @@ class Engine(abc.ABC):
         self.max_batch_prompts = max_batch_prompts
         self._version = 0
         self._lock = threading.Lock()  # held per generation batch and for a weight swap
+        self.model_path = model  # the model directory (adapters are laid out on its config)
+        self.base_version = 0  # the version whose whole weights are the base (0 = checkpoint)
+        self.adapter: Any = None  # the LoRA adapter served on the base (lora.py), if any
         self.stats = GenerationStats()
 
     @property
@@ -506,6 +512,16 @@ class Engine(abc.ABC):
         only if `base_version` is still the serving version (else FailedPrecondition).
         """
 
+    def load_lora(self, tensors: Mapping[str, torch.Tensor], version: int, adapter: Any,
+                  base_version: int) -> int:
+        """Validate all, then swap atomically to `version`: LoRA `adapter` (tensors by PEFT
+        name) on the base of `base_version`, or on the base model that came along in `tensors`
+        (then `base_version` becomes the base's). Returns the number of tensors copied."""
+        from protege.services.generator.lora import check_lora
+
+        check_lora(self, adapter, base_version, with_base=False)
+        raise FailedPrecondition(f"the {self.backend} backend does not serve LoRA adapters")
+
     def current_weight(self, name: str) -> torch.Tensor:
         """A CPU copy of the served tensor `name` (a delta is applied to it, then swapped in)."""
         raise FailedPrecondition(f"the {self.backend} backend takes full weight uploads only")
@@ -514,6 +530,9 @@ class Engine(abc.ABC):
         """Raise FailedPrecondition unless a delta on `base_version` applies to what is served."""
         if base_version is None:
             return
+        if self.adapter is not None:
+            raise FailedPrecondition("this generator serves a LoRA adapter, which a delta cannot "
+                                     "change; push a full upload")
         if not self.supports_delta:
             raise FailedPrecondition(f"the {self.backend} backend takes full weight uploads only; "
                                      "push the whole model")
@@ -542,6 +561,7 @@ class HFEngine(Engine):
     backend = "hf"
     supports_delta = True
     supports_broadcast = True
+    supports_lora = True
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
                  max_batch_prompts: int = 64, model_name: str | None = None):
@@ -565,6 +585,8 @@ class HFEngine(Engine):
         self.eos_ids = self._eos_ids(tokenizer, self.model)
         self.weight_spec = WeightSpec.of(self.model)
         self.weights_fingerprint = weights_fingerprint(self.model)
+        self.model_path = str(model_path)
+        self._lora: Any = None  # lora.HFAdapter, made at the first adapter
         forward_args = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in forward_args
         # transformers >= 5.24 renamed past_key_values (argument and output) to cache.
@@ -691,14 +713,44 @@ class HFEngine(Engine):
         with self._lock:
             self.check_version(version)
             self.check_base(base_version)
-            targets = self.model.state_dict()
-            with torch.no_grad():
-                for name, t in plan.items():
-                    targets[name].copy_(t)
+            self._copy_base(plan, version)
             self._version = version
         logger.info("loaded %d tensors as policy version %d in %.3fs", len(plan), version,
                     time.perf_counter() - start)
         return len(plan)
+
+    def _copy_base(self, plan: Mapping[str, torch.Tensor], base_version: int) -> None:
+        """Copy whole (or delta) weights in, under the lock; they become the base and any LoRA
+        adapter stops being served (lora.py)."""
+        if self._lora is not None:
+            self._lora.remove()
+        self.adapter = None
+        targets = self.model.state_dict()
+        with torch.no_grad():
+            for name, t in plan.items():
+                targets[name].copy_(t)
+        self.base_version = base_version
+
+    def load_lora(self, tensors: Mapping[str, torch.Tensor], version: int, adapter: Any,
+                  base_version: int) -> int:
+        from protege.services.generator.lora import HFAdapter, check_lora, split
+
+        self.check_version(version)
+        base, weights = split(self, tensors, adapter, base_version)
+        start = time.perf_counter()
+        with self._lock:
+            self.check_version(version)
+            check_lora(self, adapter, base_version, with_base=base is not None)
+            if base is not None:
+                self._copy_base(base, base_version)
+            if self._lora is None:
+                self._lora = HFAdapter(self.model)
+            self._lora.apply(adapter, weights)
+            self.adapter, self._version = adapter, version
+        logger.info("serving LoRA rank %d on %s as policy version %d (base of version %d) in "
+                    "%.3fs", adapter.rank, list(adapter.target_modules), version,
+                    self.base_version, time.perf_counter() - start)
+        return len(weights) + len(base or ())
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

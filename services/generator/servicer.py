@@ -7,8 +7,9 @@ every piece as it arrives (`UploadCheck`), and swaps only after a `commit=true` 
 refused upload leaves the old version serving. A delta upload (header.base_version > 0) carries
 only the tensors that changed, dense or sparse, each with a crc32 checked after it is applied to a
 copy of the served tensor. `LoadWeightsFromPath` loads from the shared weights directory and
-`JoinWeightGroup`/`ReceiveWeights` receive a broadcast (generator/weights.py); one weight update
-runs at a time, whatever its transport. `Info` reports the model, vocabulary, dtype, version and
+`JoinWeightGroup`/`ReceiveWeights` receive a broadcast (generator/weights.py); an upload whose
+header carries a LoRA adapter is a LoRA version (generator/lora.py); one weight update runs at a
+time, whatever its transport. `Info` reports the model, vocabulary, dtype, version and
 the transports this generator takes.
 """
 
@@ -24,6 +25,8 @@ import grpc
 import prometheus_client
 from protege.errors import FailedPrecondition, InvalidArgument, ProtegeError, ResourceExhausted
 from protege.services.common.codec import ChunkAssembler, decode, torch_dtype
+from protege.services.common.lora import Adapter
+from protege.services.generator import lora
 from protege.services.generator.engine import (
     Completion,
     Engine,
@@ -90,13 +93,14 @@ async def receive_upload(chunks: AsyncIterator[generator_pb2.WeightChunk], engin
     assembler = ChunkAssembler()
     staging = DeltaStaging(engine)
     check: UploadCheck | None = None
-    version, base, committed = 0, None, False
+    version, base, committed, adapter = 0, None, False, None
+    adapter_base = 0
     async for chunk in chunks:
         if committed:
             raise InvalidArgument("a weight chunk arrived after the commit=true chunk; send commit "
                                   "only on the final chunk")
         if check is None:
-            version, base, check = _start_upload(chunk, engine)
+            version, base, check, adapter, adapter_base = _start_upload(chunk, engine)
         elif chunk.version not in (0, version):
             raise InvalidArgument(f"chunk carries version {chunk.version} but the upload started "
                                   f"as version {version}")
@@ -121,12 +125,20 @@ async def receive_upload(chunks: AsyncIterator[generator_pb2.WeightChunk], engin
         raise InvalidArgument("weight upload ended without a commit=true chunk (interrupted?)")
     tensors = {**assembler.finish(), **staging.tensors}
     check.finish()
-    return Update(version, tensors, base, assembler.bytes + sum(
-        n for name, n in check.received.items() if name in staging.tensors))
+    nbytes = assembler.bytes + sum(n for name, n in check.received.items()
+                                   if name in staging.tensors)
+    if adapter is not None:
+        return Update(version, tensors, None, nbytes, adapter=adapter, adapter_base=adapter_base)
+    return Update(version, tensors, base, nbytes)
+
+
+def lora_adapter(msg: generator_pb2.LoraAdapter) -> Adapter:
+    """The adapter a LoraAdapter describes (InvalidArgument for bad values)."""
+    return Adapter(msg.rank, msg.alpha, tuple(msg.target_modules))
 
 
 def _start_upload(chunk: generator_pb2.WeightChunk, engine: Engine
-                  ) -> tuple[int, int | None, UploadCheck]:
+                  ) -> tuple[int, int | None, UploadCheck, Adapter | None, int]:
     if chunk.version < 1:
         raise InvalidArgument(f"the first WeightChunk must carry version >= 1, got {chunk.version}")
     engine.check_version(chunk.version)
@@ -139,10 +151,18 @@ def _start_upload(chunk: generator_pb2.WeightChunk, engine: Engine
         raise InvalidArgument(f"header.base_version must be >= 0 (0 = a full upload), got "
                               f"{header.base_version}")
     base = header.base_version or None
+    if header.HasField("adapter"):  # a LoRA version (lora.py)
+        if base is not None:
+            raise InvalidArgument("a LoRA upload (header.adapter) cannot be a delta "
+                                  "(header.base_version > 0); send the whole adapter")
+        adapter, adapter_base = lora_adapter(header.adapter), header.adapter.base_version
+        spec = lora.upload_spec(engine, adapter, adapter_base, adapter_base == chunk.version)
+        return chunk.version, None, UploadCheck(spec, list(header.names), header.tensor_count,
+                                                header.total_bytes), adapter, adapter_base
     engine.check_base(base)
     return chunk.version, base, UploadCheck(engine.weight_spec, list(header.names),
                                             header.tensor_count, header.total_bytes,
-                                            delta=base is not None)
+                                            delta=base is not None), None, 0
 
 
 async def _receive_piece(piece: tensor_pb2.TensorChunk, check: UploadCheck,
@@ -308,7 +328,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         return generator_pb2.GeneratorInfo(
             model=info.model, backend=info.backend, vocab=tensor_pb2.VocabInfo(**info.vocab),
             policy_version=self._engine.policy_version, device=info.device, dtype=info.dtype,
-            weights_fingerprint=info.weights_fingerprint, weight_transports=self.transports())
+            weights_fingerprint=info.weights_fingerprint, weight_transports=self.transports(),
+            max_lora_rank=self._engine.max_lora_rank)
 
     def transports(self) -> list[str]:
         """The weight transports this generator takes (GeneratorInfo.weight_transports)."""
@@ -319,6 +340,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             out.append("shared")
         if self._engine.supports_broadcast:
             out.append("broadcast")
+        if self._engine.supports_lora:
+            out.append("lora")
         return out
 
 

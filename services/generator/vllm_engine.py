@@ -28,18 +28,28 @@ vLLM is imported inside `VLLMEngine`, so this module imports without it. Tested 
   CPU memory), applies a delta to it, and hands vLLM the whole updated set.
 - Names, shapes and dtypes are checked first against the HF model's state_dict, built on the meta
   device (vLLM's `load_weights` takes HF checkpoint names), so a bad upload changes nothing.
+- LoRA (started with --max-lora-rank > 0): each LoRA version is a `LoRARequest` of its own
+  (`v<version>`, id = version), loaded with `add_lora` from a directory written for it (PEFT's
+  adapter files: vLLM scales B by alpha / rank in place as it loads, so it is only ever handed
+  files). An adapter alone swaps without pausing generation: requests in flight keep the
+  adapter they started with (and report its version), new ones get the new one, and an
+  adapter is removed, with its directory, once no request uses it and a newer one serves. So at
+  most max_staleness + 1 adapters are in use at once: --max-loras (vLLM's adapters per batch)
+  should be at least that. A base that travels with an adapter is loaded as whole weights are.
+  `VLLM_ALLOW_RUNTIME_LORA_UPDATING` is not needed: it guards vLLM's HTTP endpoints only.
 - Not done here: the broadcast transport (NCCL into vLLM's workers: vLLM 0.32's own
-  weight-transfer engines, `init_weight_transfer_engine` / `update_weights`, are the way) and
-  runtime LoRA adapters.
+  weight-transfer engines, `init_weight_transfer_engine` / `update_weights`, are the way).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -156,15 +166,17 @@ class VLLMEngine(Engine):
     def __init__(self, model_path: str | Path, dtype: str = "bfloat16", max_batch_prompts: int = 64,
                  seed: int = 0, gpu_memory_utilization: float = 0.9, max_model_len: int = 0,
                  enforce_eager: bool = False, cpu_kvcache_gb: int = 1,
-                 model_name: str | None = None):
+                 model_name: str | None = None, max_lora_rank: int = 0, max_loras: int = 2):
         path = check_model_dir(model_path)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gb))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="vllm-engine-loop")
         self._thread.start()
+        lora = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+                    max_cpu_loras=max_loras) if max_lora_rank > 0 else {}
         self._llm, self.processed_logprobs = self._call(self._start(
-            path, dtype, seed, gpu_memory_utilization, max_model_len, enforce_eager))
+            path, dtype, seed, gpu_memory_utilization, max_model_len, enforce_eager, **lora))
         self._gate: Gate = self._call(_make_gate())
         tokenizer = load_tokenizer(path)
         model_config = self._llm.model_config
@@ -176,6 +188,12 @@ class VLLMEngine(Engine):
         self.weight_spec = WeightSpec.of(meta)
         self.weights_fingerprint = weights_fingerprint(meta)
         self._host = self._host_copy(path, dtype)
+        self.model_path = str(path)
+        self.supports_lora, self.max_lora_rank = max_lora_rank > 0, max_lora_rank
+        self._lora: Any = None  # the LoRARequest new requests get
+        self._loras: dict[int, str] = {}  # loaded adapters: id -> directory
+        self._lora_users: collections.Counter[int] = collections.Counter()
+        self._lora_root: str | None = None
         from vllm.platforms import current_platform
 
         self.device = str(current_platform.device_type)
@@ -188,14 +206,15 @@ class VLLMEngine(Engine):
 
     @staticmethod
     async def _start(path: Path, dtype: str, seed: int, gpu_memory_utilization: float,
-                     max_model_len: int, enforce_eager: bool) -> tuple[Any, bool]:
+                     max_model_len: int, enforce_eager: bool, **extra: Any) -> tuple[Any, bool]:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         supported = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         kwargs: dict[str, Any] = dict(
             model=str(path), dtype=dtype, seed=seed, enforce_eager=enforce_eager,
-            gpu_memory_utilization=gpu_memory_utilization, worker_extension_cls=WORKER_EXTENSION)
+            gpu_memory_utilization=gpu_memory_utilization, worker_extension_cls=WORKER_EXTENSION,
+            **extra)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         processed = "logprobs_mode" in supported
@@ -271,9 +290,12 @@ class VLLMEngine(Engine):
                    emit: Callable[[Any], None]) -> None:
         """On the engine's loop: one vLLM request per prompt, all on the version they start on."""
         await self._gate.enter()
-        version = self._version
+        version, lora = self._version, self._lora
+        if lora is not None:
+            self._lora_users[lora.lora_int_id] += 1
         call_id = uuid.uuid4().hex
-        tasks = [asyncio.create_task(self._one(f"{call_id}-{i}", i, p, n, params, version, emit))
+        tasks = [asyncio.create_task(self._one(f"{call_id}-{i}", i, p, n, params, version, emit,
+                                               lora))
                  for i, p in enumerate(prompts)]
         try:
             await asyncio.gather(*tasks)
@@ -286,13 +308,18 @@ class VLLMEngine(Engine):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._gate.leave()
+            if lora is not None:
+                self._lora_users[lora.lora_int_id] -= 1
+                await self._collect_adapters()
 
     async def _one(self, request_id: str, index: int, prompt: Sequence[int], n: int,
-                   params: SamplingParams, version: int, emit: Callable[[Any], None]) -> None:
+                   params: SamplingParams, version: int, emit: Callable[[Any], None],
+                   lora: Any = None) -> None:
         final = None
         try:
             async for output in self._llm.generate({"prompt_token_ids": list(prompt)},
-                                                   self._sampling(params, n, index), request_id):
+                                                   self._sampling(params, n, index), request_id,
+                                                   lora_request=lora):
                 final = output
         except asyncio.CancelledError:
             await self._llm.abort(request_id)
@@ -346,13 +373,79 @@ class VLLMEngine(Engine):
         logger.info("loaded %d tensors into vLLM as policy version %d", len(plan), version)
         return len(plan)
 
-    async def _swap(self, path: str, version: int) -> None:
-        """On the engine's loop, with no request in flight."""
+    async def _swap(self, path: str, version: int, base_version: int | None = None,
+                    lora: Any = None, adapter: Any = None) -> None:
+        """On the engine's loop, with no request in flight: whole weights from `path` become the
+        base (of `base_version`, default `version`), served alone or with `lora`."""
         await self._llm.collective_rpc("protege_load_file", args=(path,))
         await self._llm.reset_prefix_cache()
-        self._version = version
+        self.base_version = version if base_version is None else base_version
+        await self._serve(version, lora, adapter)
+
+    async def _serve(self, version: int, lora: Any, adapter: Any) -> None:
+        """On the engine's loop: new requests get `version` (with `lora`, when set)."""
+        self._lora, self.adapter, self._version = lora, adapter, version
+        await self._collect_adapters()
+
+    async def _collect_adapters(self) -> None:
+        """Remove every adapter no request uses that no longer serves (with its directory)."""
+        serving = self._lora.lora_int_id if self._lora is not None else None
+        for lora_id in [i for i in self._loras if i != serving and not self._lora_users[i]]:
+            await self._llm.remove_lora(lora_id)
+            shutil.rmtree(self._loras.pop(lora_id), ignore_errors=True)
+            self._lora_users.pop(lora_id, None)
+
+    def load_lora(self, tensors: Mapping[str, torch.Tensor], version: int, adapter: Any,
+                  base_version: int) -> int:
+        from protege.services.common.lora import write_adapter_dir
+        from protege.services.generator.lora import check_lora, split
+        from vllm.lora.request import LoRARequest
+
+        self.check_version(version)
+        base, weights = split(self, tensors, adapter, base_version)
+        with self._lock:
+            self.check_version(version)
+            check_lora(self, adapter, base_version, with_base=base is not None)
+            if self._lora_root is None:
+                self._lora_root = tempfile.mkdtemp(dir=scratch_dir(), prefix="protege-lora-")
+            directory = write_adapter_dir(Path(self._lora_root) / f"v{version}", adapter,
+                                          weights.items(), self.model_path)
+            lora = LoRARequest(f"v{version}", version, str(directory))
+            try:
+                self._call(self._add_adapter(lora))
+            except Exception as e:  # noqa: BLE001 - vLLM's own errors: a refused adapter
+                shutil.rmtree(directory, ignore_errors=True)
+                raise FailedPrecondition(f"vLLM refused the LoRA adapter of version {version}: "
+                                         f"{e}") from e
+            if base is None:
+                self._call(self._serve(version, lora, adapter))
+            else:
+                self._load_base(base, version, base_version, lora, adapter)
+        logger.info("serving LoRA rank %d on %s as policy version %d (base of version %d)",
+                    adapter.rank, list(adapter.target_modules), version, self.base_version)
+        return len(weights) + len(base or ())
+
+    async def _add_adapter(self, lora: Any) -> None:
+        """On the engine's loop: load an adapter (not served until `_serve`)."""
+        await self._llm.add_lora(lora)
+        self._loras[lora.lora_int_id] = lora.lora_path
+
+    def _load_base(self, base: Mapping[str, torch.Tensor], version: int, base_version: int,
+                   lora: Any, adapter: Any) -> None:
+        """Whole base weights and the adapter on them, swapped in together (under the lock)."""
+        updated = {**self._host, **base}
+        layout = {name: (t.dtype, list(t.shape)) for name, t in updated.items()}
+        with tempfile.TemporaryDirectory(dir=scratch_dir(), prefix="protege-weights-") as tmp:
+            path = str(Path(tmp) / f"v{version}.safetensors")
+            write_weights_file(path, layout, updated.items(), {"version": version})
+            self._call(self._gate.exclusive(
+                lambda: self._swap(path, version, base_version, lora, adapter)))
+        for name, t in base.items():
+            self._host[name].copy_(t)
 
     def close(self) -> None:
+        if self._lora_root is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None

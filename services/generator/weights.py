@@ -11,7 +11,9 @@ Shared directory layout (written by `protege.services.learner.weight_sync.Shared
 safetensors file per version, `v<version>.full.safetensors` or `v<version>.delta.safetensors`,
 whose metadata holds the manifest (version, base_version, kind, crc32 per tensor). A delta file
 keeps a dense change under the tensor's name and a sparse one as `<name>::indices` and
-`<name>::values`.
+`<name>::values`. A LoRA version is `v<version>.adapter.safetensors` (kind "adapter"; its
+manifest adds the adapter's rank, alpha and target modules, and its base_version names the full
+file of the base it applies to), loaded alone on that base or after that full file (lora.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from protege.services.common.codec import (
     apply_sparse,
     read_weights_manifest,
 )
-from protege.services.generator.engine import Engine, UploadCheck
+from protege.services.common.lora import Adapter
+from protege.services.generator import lora
+from protege.services.generator.engine import Engine, UploadCheck, WeightSpec
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +51,12 @@ class Update:
     tensors: dict[str, torch.Tensor]
     base_version: int | None = None  # set for a delta
     bytes: int = 0
+    adapter: Adapter | None = None  # set for a LoRA version (lora.py)
+    adapter_base: int = 0  # the version whose whole weights the adapter applies to
 
     def apply(self, engine: Engine) -> int:
+        if self.adapter is not None:
+            return engine.load_lora(self.tensors, self.version, self.adapter, self.adapter_base)
         return engine.load_weights(self.tensors, self.version, self.base_version)
 
 
@@ -95,12 +103,20 @@ def load_files(engine: Engine, root: Path, files: Sequence[str], version: int) -
     staged: dict[str, torch.Tensor] = {}
     base: int | None = None
     at: int | None = None  # the version the files so far make
+    adapter: tuple[Adapter, int] | None = None
     total = 0
     for relative in files:
         path = resolve_under(root, relative)
         manifest = read_weights_manifest(path)
         kind, file_version = manifest.get("kind"), int(manifest.get("version", 0))
-        if kind == "full":
+        spec = None
+        if adapter is not None:
+            raise InvalidArgument(f"{relative} follows an adapter file; an adapter file comes "
+                                  "last")
+        if kind == "adapter":
+            adapter = _adapter_file(engine, relative, manifest, at)
+            spec = lora.adapter_spec(engine, adapter[0])
+        elif kind == "full":
             staged, base = {}, None
         elif kind == "delta":
             file_base = int(manifest.get("base_version", 0))
@@ -113,21 +129,37 @@ def load_files(engine: Engine, root: Path, files: Sequence[str], version: int) -
         else:
             raise InvalidArgument(f"{relative}: unknown weights file kind {kind!r}")
         try:
-            total += _load_file(engine, path, manifest, staged, delta=kind == "delta")
+            total += _load_file(engine, path, manifest, staged, delta=kind == "delta", spec=spec)
         except SafetensorError as e:
             raise InvalidArgument(f"{relative} is not a readable weights file: {e}") from e
         at = file_version
     if at != version:
         raise InvalidArgument(f"the files make version {at}, not the requested {version}")
+    if adapter is not None:
+        return Update(version, staged, None, total, adapter=adapter[0], adapter_base=adapter[1])
     return Update(version, staged, base, total)
 
 
+def _adapter_file(engine: Engine, relative: str, manifest: dict[str, Any], at: int | None
+                  ) -> tuple[Adapter, int]:
+    """The adapter an adapter file holds and the base version it applies to, checked against
+    the full file before it (`at`) or else the engine's base."""
+    adapter = Adapter.from_json(dict(manifest.get("adapter") or {}))
+    adapter_base = int(manifest.get("base_version", 0))
+    if at is not None and adapter_base != at:
+        raise InvalidArgument(f"{relative}: an adapter on the base of version {adapter_base} "
+                              f"cannot follow version {at}; list its base's full file first")
+    lora.check_lora(engine, adapter, adapter_base, with_base=at is not None)
+    return adapter, adapter_base
+
+
 def _load_file(engine: Engine, path: Path, manifest: dict[str, Any],
-               staged: dict[str, torch.Tensor], delta: bool) -> int:
+               staged: dict[str, torch.Tensor], delta: bool, spec: WeightSpec | None = None
+               ) -> int:
     from safetensors import safe_open
 
     crcs: dict[str, int] = {k: int(v) for k, v in dict(manifest.get("crc32", {})).items()}
-    spec = engine.weight_spec
+    spec = spec or engine.weight_spec
     nbytes = 0
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())

@@ -8,8 +8,10 @@ tokenizer, the dataset, the reachability of every endpoint and the tokenizer agr
 student, generators and reference are checked, and so are the models the job names: the student
 must have the weights layout each generator serves (`weights_fingerprint`: model class, parameter
 names and shapes, computed from the student's config on the meta device, no weights loaded), and
-an optional `teacher_model` must be what the reference serves. A refused job leaves no trace in
-the store.
+an optional `teacher_model` must be what the reference serves. A LoRA job (`lora`) is checked as
+well: its values, its target modules against the student (on the meta device), the learner's
+weight transport, and that every generator takes adapters of its rank. A refused job leaves no
+trace in the store.
 
 `teacher_model` matches the reference when the two names agree (as paths, normalised), or when it
 is a model directory on the learner with the reference's tokenizer and weights layout. Names are
@@ -49,6 +51,7 @@ from protege.services.common.models import (
     vocab_info,
     weights_fingerprint,
 )
+from protege.services.learner import lora
 from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.data import PromptRow, load_prompts
@@ -67,6 +70,8 @@ from protege.v1 import jobs_pb2, reward_pb2, tensor_pb2
 logger = logging.getLogger(__name__)
 
 DRY_RUN_ROWS = 4  # rows the reward scores at submit
+# Weight transports that carry a LoRA adapter (weight_sync.py: 'delta' sends it whole, as 'grpc').
+LORA_TRANSPORTS = ("grpc", "delta", "shared")
 
 # ------------------------------------------------------------------------------- static checks
 
@@ -177,6 +182,8 @@ def check_spec(spec: jobs_pb2.JobSpec, allowed_roots: Sequence[str] = ()) -> Non
     _check_endpoints(spec)
     _check_eval(spec)
     _check_dataset_sources(spec)
+    if spec.HasField("lora"):
+        lora.check_spec(spec.lora)
     check_model_root(spec.student_model, list(allowed_roots))
 
 
@@ -220,6 +227,29 @@ def check_student_layout(student_model: str, layout: str, target: str,
             f"({info.model}): their model classes or parameter names and shapes differ, so set "
             f"student_model to a checkpoint of {info.model} or restart the generator with "
             f"{student_model}")
+
+
+def check_generator_lora(spec: jobs_pb2.JobSpec, target: str, info: Any) -> None:
+    """Refuse a LoRA job whose generator cannot serve its adapter."""
+    if "lora" not in list(info.weight_transports):
+        raise errors.InvalidJobSpec(
+            f"the generator at {target} ({info.backend}) does not take LoRA adapters, which "
+            f"this job's lora needs; start a vLLM generator with --max-lora-rank >= "
+            f"{spec.lora.rank}, or leave lora unset for full fine-tuning")
+    if info.max_lora_rank and spec.lora.rank > info.max_lora_rank:
+        raise errors.InvalidJobSpec(
+            f"lora.rank {spec.lora.rank} is above the --max-lora-rank {info.max_lora_rank} of "
+            f"the generator at {target}; lower lora.rank or restart the generator with a "
+            "larger --max-lora-rank")
+
+
+def check_lora_transport(transport: str) -> None:
+    """Refuse a LoRA job on a learner whose weight transport cannot carry adapters."""
+    if transport not in LORA_TRANSPORTS:
+        raise errors.FailedPrecondition(
+            f"this learner's weight_transport {transport!r} cannot carry a LoRA adapter; LoRA "
+            f"jobs need one of {list(LORA_TRANSPORTS)} (the adapter is a small fraction of "
+            "the model, so they lose nothing), or leave lora unset")
 
 
 def _same_name(a: str, b: str) -> bool:
@@ -323,6 +353,8 @@ async def check_endpoints(spec: jobs_pb2.JobSpec, student: tensor_pb2.VocabInfo,
         check_vocab(student, "generator", target, info.vocab)
         if student_layout:
             check_student_layout(spec.student_model, student_layout, target, info)
+        if spec.HasField("lora"):
+            check_generator_lora(spec, target, info)
     if spec.beta > 0:
         info = infos[len(spec.generator_targets)]
         check_vocab(student, "reference", spec.reference_target, info.vocab, padded_ok=True)
@@ -382,6 +414,11 @@ def check_world(spec: jobs_pb2.JobSpec) -> None:
             f"prompts_per_step is {spec.prompts_per_step}, but this learner runs as {world.size} "
             f"processes that each train on whole prompt groups; set prompts_per_step >= "
             f"{world.size} (a multiple of it balances the ranks)")
+    if world is not None and spec.HasField("lora"):
+        raise errors.InvalidJobSpec(
+            f"this learner runs as {world.size} processes (FSDP2), which do not train LoRA "
+            "adapters yet; submit the LoRA job to a one-process learner, or leave lora unset "
+            "to fine-tune the whole student here")
 
 
 async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
@@ -394,6 +431,9 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
     check_world(spec)
     student = await asyncio.to_thread(student_vocab, spec.student_model)
     layout = await asyncio.to_thread(model_layout, spec.student_model)
+    if spec.HasField("lora"):
+        check_lora_transport(config.weight_transport)
+        await asyncio.to_thread(lora.check_targets, spec.student_model, spec.lora)
     if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student.vocab_size:
         raise errors.InvalidJobSpec(f"top_k must be in [1, {student.vocab_size}] (the vocab "
                                     f"size) for the topk encoding, got {spec.top_k}")

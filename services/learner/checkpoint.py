@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from protege.services.learner import lora
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
     tmp = job_dir / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(str(tmp), **({} if weights is None else {"state_dict": weights}))
+        if lora.is_lora(model):  # LoRA: the merged model, and adapter/ for a resume (lora.py)
+            lora.save(model, tmp)
+        else:
+            model.save_pretrained(str(tmp), **({} if weights is None else {"state_dict": weights}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if write_optimizer is not None:

@@ -112,6 +112,10 @@ def run_config(spec: jobs_pb2.JobSpec) -> dict[str, Any]:
     for field in spec.DESCRIPTOR.fields:
         if field.message_type is None and not field.is_repeated:
             out[field.name] = getattr(spec, field.name)
+    if spec.HasField("lora"):
+        out.update(lora_rank=spec.lora.rank, lora_alpha=spec.lora.alpha,
+                   lora_dropout=spec.lora.dropout,
+                   lora_target_modules=",".join(spec.lora.target_modules))
     return out
 
 

@@ -230,7 +230,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.spec.student_model)
         # Eval mode, as returned: dropout stays off while training (see step 4 above).
         device = str(world.device) if world is not None else self.config.device
-        self.model = load_causal_lm(source, device, self.config.dtype)
+        if self.spec.HasField("lora"):  # LoRA: the frozen student and its adapter (lora.py)
+            from protege.services.learner import lora
+
+            self.model = lora.load_student(self.spec, ckpt, device, self.config.dtype)
+        else:
+            self.model = load_causal_lm(source, device, self.config.dtype)
         if world is not None:
             self.root = distributed.shard(self.model, world, self.config.activation_checkpointing)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.spec.learning_rate,

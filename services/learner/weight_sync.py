@@ -29,6 +29,10 @@ The transport is chosen per deployment (LearnerConfig.weight_transport, DESIGN Â
   a TCPStore) and re-formed when the set of generators changes or one restarts; each push is one
   `ReceiveWeights` call per generator while the learner broadcasts tensor by tensor. ``nccl`` on
   GPUs, ``gloo`` on CPUs (LearnerConfig.weight_broadcast_backend).
+
+A LoRA student (JobSpec.lora) sends its adapter every version and its frozen base only to a
+generator that does not hold it, over ``grpc``/``delta`` uploads or ``shared`` files; see
+`lora_sync.py`.
 """
 
 from __future__ import annotations
@@ -75,13 +79,17 @@ DEFAULT_TRANSPORT = "grpc"  # works against every generator and costs the learne
 class ModelWeights(Mapping[str, torch.Tensor]):
     """The model's state_dict as generators take it: floating tensors cast to `dtype` (when
     given) on access, one tensor at a time, and one name per tied group (a tied LM head is sent
-    once, as its embedding). Nothing is copied until a tensor is read."""
+    once, as its embedding). Nothing is copied until a tensor is read. Also takes (name, tensor)
+    pairs instead of a model (a LoRA student's base or adapter, lora_sync.py)."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
+    def __init__(self, model: torch.nn.Module | Iterable[tuple[str, torch.Tensor]],
+                 dtype: torch.dtype | None):
         self.dtype = dtype
         seen: set[int] = set()
         self._tensors: dict[str, torch.Tensor] = {}
-        for name, t in model.state_dict(keep_vars=True).items():
+        named = (model.state_dict(keep_vars=True).items() if isinstance(model, torch.nn.Module)
+                 else model)
+        for name, t in named:
             if id(t) not in seen:
                 seen.add(id(t))
                 self._tensors[name] = t
@@ -607,6 +615,7 @@ class WeightSync:
         self.options = dataclasses.replace(options or TransportOptions(), chunk_bytes=chunk_bytes)
         self.transport = make_transport(generator, self.options,
                                         getattr(dependency, "job_id", ""))
+        self.lora: Any = None  # lora_sync.LoraTransport, for a LoRA student
         self.dtype: torch.dtype | None = None  # the generators' serving dtype, once known
 
     async def served_versions(self) -> dict[str, int]:
@@ -625,7 +634,7 @@ class WeightSync:
 
     async def push(self, model: torch.nn.Module, version: int) -> None:
         """Send the model's weights to every generator as policy `version`."""
-        weights = ModelWeights(model, self.dtype)
+        weights, transport = self._prepare(model)
         deadline = self.dependency.policy.push_deadline(weights.total_bytes)
 
         attempts = 0
@@ -636,22 +645,22 @@ class WeightSync:
             if attempts > 1:  # a retry: the generators that took `version` keep it
                 await self.restore(model, version)
                 return
-            if self.transport is None:
+            if transport is None:
                 replies = await self.generator.load_weights(weights, version,
                                                             chunk_bytes=self.chunk_bytes)
                 self._check(replies, version)
                 return
             held = {a: int(i.policy_version)
                     for a, i in (await self.generator.replica_infos()).items()}
-            self._settle(await self.transport.send(weights, version, held), version)
+            self._settle(await transport.send(weights, version, held), version)
 
         await self.dependency.call(send, deadline)
 
     async def restore(self, model: torch.nn.Module, version: int) -> None:
         """Push `version` to every target that serves an older one (a generator that restarted
         and came back at version 0). Only call it while no update is changing the model."""
-        weights = ModelWeights(model, self.dtype)
-        if self.transport is not None:
+        weights, transport = self._prepare(model)
+        if transport is not None:
             infos = await self.generator.replica_infos()  # retried by the caller's attempt
             held = {a: int(i.policy_version) for a, i in infos.items()
                     if int(i.policy_version) < version}
@@ -659,7 +668,7 @@ class WeightSync:
                 logger.warning("generator %s lost its weights; pushing policy version %d again",
                                address, version)
             if held:
-                self._settle(await self.transport.send(weights, version, held), version)
+                self._settle(await transport.send(weights, version, held), version)
             return
         infos = await self._infos()  # no retry of its own: it runs inside a retried attempt
         behind = [t for t, info in infos.items() if int(info.policy_version) < version]
@@ -672,6 +681,20 @@ class WeightSync:
                                                       chunk_bytes=self.chunk_bytes), version)
             finally:
                 await client.close()
+
+    def _prepare(self, model: torch.nn.Module) -> tuple[Any, Any]:
+        """The student's weights as they travel, and the transport that sends them (None: plain
+        gRPC uploads): a LoRA student's adapter and base go through `lora_sync`."""
+        from protege.services.learner import lora
+
+        if not lora.is_lora(model):
+            return ModelWeights(model, self.dtype), self.transport
+        from protege.services.learner.lora_sync import LoraTransport, LoraWeights
+
+        if self.lora is None:
+            self.lora = LoraTransport(self.generator, self.options,
+                                      getattr(self.dependency, "job_id", ""))
+        return LoraWeights.of(model, self.dtype), self.lora
 
     async def _infos(self) -> dict[str, Any]:
         """Each target's GeneratorInfo, asked of that target alone."""

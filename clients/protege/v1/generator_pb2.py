@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protege.v1 import tensor_pb2 as protege_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotege/v1/generator.proto\x12\nprotege.v1\x1a\x17protege/v1/tensor.proto\"\x97\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x14\n\x0cstop_strings\x18\x06 \x03(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x03\"<\n\x06Prompt\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"\x8b\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.protege.v1.Prompt\x12\t\n\x01n\x18\x02 \x01(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.protege.v1.SamplingParams\x12\x1a\n\x12min_policy_version\x18\x04 \x01(\x03\"\xfd\x01\n\x07Rollout\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12\x1c\n\x14\x63ompletion_token_ids\x18\x04 \x03(\x03\x12\x1a\n\x12\x62\x65haviour_logprobs\x18\x05 \x03(\x02\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.protege.v1.FinishReason\x12\x17\n\x0f\x63ompletion_text\x18\x08 \x01(\t\x12\x13\n\x0bprompt_text\x18\t \x01(\t\"d\n\x12WeightUploadHeader\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\x12\x14\n\x0ctensor_count\x18\x02 \x01(\x03\x12\r\n\x05names\x18\x03 \x03(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\"s\n\x0cSparseUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x07indices\x18\x02 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\xcf\x01\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.protege.v1.TensorChunk\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\x12.\n\x06header\x18\x04 \x01(\x0b\x32\x1e.protege.v1.WeightUploadHeader\x12(\n\x06sparse\x18\x05 \x01(\x0b\x32\x18.protege.v1.SparseUpdate\x12\x12\n\x05\x63rc32\x18\x06 \x01(\x07H\x00\x88\x01\x01\x42\x08\n\x06_crc32\"5\n\x13LoadFromPathRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x66iles\x18\x02 \x03(\t\"\x98\x01\n\x16JoinWeightGroupRequest\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x10\n\x08group_id\x18\x06 \x01(\t\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\")\n\x17JoinWeightGroupResponse\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"I\n\x15ReceiveWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\r\n\x05names\x18\x03 \x03(\t\"^\n\x13LoadWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\r\n\x0bInfoRequest\"\xc4\x01\n\rGeneratorInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12$\n\x05vocab\x18\x03 \x01(\x0b\x32\x15.protege.v1.VocabInfo\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x07 \x01(\t\x12\x19\n\x11weight_transports\x18\x08 \x03(\t*~\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\xdd\x03\n\tGenerator\x12>\n\x08Generate\x12\x1b.protege.v1.GenerateRequest\x1a\x13.protege.v1.Rollout0\x01\x12I\n\x0bLoadWeights\x12\x17.protege.v1.WeightChunk\x1a\x1f.protege.v1.LoadWeightsResponse(\x01\x12W\n\x13LoadWeightsFromPath\x12\x1f.protege.v1.LoadFromPathRequest\x1a\x1f.protege.v1.LoadWeightsResponse\x12Z\n\x0fJoinWeightGroup\x12\".protege.v1.JoinWeightGroupRequest\x1a#.protege.v1.JoinWeightGroupResponse\x12T\n\x0eReceiveWeights\x12!.protege.v1.ReceiveWeightsRequest\x1a\x1f.protege.v1.LoadWeightsResponse\x12:\n\x04Info\x12\x17.protege.v1.InfoRequest\x1a\x19.protege.v1.GeneratorInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotege/v1/generator.proto\x12\nprotege.v1\x1a\x17protege/v1/tensor.proto\"\x97\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x14\n\x0cstop_strings\x18\x06 \x03(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x03\"<\n\x06Prompt\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"\x8b\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.protege.v1.Prompt\x12\t\n\x01n\x18\x02 \x01(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.protege.v1.SamplingParams\x12\x1a\n\x12min_policy_version\x18\x04 \x01(\x03\"\xfd\x01\n\x07Rollout\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12\x1c\n\x14\x63ompletion_token_ids\x18\x04 \x03(\x03\x12\x1a\n\x12\x62\x65haviour_logprobs\x18\x05 \x03(\x02\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.protege.v1.FinishReason\x12\x17\n\x0f\x63ompletion_text\x18\x08 \x01(\t\x12\x13\n\x0bprompt_text\x18\t \x01(\t\"\x8e\x01\n\x12WeightUploadHeader\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\x12\x14\n\x0ctensor_count\x18\x02 \x01(\x03\x12\r\n\x05names\x18\x03 \x03(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12(\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x17.protege.v1.LoraAdapter\"X\n\x0bLoraAdapter\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\"s\n\x0cSparseUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x07indices\x18\x02 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.protege.v1.Tensor\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\xcf\x01\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.protege.v1.TensorChunk\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\x12.\n\x06header\x18\x04 \x01(\x0b\x32\x1e.protege.v1.WeightUploadHeader\x12(\n\x06sparse\x18\x05 \x01(\x0b\x32\x18.protege.v1.SparseUpdate\x12\x12\n\x05\x63rc32\x18\x06 \x01(\x07H\x00\x88\x01\x01\x42\x08\n\x06_crc32\"5\n\x13LoadFromPathRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x66iles\x18\x02 \x03(\t\"\x98\x01\n\x16JoinWeightGroupRequest\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x10\n\x08group_id\x18\x06 \x01(\t\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\")\n\x17JoinWeightGroupResponse\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"I\n\x15ReceiveWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\r\n\x05names\x18\x03 \x03(\t\"^\n\x13LoadWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\r\n\x0bInfoRequest\"\xdb\x01\n\rGeneratorInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12$\n\x05vocab\x18\x03 \x01(\x0b\x32\x15.protege.v1.VocabInfo\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x07 \x01(\t\x12\x19\n\x11weight_transports\x18\x08 \x03(\t\x12\x15\n\rmax_lora_rank\x18\t \x01(\x05*~\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\xdd\x03\n\tGenerator\x12>\n\x08Generate\x12\x1b.protege.v1.GenerateRequest\x1a\x13.protege.v1.Rollout0\x01\x12I\n\x0bLoadWeights\x12\x17.protege.v1.WeightChunk\x1a\x1f.protege.v1.LoadWeightsResponse(\x01\x12W\n\x13LoadWeightsFromPath\x12\x1f.protege.v1.LoadFromPathRequest\x1a\x1f.protege.v1.LoadWeightsResponse\x12Z\n\x0fJoinWeightGroup\x12\".protege.v1.JoinWeightGroupRequest\x1a#.protege.v1.JoinWeightGroupResponse\x12T\n\x0eReceiveWeights\x12!.protege.v1.ReceiveWeightsRequest\x1a\x1f.protege.v1.LoadWeightsResponse\x12:\n\x04Info\x12\x17.protege.v1.InfoRequest\x1a\x19.protege.v1.GeneratorInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protege.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1748
-  _globals['_FINISHREASON']._serialized_end=1874
+  _globals['_FINISHREASON']._serialized_start=1904
+  _globals['_FINISHREASON']._serialized_end=2030
   _globals['_SAMPLINGPARAMS']._serialized_start=68
   _globals['_SAMPLINGPARAMS']._serialized_end=219
   _globals['_PROMPT']._serialized_start=221
@@ -42,26 +42,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=423
   _globals['_ROLLOUT']._serialized_start=426
   _globals['_ROLLOUT']._serialized_end=679
-  _globals['_WEIGHTUPLOADHEADER']._serialized_start=681
-  _globals['_WEIGHTUPLOADHEADER']._serialized_end=781
-  _globals['_SPARSEUPDATE']._serialized_start=783
-  _globals['_SPARSEUPDATE']._serialized_end=898
-  _globals['_WEIGHTCHUNK']._serialized_start=901
-  _globals['_WEIGHTCHUNK']._serialized_end=1108
-  _globals['_LOADFROMPATHREQUEST']._serialized_start=1110
-  _globals['_LOADFROMPATHREQUEST']._serialized_end=1163
-  _globals['_JOINWEIGHTGROUPREQUEST']._serialized_start=1166
-  _globals['_JOINWEIGHTGROUPREQUEST']._serialized_end=1318
-  _globals['_JOINWEIGHTGROUPRESPONSE']._serialized_start=1320
-  _globals['_JOINWEIGHTGROUPRESPONSE']._serialized_end=1361
-  _globals['_RECEIVEWEIGHTSREQUEST']._serialized_start=1363
-  _globals['_RECEIVEWEIGHTSREQUEST']._serialized_end=1436
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=1438
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=1532
-  _globals['_INFOREQUEST']._serialized_start=1534
-  _globals['_INFOREQUEST']._serialized_end=1547
-  _globals['_GENERATORINFO']._serialized_start=1550
-  _globals['_GENERATORINFO']._serialized_end=1746
-  _globals['_GENERATOR']._serialized_start=1877
-  _globals['_GENERATOR']._serialized_end=2354
+  _globals['_WEIGHTUPLOADHEADER']._serialized_start=682
+  _globals['_WEIGHTUPLOADHEADER']._serialized_end=824
+  _globals['_LORAADAPTER']._serialized_start=826
+  _globals['_LORAADAPTER']._serialized_end=914
+  _globals['_SPARSEUPDATE']._serialized_start=916
+  _globals['_SPARSEUPDATE']._serialized_end=1031
+  _globals['_WEIGHTCHUNK']._serialized_start=1034
+  _globals['_WEIGHTCHUNK']._serialized_end=1241
+  _globals['_LOADFROMPATHREQUEST']._serialized_start=1243
+  _globals['_LOADFROMPATHREQUEST']._serialized_end=1296
+  _globals['_JOINWEIGHTGROUPREQUEST']._serialized_start=1299
+  _globals['_JOINWEIGHTGROUPREQUEST']._serialized_end=1451
+  _globals['_JOINWEIGHTGROUPRESPONSE']._serialized_start=1453
+  _globals['_JOINWEIGHTGROUPRESPONSE']._serialized_end=1494
+  _globals['_RECEIVEWEIGHTSREQUEST']._serialized_start=1496
+  _globals['_RECEIVEWEIGHTSREQUEST']._serialized_end=1569
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=1571
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=1665
+  _globals['_INFOREQUEST']._serialized_start=1667
+  _globals['_INFOREQUEST']._serialized_end=1680
+  _globals['_GENERATORINFO']._serialized_start=1683
+  _globals['_GENERATORINFO']._serialized_end=1902
+  _globals['_GENERATOR']._serialized_start=2033
+  _globals['_GENERATOR']._serialized_end=2510
 # @@protoc_insertion_point(module_scope)

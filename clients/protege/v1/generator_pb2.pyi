@@ -254,6 +254,7 @@ class WeightUploadHeader(_message.Message):
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
     BASE_VERSION_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     """Total tensor bytes the upload sends: the sum over its tensors of numel x itemsize. More than
     the served model's whole state_dict is RESOURCE_EXHAUSTED; otherwise it must equal what the
@@ -274,6 +275,13 @@ class WeightUploadHeader(_message.Message):
         and together they must cover the whole model (one name of a tied group is enough).
         """
 
+    @_builtins.property
+    def adapter(self) -> Global___LoraAdapter:
+        """Set for a LoRA version: the upload carries a LoRA adapter, served on top of the generator's
+        base weights, and `names` are the adapter's tensors (see LoraAdapter), plus the whole base model
+        when adapter.base_version is this upload's version. Never with a delta (base_version > 0).
+        """
+
     def __init__(
         self,
         *,
@@ -281,14 +289,59 @@ class WeightUploadHeader(_message.Message):
         tensor_count: _builtins.int = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
         base_version: _builtins.int = ...,
+        adapter: Global___LoraAdapter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "names", b"names", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_version", b"base_version", "names", b"names", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WeightUploadHeader: _TypeAlias = WeightUploadHeader  # noqa: Y015
+
+@_typing.final
+class LoraAdapter(_message.Message):
+    """A LoRA adapter served on top of the base weights: each targeted module's weight W serves as
+    W + (alpha / rank) * B A. Its tensors carry PEFT's adapter_model.safetensors names
+    ("base_model.model.<module>.lora_A.weight" [rank, in], "... .lora_B.weight" [out, rank]) in the
+    served dtype, every targeted module's A and B exactly once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """Rank r; >= 1 and at most GeneratorInfo.max_lora_rank when that is set."""
+    alpha: _builtins.float
+    """Scale alpha > 0 (the update is multiplied by alpha / rank)."""
+    base_version: _builtins.int
+    """The policy version whose upload (or shared file) carried the base weights this adapter
+    applies to: this upload's own version when the base travels with it, else the version the
+    generator's base came with (0 = its own checkpoint), or FAILED_PRECONDITION (push the base
+    with the adapter).
+    """
+    @_builtins.property
+    def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The adapted modules' name suffixes, as PEFT matches them (e.g. "q_proj"); at least one."""
+
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        alpha: _builtins.float = ...,
+        target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        base_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "base_version", b"base_version", "rank", b"rank", "target_modules", b"target_modules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraAdapter: _TypeAlias = LoraAdapter  # noqa: Y015
 
 @_typing.final
 class SparseUpdate(_message.Message):
@@ -589,6 +642,7 @@ class GeneratorInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _builtins.int
     WEIGHT_TRANSPORTS_FIELD_NUMBER: _builtins.int
+    MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model path or name it was started with."""
     backend: _builtins.str
@@ -604,6 +658,10 @@ class GeneratorInfo(_message.Message):
     shapes; dtype and values left out), so a learner can check at submit that its student is the
     model served, from the student's config alone. Empty from an older generator.
     """
+    max_lora_rank: _builtins.int
+    """Largest LoRA rank it serves (vLLM's --max-lora-rank); 0 = no limit (or no LoRA, see
+    weight_transports).
+    """
     @_builtins.property
     def vocab(self) -> _tensor_pb2.VocabInfo:
         """Vocabulary and tokenizer identity."""
@@ -611,7 +669,8 @@ class GeneratorInfo(_message.Message):
     @_builtins.property
     def weight_transports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ways this generator takes weights: "grpc", "delta", and "shared" when it has a
-        --weights-dir, "broadcast" when it can join a weight-broadcast group.
+        --weights-dir, "broadcast" when it can join a weight-broadcast group, "lora" when it takes
+        LoRA adapters (WeightUploadHeader.adapter).
         """
 
     def __init__(
@@ -625,10 +684,11 @@ class GeneratorInfo(_message.Message):
         dtype: _builtins.str = ...,
         weights_fingerprint: _builtins.str = ...,
         weight_transports: _abc.Iterable[_builtins.str] | None = ...,
+        max_lora_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vocab", b"vocab"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab", "weight_transports", b"weight_transports", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "max_lora_rank", b"max_lora_rank", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab", "weight_transports", b"weight_transports", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -98,7 +98,8 @@ class GeneratorServicer:
     def LoadWeightsFromPath(self, request, context):
         """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
         volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
-        alone on top of the serving version), checked like an upload, then swapped atomically. A
+        alone on top of the serving version; for LoRA, the base's full file then an adapter file, or
+        the adapter file alone), checked like an upload, then swapped atomically. A
         generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

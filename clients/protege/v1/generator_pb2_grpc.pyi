@@ -52,7 +52,8 @@ class GeneratorStub:
     LoadWeightsFromPath: _grpc.UnaryUnaryMultiCallable[_generator_pb2.LoadFromPathRequest, _generator_pb2.LoadWeightsResponse]
     """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
     volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
-    alone on top of the serving version), checked like an upload, then swapped atomically. A
+    alone on top of the serving version; for LoRA, the base's full file then an adapter file, or
+    the adapter file alone), checked like an upload, then swapped atomically. A
     generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
     """
     JoinWeightGroup: _grpc.UnaryUnaryMultiCallable[_generator_pb2.JoinWeightGroupRequest, _generator_pb2.JoinWeightGroupResponse]
@@ -92,7 +93,8 @@ class GeneratorAsyncStub(GeneratorStub):
     LoadWeightsFromPath: _aio.UnaryUnaryMultiCallable[_generator_pb2.LoadFromPathRequest, _generator_pb2.LoadWeightsResponse]  # type: ignore[assignment]
     """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
     volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
-    alone on top of the serving version), checked like an upload, then swapped atomically. A
+    alone on top of the serving version; for LoRA, the base's full file then an adapter file, or
+    the adapter file alone), checked like an upload, then swapped atomically. A
     generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
     """
     JoinWeightGroup: _aio.UnaryUnaryMultiCallable[_generator_pb2.JoinWeightGroupRequest, _generator_pb2.JoinWeightGroupResponse]  # type: ignore[assignment]
@@ -147,7 +149,8 @@ class GeneratorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_generator_pb2.LoadWeightsResponse, _abc.Awaitable[_generator_pb2.LoadWeightsResponse]]:
         """Loads a new version from the shared weights directory (the generator's --weights-dir, an RWX
         volume on Kubernetes): `files` are applied in order (a full snapshot, then deltas, or a delta
-        alone on top of the serving version), checked like an upload, then swapped atomically. A
+        alone on top of the serving version; for LoRA, the base's full file then an adapter file, or
+        the adapter file alone), checked like an upload, then swapped atomically. A
         generator without --weights-dir is FAILED_PRECONDITION; a path outside it INVALID_ARGUMENT.
         """
 

@@ -210,6 +210,7 @@ class JobSpec(_message.Message):
     SAVE_TOTAL_LIMIT_FIELD_NUMBER: _builtins.int
     SAMPLE_LOG_EVERY_FIELD_NUMBER: _builtins.int
     REPORT_TO_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name."""
     student_model: _builtins.str
@@ -352,6 +353,13 @@ class JobSpec(_message.Message):
         refused at submit (INVALID_ARGUMENT), never silently skipped.
         """
 
+    @_builtins.property
+    def lora(self) -> Global___LoraSpec:
+        """LoRA fine-tuning (PEFT on the learner): the student's weights stay frozen and only a low-rank
+        adapter on `lora.target_modules` trains, and generators receive the adapter instead of the
+        whole model (after the frozen base once per generator). Unset: full fine-tuning.
+        """
+
     def __init__(
         self,
         *,
@@ -395,14 +403,60 @@ class JobSpec(_message.Message):
         save_total_limit: _builtins.int = ...,
         sample_log_every: _builtins.int = ...,
         report_to: _abc.Iterable[_builtins.str] | None = ...,
+        lora: Global___LoraSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "eval_dataset", b"eval_dataset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "eval_dataset", b"eval_dataset", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "eval_dataset", b"eval_dataset", "eval_every", b"eval_every", "eval_samples", b"eval_samples", "eval_temperature", b"eval_temperature", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "report_to", b"report_to", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "sample_log_every", b"sample_log_every", "samples_per_prompt", b"samples_per_prompt", "sampling_top_k", b"sampling_top_k", "save_total_limit", b"save_total_limit", "seed", b"seed", "steps", b"steps", "stop", b"stop", "student_model", b"student_model", "teacher_model", b"teacher_model", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "dataset", b"dataset", "eval_dataset", b"eval_dataset", "eval_every", b"eval_every", "eval_samples", b"eval_samples", "eval_temperature", b"eval_temperature", "generator_targets", b"generator_targets", "importance_cap", b"importance_cap", "labels", b"labels", "learning_rate", b"learning_rate", "lora", b"lora", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_new_tokens", b"max_new_tokens", "max_reward_failure_rate", b"max_reward_failure_rate", "max_staleness", b"max_staleness", "name", b"name", "normalization", b"normalization", "normalize_std", b"normalize_std", "prompts_per_step", b"prompts_per_step", "reference_encoding", b"reference_encoding", "reference_target", b"reference_target", "report_to", b"report_to", "reward_failure_policy", b"reward_failure_policy", "reward_target", b"reward_target", "sample_log_every", b"sample_log_every", "samples_per_prompt", b"samples_per_prompt", "sampling_top_k", b"sampling_top_k", "save_total_limit", b"save_total_limit", "seed", b"seed", "steps", b"steps", "stop", b"stop", "student_model", b"student_model", "teacher_model", b"teacher_model", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class LoraSpec(_message.Message):
+    """A LoRA adapter (Hu et al., arXiv 2106.09685): each targeted weight W serves as
+    W + (alpha / rank) * B A, with A [rank, in] and B [out, rank]; B starts at zero, so step 0 is
+    the student itself. Bad values are INVALID_ARGUMENT at submit, naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """Rank r of the update; >= 1 (8 or 16 are common). A vLLM generator must be started with
+    --max-lora-rank >= rank.
+    """
+    alpha: _builtins.float
+    """Scale alpha; > 0. The update is multiplied by alpha / rank (alpha = 2 * rank is common)."""
+    dropout: _builtins.float
+    """Dropout on the adapter's input in the training forward, in [0, 1); never when sampling or
+    evaluating. 0 disables it.
+    """
+    @_builtins.property
+    def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Modules to adapt, by name or name suffix as PEFT matches them (e.g. "q_proj", "v_proj"); each
+        must name a module of the student. Empty: PEFT's default for the student's architecture.
+        """
+
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        alpha: _builtins.float = ...,
+        dropout: _builtins.float = ...,
+        target_modules: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "dropout", b"dropout", "rank", b"rank", "target_modules", b"target_modules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraSpec: _TypeAlias = LoraSpec  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):

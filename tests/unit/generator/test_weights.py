@@ -123,8 +123,9 @@ def test_info_says_the_serving_dtype_and_the_transports(tiny_student, tmp_path):
     with_dir = serve([engine], body, tmp_path)
     without = serve([engine], body)
     assert with_dir.dtype == "bfloat16"
-    assert list(with_dir.weight_transports) == ["grpc", "delta", "shared", "broadcast"]
-    assert list(without.weight_transports) == ["grpc", "delta", "broadcast"]
+    assert list(with_dir.weight_transports) == ["grpc", "delta", "shared", "broadcast", "lora"]
+    assert list(without.weight_transports) == ["grpc", "delta", "broadcast", "lora"]
+    assert with_dir.max_lora_rank == 0  # the hf backend serves any rank
 
 
 def test_a_delta_changes_only_what_it_names(fresh):

@@ -146,5 +146,8 @@ def test_a_world_refuses_fewer_prompt_groups_than_ranks(monkeypatch):
     with pytest.raises(errors.InvalidJobSpec, match="prompts_per_step >= 3"):
         admission.check_world(jobs_pb2.JobSpec(prompts_per_step=2))
     admission.check_world(jobs_pb2.JobSpec(prompts_per_step=3))
+    lora = jobs_pb2.JobSpec(prompts_per_step=3, lora=jobs_pb2.LoraSpec(rank=4, alpha=8))
+    with pytest.raises(errors.InvalidJobSpec, match="one-process learner"):
+        admission.check_world(lora)
     monkeypatch.setattr(distributed, "_world", None)
     admission.check_world(jobs_pb2.JobSpec(prompts_per_step=1))
