@@ -1,17 +1,21 @@
 """Offline checks of rendered Kubernetes manifests that schema validation cannot make.
 
-kubernetes-validate checks every object against the API schemas. It cannot see how objects
+kubernetes-validate checks every object against the API schemas (k8s/check_crds.py the custom
+resources of the multi-node learner against theirs). It cannot see how objects
 refer to each other (a Service selector that matches no pod, a volume naming a missing ConfigMap),
 the rules this deployment sets itself (non-root, probes, one learner; least privilege: a default
 deny and exactly the network flows the services need, each pod with only its own credentials as
 files, one TLS identity per component; data safety, rollout and image-pinning rules), CRD kinds
 such as ServiceMonitor and cert-manager's, or whether the service configs and the dashboard match
-the code.
+the code. A multi-node learner's JobSet or TrainJob is checked through the pods it will create
+(k8s/worlds.py), like a Deployment, plus what only a torch.distributed world needs (start-up order,
+whole-world restarts, rank 0 alone behind the Services, shared checkpoints, its Kueue quota).
 k8s/validate.sh runs these checks:
 
     python k8s/check_manifests.py manifests RENDERED.yaml [OVERLAY [CLUSTER.yaml]]
         # one `kubectl kustomize` output; OVERLAY (e.g. overlays/local) selects the per-overlay
-        # rules; CLUSTER.yaml is the rendered k8s/cluster (its priority and storage classes)
+        # rules; CLUSTER.yaml is the rendered k8s/cluster and its parts k8s/cluster/*/ (priority
+        # and storage classes, Kueue's ClusterQueue, Trainer's ClusterTrainingRuntime)
     python k8s/check_manifests.py cluster RENDERED_CLUSTER.yaml   # k8s/cluster
     python k8s/check_manifests.py dashboard k8s/dashboards/protege-job.json
     python k8s/check_manifests.py job k8s/examples/job.yaml
@@ -39,6 +43,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import worlds  # noqa: E402  (k8s/worlds.py: the pods of a JobSet or TrainJob learner world)
+
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # Kinds without a namespace. A namespaced object with no namespace lands in kubectl's current one.
@@ -46,13 +53,19 @@ CLUSTER_SCOPED = (
     "Namespace", "PriorityClass", "StorageClass", "PersistentVolume", "ClusterRole",
     "ClusterRoleBinding", "CustomResourceDefinition", "ValidatingWebhookConfiguration",
     "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy", "IngressClass", "RuntimeClass",
-    "CSIDriver", "VolumeSnapshotClass", "ClusterIssuer",
+    "CSIDriver", "VolumeSnapshotClass", "ClusterIssuer", "ClusterTrainingRuntime", "ClusterQueue",
+    "ResourceFlavor",
 )
-# CRD kinds the Kubernetes schemas do not know; each has a check here. Keep in sync with
-# CRD_KINDS in k8s/validate.sh.
-CRD_KINDS = ("ServiceMonitor", "Certificate", "Issuer")
+# CRD kinds the Kubernetes schemas do not know; each has a check here, and the multi-node learner's
+# kinds also a schema in k8s/schemas (k8s/check_crds.py). Keep in sync with CRD_KINDS in
+# k8s/validate.sh.
+CRD_KINDS = ("ServiceMonitor", "Certificate", "Issuer", "JobSet", "TrainJob", "LocalQueue",
+             "ClusterQueue", "ResourceFlavor", "ClusterTrainingRuntime")
 SERVICES = ("generator", "reference", "reward", "learner")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+# The exec probe of a learner world whose ranks share one pod template (TrainJob): passes on ranks
+# above 0, asks grpc.health.v1 on rank 0 (k8s/components/learner-world/learner_world.py).
+WORLD_HEALTH_PROBE = ["python", "/etc/protege/learner_world.py", "health"]
 # The only overlay that may ship Secrets (INSECURE placeholders for a throwaway cluster): every
 # other overlay, and any overlay built on the base, leaves real Secrets alone.
 PLACEHOLDER_SECRET_OVERLAYS = ("overlays/local",)
@@ -69,6 +82,9 @@ ALLOWED_FLOWS = {
     ("learner", "reference", 50051),
     ("learner", "reward", 50051),
 }
+# gloo and NCCL connect between a world's pods on ports they pick from the ephemeral range (Linux:
+# 32768-60999); the NetworkPolicy model checks one of them.
+EPHEMERAL_PORT = 40000
 # The learner's client certificate's identity; the mTLS servers accept no other, on any method.
 LEARNER_CLIENT_IDENTITY = "protege-learner-client"
 GRPC_SERVICES = {"generator": "Generator", "reference": "Reference", "reward": "Reward"}
@@ -160,19 +176,24 @@ def quantity(value: Any) -> float:
 
 
 class Manifests:
-    """One rendered overlay, indexed by kind."""
+    """One rendered overlay, indexed by kind. A multi-node learner's JobSet or TrainJob counts as
+    workloads too, one per pod role (k8s/worlds.py); a TrainJob's pods need its runtime, from
+    `cluster` (the rendered k8s/cluster and its parts)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cluster: Manifests | None = None):
         self.objects = [o for o in yaml.safe_load_all(path.read_text()) if o]
         self.by_kind: dict[str, dict[str, dict[str, Any]]] = {}
         for o in self.objects:
             self.by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
+        self.worlds = worlds.build(self.objects, cluster.objects if cluster else [])
 
     def kind(self, kind: str) -> dict[str, dict[str, Any]]:
         return self.by_kind.get(kind, {})
 
     def workloads(self) -> list[dict[str, Any]]:
-        return [o for k in WORKLOAD_KINDS for o in self.kind(k).values()]
+        """Deployments, StatefulSets and the pod roles of learner worlds."""
+        return [*(o for k in WORKLOAD_KINDS for o in self.kind(k).values()),
+                *(role for w in self.worlds for role in w.roles)]
 
     def pods_matching(self, selector: dict[str, str]) -> list[dict[str, Any]]:
         """Workloads whose pod template carries every label of `selector` (a Service's map)."""
@@ -189,6 +210,23 @@ class Manifests:
 
 def pod_labels(w: dict[str, Any]) -> dict[str, str]:
     return w["spec"]["template"]["metadata"].get("labels", {})
+
+
+def all_containers(w: dict[str, Any]) -> list[dict[str, Any]]:
+    """Init containers and containers: both run with the pod's rights and count for its QoS."""
+    pod = w["spec"]["template"]["spec"]
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def serves(w: dict[str, Any], c: dict[str, Any]) -> bool:
+    """Whether a container serves (and so needs probes and a scrape annotation): all of them do,
+    except those of a learner world's ranks above 0 that open no port."""
+    return "world" not in w or bool(c.get("ports"))
+
+
+def rank0(w: dict[str, Any]) -> bool:
+    """Whether a workload is not a world's role of ranks above 0."""
+    return "world" not in w or w["world"]["rank0"]
 
 
 def component(w: dict[str, Any]) -> str:
@@ -219,7 +257,7 @@ def check_security(w: dict[str, Any], r: Report) -> None:
         pod.get("automountServiceAccountToken") is False,
         f"{kn(w)}: automountServiceAccountToken must be false",
     )
-    for c in pod["containers"]:
+    for c in all_containers(w):
         sc = c.get("securityContext", {})
         r.check(
             sc.get("allowPrivilegeEscalation") is False,
@@ -235,12 +273,15 @@ def check_security(w: dict[str, Any], r: Report) -> None:
 
 
 def check_resources_and_probes(w: dict[str, Any], r: Report) -> None:
-    for c in w["spec"]["template"]["spec"]["containers"]:
+    """Every container sized; every container that serves a port probed (a world's ranks above 0
+    serve nothing: torchrun and NCCL's watchdog fail such a pod, and the world restarts)."""
+    for c in all_containers(w):
         res = c.get("resources", {})
         for part in ("requests", "limits"):
             for name in ("cpu", "memory"):
                 r.check(name in res.get(part, {}), f"{kn(w)}/{c['name']}: no {part}.{name}")
-        for probe in PROBES:
+    for c in w["spec"]["template"]["spec"]["containers"]:
+        for probe in PROBES if serves(w, c) else ():
             r.check(probe in c, f"{kn(w)}/{c['name']}: no {probe}")
 
 
@@ -297,7 +338,7 @@ def check_volumes(m: Manifests, w: dict[str, Any], r: Report) -> None:
             r.check(
                 claim in m.kind("PersistentVolumeClaim"), f"{kn(w)}: PVC {claim} does not exist"
             )
-    for c in pod["containers"]:
+    for c in all_containers(w):
         for mount in c.get("volumeMounts", []):
             r.check(
                 mount["name"] in names,
@@ -323,6 +364,10 @@ def check_metrics_annotations(w: dict[str, Any], r: Report) -> None:
         for c in w["spec"]["template"]["spec"]["containers"]
         for p in c.get("ports", [])
     }
+    if not any(serves(w, c) for c in w["spec"]["template"]["spec"]["containers"]):
+        r.check("prometheus.io/scrape" not in ann,
+                f"{kn(w)}: prometheus.io/scrape on a pod that serves no port")
+        return
     r.check(
         ann.get("prometheus.io/scrape") == "true", f"{kn(w)}: no prometheus.io/scrape annotation"
     )
@@ -351,7 +396,24 @@ def check_workloads(m: Manifests, r: Report) -> None:
                 svc is not None and svc["spec"].get("clusterIP") == "None",
                 f"{kn(w)}: serviceName must name a headless Service",
             )
+    check_single_writer(m, r)
+
+
+def check_single_writer(m: Manifests, r: Report) -> None:
+    """One process writes the job store (SQLite): the StatefulSet with one replica, or one learner
+    world, whose node rank 0 is a single pod."""
     learner = m.kind("StatefulSet").get("protege-learner")
+    learner_worlds = [w for w in m.worlds if w.roles and component(w.roles[0]) == "learner"]
+    if learner_worlds:
+        r.check(learner is None and len(learner_worlds) == 1,
+                "one learner only: a StatefulSet/protege-learner and a learner world, or two "
+                "worlds, would both write the job store")
+        for w in learner_worlds:
+            leaders = [role for role in w.roles if role["world"]["rank0"]]
+            r.check(len(leaders) == 1 and leaders[0]["world"]["pods"] == 1,
+                    f"{w.kind}/{w.name}: node rank 0 must be exactly one pod (the Jobs API and the "
+                    "job store's only writer)")
+        return
     r.check(
         learner is not None and learner["spec"].get("replicas") == 1,
         "StatefulSet/protege-learner must exist with replicas: 1 (SQLite is single-writer)",
@@ -369,15 +431,20 @@ def container_ports(workloads: list[dict[str, Any]]) -> set[Any]:
 
 
 def check_services(m: Manifests, r: Report) -> None:
+    """Each Service selects pods, each of which serves its ports; a learner world's Services
+    select node rank 0 only (the other ranks serve nothing)."""
     for svc in m.kind("Service").values():
         pods = m.pods_matching(svc["spec"].get("selector", {}))
         r.check(bool(pods), f"{kn(svc)}: selector matches no pod template")
-        ports = container_ports(pods)
         for p in svc["spec"]["ports"]:
-            r.check(
-                p.get("targetPort", p["port"]) in ports,
-                f"{kn(svc)}: targetPort {p.get('targetPort')} is not a port of its pods",
-            )
+            for w in pods:
+                r.check(
+                    p.get("targetPort", p["port"]) in container_ports([w]),
+                    f"{kn(svc)}: targetPort {p.get('targetPort')} is not a port of {kn(w)}",
+                )
+        for w in pods:
+            r.check(rank0(w), f"{kn(svc)}: selects {kn(w)}, ranks above 0 of a learner world, "
+                    "which serve nothing; select node rank 0 only")
 
 
 def check_selectors(m: Manifests, r: Report) -> None:
@@ -414,7 +481,12 @@ def check_policy_shape(m: Manifests, np: dict[str, Any], r: Report) -> None:
             destination = pods if direction == "ingress" else in_namespace
             ports = container_ports(destination)
             for p in rule.get("ports", []):
-                if destination:
+                if destination and "endPort" in p:
+                    numbers = [x for x in ports if isinstance(x, int)]
+                    r.check(any(p["port"] <= x <= p["endPort"] for x in numbers),
+                            f"{kn(np)}: {direction} ports {p['port']}-{p['endPort']} hold no port "
+                            "of those pods")
+                elif destination:
                     r.check(p["port"] in ports,
                             f"{kn(np)}: {direction} port {p['port']} is not a port of those pods")
 
@@ -464,7 +536,8 @@ def policy_allows(
     for np in applying:
         for rule in np["spec"].get(direction, []):
             port_ok = not rule.get("ports") or any(
-                p["port"] in (port, names.get(port)) for p in rule["ports"])
+                p["port"] <= port <= p["endPort"] if "endPort" in p
+                else p["port"] in (port, names.get(port)) for p in rule["ports"])
             peer_ok = any("namespaceSelector" not in x and "ipBlock" not in x
                           and selects(x.get("podSelector"), pod_labels(peer))
                           for x in rule.get(key) or [])
@@ -487,15 +560,24 @@ def check_network_policies(m: Manifests, r: Report) -> None:
     workloads = m.workloads()
     for src in workloads:
         for dst in workloads:
-            for port in sorted({p for c in dst["spec"]["template"]["spec"]["containers"]
-                                for p in (x["containerPort"] for x in c.get("ports", []))}):
+            ports = {p for c in dst["spec"]["template"]["spec"]["containers"]
+                     for p in (x["containerPort"] for x in c.get("ports", []))}
+            if same_world(src, dst):
+                ports.add(EPHEMERAL_PORT)
+            for port in sorted(ports):
                 allowed = (policy_allows(policies, "egress", src, dst, port)
                            and policy_allows(policies, "ingress", dst, src, port))
-                wanted = (component(src), component(dst), port) in ALLOWED_FLOWS
+                wanted = ((component(src), component(dst), port) in ALLOWED_FLOWS
+                          or same_world(src, dst))
                 if allowed != wanted:
                     r.error(f"NetworkPolicies {'allow' if allowed else 'block'} {kn(src)} -> "
                             f"{kn(dst)}:{port}; the flows between the services must be exactly "
-                            f"{sorted(ALLOWED_FLOWS)}")
+                            f"{sorted(ALLOWED_FLOWS)}, plus any TCP port within a learner world")
+
+
+def same_world(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two workloads are pods of one learner world (rendezvous, gloo, NCCL: any port)."""
+    return "world" in a and "world" in b and a["world"]["world"] is b["world"]["world"]
 
 
 # --------------------------------------------------------------------------------- credentials
@@ -518,7 +600,7 @@ def check_credentials(m: Manifests, overlay: str, r: Report) -> None:
         for name, _ in mounted_secrets(w):
             r.check(name.startswith(own), f"{kn(w)}: mounts Secret {name}; a pod mounts only its "
                     f"own component's Secrets ({own}*), so one compromised pod leaks nothing else")
-        for c in w["spec"]["template"]["spec"]["containers"]:
+        for c in all_containers(w):
             for env in c.get("env", []):
                 r.check("secretKeyRef" not in env.get("valueFrom", {}),
                         f"{kn(w)}/{c['name']}: env {env['name']} comes from a Secret; mount "
@@ -635,15 +717,14 @@ def check_data_safety(m: Manifests, cluster: Manifests | None, r: Report) -> Non
     """No Namespace in an overlay; the learner's volume on a Retain class; priority classes."""
     r.check(not m.kind("Namespace"), "the Namespace belongs in k8s/cluster, not in an overlay: "
             "`kubectl delete -k` would delete it and every claim in it")
-    learner = m.kind("StatefulSet").get("protege-learner")
-    if learner is None:
-        return
-    retention = learner["spec"].get("persistentVolumeClaimRetentionPolicy", {})
-    r.check(retention.get("whenDeleted") == "Retain",
-            f"{kn(learner)}: persistentVolumeClaimRetentionPolicy.whenDeleted must be Retain")
     classes = cluster.kind("StorageClass") if cluster else {}
     priorities = cluster.kind("PriorityClass") if cluster else {}
-    for t in learner["spec"].get("volumeClaimTemplates", []):
+    learner = m.kind("StatefulSet").get("protege-learner")
+    if learner is not None:
+        retention = learner["spec"].get("persistentVolumeClaimRetentionPolicy", {})
+        r.check(retention.get("whenDeleted") == "Retain",
+                f"{kn(learner)}: persistentVolumeClaimRetentionPolicy.whenDeleted must be Retain")
+    for t in learner["spec"].get("volumeClaimTemplates", []) if learner else []:
         name = t["spec"].get("storageClassName")
         sc = classes.get(name)
         r.check(cluster is None or (sc is not None and sc.get("reclaimPolicy") == "Retain"
@@ -654,6 +735,45 @@ def check_data_safety(m: Manifests, cluster: Manifests | None, r: Report) -> Non
         name = w["spec"]["template"]["spec"].get("priorityClassName")
         r.check(name is not None and (cluster is None or name in priorities),
                 f"{kn(w)}: priorityClassName {name!r} is not a PriorityClass of k8s/cluster")
+    check_world_claims(m, cluster, r)
+
+
+def check_world_claims(m: Manifests, cluster: Manifests | None, r: Report) -> None:
+    """A learner world's claims: one that pods on several nodes mount read-write must be
+    ReadWriteMany (an RWO volume attaches on one node only), and the world's state (/data) must
+    sit on a Retain + WaitForFirstConsumer class of k8s/cluster."""
+    users: dict[str, dict[int, tuple[dict[str, Any], bool, str]]] = {}
+    for w in (role for world in m.worlds for role in world.roles):
+        volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+        for c in all_containers(w):
+            for mount in c.get("volumeMounts", []):
+                claim = volumes.get(mount["name"], {}).get("persistentVolumeClaim")
+                if claim is None:
+                    continue
+                read_only = bool(mount.get("readOnly") or claim.get("readOnly"))
+                seen = users.setdefault(claim["claimName"], {}).get(id(w))
+                read_only = read_only and (seen is None or seen[1])
+                users[claim["claimName"]][id(w)] = (w, read_only, mount["mountPath"])
+    classes = cluster.kind("StorageClass") if cluster else {}
+    for name, by_role in users.items():
+        pvc = m.kind("PersistentVolumeClaim").get(name, {"spec": {}})
+        modes = set(pvc["spec"].get("accessModes", []))
+        pods = sum(w["world"]["pods"] for w, _, _ in by_role.values())
+        writes = not all(read_only for _, read_only, _ in by_role.values())
+        shared = "ReadWriteMany" in modes or (not writes and "ReadOnlyMany" in modes)
+        r.check(pods == 1 or shared,
+                f"PersistentVolumeClaim/{name}: {pods} pods of a learner world mount it"
+                f"{' read-write' if writes else ''}, which needs "
+                f"{'ReadWriteMany' if writes else 'ReadOnlyMany'}, not {sorted(modes)}: an RWO "
+                "volume attaches on one node only (give node rank 0 a template of its own for it)")
+        if not any(p == "/data" or p.startswith("/data/") for _, _, p in by_role.values()):
+            continue
+        sc = classes.get(pvc["spec"].get("storageClassName"))
+        r.check(cluster is None or (sc is not None and sc.get("reclaimPolicy") == "Retain"
+                                    and sc.get("volumeBindingMode") == "WaitForFirstConsumer"),
+                f"PersistentVolumeClaim/{name}: the learner world's state uses storage class "
+                f"{pvc['spec'].get('storageClassName')!r}; it must be a k8s/cluster class with "
+                "reclaimPolicy Retain and WaitForFirstConsumer")
 
 
 def check_cluster(path: Path) -> int:
@@ -706,13 +826,13 @@ def check_rollouts(m: Manifests, r: Report) -> None:
         r.check(all(c.get("whenUnsatisfiable") == "ScheduleAnyway" for c in spread),
                 f"{kn(w)}: the spread must be soft (ScheduleAnyway), or a small cluster cannot "
                 "schedule every replica")
-    learner = m.kind("StatefulSet").get("protege-learner")
-    for c in learner["spec"]["template"]["spec"]["containers"] if learner else []:
+    learners = [w for w in m.workloads() if component(w) == "learner"]
+    for w, c in ((lw, c) for lw in learners for c in all_containers(lw)):
         res = c.get("resources", {})
         for name in ("cpu", "memory"):
             req, lim = res.get("requests", {}).get(name), res.get("limits", {}).get(name)
             r.check(req is not None and lim is not None and quantity(req) == quantity(lim),
-                    f"{kn(learner)}/{c['name']}: requests.{name} {req} != limits.{name} {lim}; "
+                    f"{kn(w)}/{c['name']}: requests.{name} {req} != limits.{name} {lim}; "
                     "the learner must be Guaranteed QoS")
 
 
@@ -734,6 +854,251 @@ def check_ephemeral_storage(w: dict[str, Any], r: Report) -> None:
                     "before they fill")
 
 
+# ------------------------------------------------------------------------------- learner worlds
+
+# The torchrun settings a learner world's pods must give (as PET_* variables or flags).
+TORCHRUN_SETTINGS = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                     "PET_MASTER_PORT")
+# JobSet's per-Job annotations: right as node rank and world size only with one pod per Job.
+PER_JOB_FIELDS = ("jobset.sigs.k8s.io/global-replicas", "jobset.sigs.k8s.io/job-global-index")
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def check_worlds(m: Manifests, cluster: Manifests | None, r: Report) -> None:
+    """What a learner world needs beyond what every workload needs (k8s/README.md, "Multi-node
+    learner"): it exists as pods, starts in order without dependsOn, restarts as a whole, its ranks
+    find rank 0, its sizes agree, and its gang fits its Kueue queue."""
+    for world in m.worlds:
+        where = f"{world.kind}/{world.name}"
+        if not world.roles:
+            ref = world.source.get("spec", {}).get("runtimeRef", {})
+            r.error(f"{where}: runtimeRef {ref.get('kind', 'ClusterTrainingRuntime')}/"
+                    f"{ref.get('name')} is not in k8s/cluster/trainer, or has no replicatedJob "
+                    f"`{worlds.TRAINER_NODE}`; its pods cannot be checked")
+            continue
+        check_world_restarts(world, where, r)
+        check_world_network(m, world, where, r)
+        for role in world.roles:
+            check_world_pod(world, role, r)
+        check_world_order(m, world, r)
+        check_world_state(m, world, r)
+        if world.kind == "TrainJob":
+            check_trainjob(world, where, r)
+        check_world_queue(m, cluster, world, where, r)
+
+
+def check_world_restarts(world: worlds.World, where: str, r: Report) -> None:
+    """A lost pod restarts the whole world, never two rank 0s at once; start-up is not ordered by
+    JobSet, which deadlocks under gang scheduling."""
+    spec = world.jobset_spec
+    for name, job in world.job_specs.items():
+        rj = next(x for x in spec.get("replicatedJobs", []) if x["name"] == name)
+        r.check(not rj.get("dependsOn"), f"{where}: replicatedJob {name} uses dependsOn, which "
+                "deadlocks under gang scheduling (the scheduler waits for every pod, JobSet for "
+                "the dependency); order start-up with init containers (learner_world.py wait)")
+        r.check(job.get("backoffLimit") == 0, f"{where}: replicatedJob {name} needs backoffLimit "
+                "0: a rank restarted alone cannot rejoin the world; let the JobSet restart it all")
+        pod = job.get("template", {}).get("spec", {})
+        r.check(pod.get("restartPolicy") == "Never",
+                f"{where}: replicatedJob {name}: restartPolicy must be Never (podFailurePolicy)")
+    r.check((spec.get("startupPolicy") or {}).get("startupPolicyOrder") != "InOrder",
+            f"{where}: startupPolicy InOrder deadlocks under gang scheduling like dependsOn")
+    policy = spec.get("failurePolicy") or {}
+    r.check(policy.get("restartStrategy") == "BlockingRecreate" and "maxRestarts" in policy,
+            f"{where}: failurePolicy needs restartStrategy BlockingRecreate (every old pod gone "
+            "before the new world starts: never two writers of the job store) and maxRestarts")
+
+
+def check_world_network(m: Manifests, world: worlds.World, where: str, r: Report) -> None:
+    """Pods find each other by DNS name through the JobSet's headless Service."""
+    network = world.jobset_spec.get("network") or {}
+    r.check(network.get("enableDNSHostnames") is not False,
+            f"{where}: network.enableDNSHostnames must not be false (rank 0's address)")
+    r.check(network.get("publishNotReadyAddresses") is not False,
+            f"{where}: network.publishNotReadyAddresses must not be false: rank 0 becomes ready "
+            "only after the other ranks reached it by name")
+    svc = m.kind("Service").get(world.subdomain)
+    r.check(svc is None, f"{where}: a Service named {world.subdomain} exists, and JobSet would use "
+            "it as the world's headless Service instead of creating one, so the pods' DNS names "
+            "(rank 0's address) would not resolve; rename the JobSet/TrainJob or its subdomain")
+
+
+def check_world_pod(world: worlds.World, role: dict[str, Any], r: Report) -> None:
+    """torchrun's settings complete and consistent with the pod's size."""
+    c = role["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(c)
+    launch = torchrun_launch(c.get("command", []), c.get("args", []))
+    options = launch[2] if launch else {}
+    for name in TORCHRUN_SETTINGS:
+        flag = "--" + name.removeprefix("PET_").lower().replace("_", "-")
+        r.check(name in env or flag in options,
+                f"{kn(role)}: torchrun gets no {flag} (flag or {name})")
+    for name, e in env.items():
+        path = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+        per_job = [f for f in PER_JOB_FIELDS if f in path]
+        for job_name, job in world.job_specs.items():
+            r.check(not per_job or job.get("parallelism", 1) == 1,
+                    f"{kn(role)}: {name} reads {per_job}, which counts Jobs, but replicatedJob "
+                    f"{job_name} runs {job.get('parallelism')} pods per Job")
+    gpus = quantity(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+    nproc = str(env.get("PET_NPROC_PER_NODE", {}).get("value", ""))
+    r.check(not gpus or nproc == str(int(gpus)), f"{kn(role)}: PET_NPROC_PER_NODE {nproc!r} but "
+            f"{gpus:g} GPUs: one rank per GPU")
+    threads = str(env.get("OMP_NUM_THREADS", {}).get("value", ""))
+    cpu = quantity(c.get("resources", {}).get("limits", {}).get("cpu", 0))
+    r.check(not (threads.isdigit() and nproc.isdigit()) or int(threads) * int(nproc) <= cpu,
+            f"{kn(role)}: OMP_NUM_THREADS {threads} x {nproc} ranks exceeds the {cpu:g} CPUs")
+    if role["world"]["rank0"]:
+        port = env.get("PET_MASTER_PORT", {}).get("value")
+        r.check(port is None or int(port) in container_ports([role]),
+                f"{kn(role)}: PET_MASTER_PORT {port} is not a containerPort of node rank 0")
+
+
+def claim_at(w: dict[str, Any], c: dict[str, Any], path: str) -> str | None:
+    """The claim behind `path` in container `c` (the deepest mount that holds it), or None."""
+    mounts = [x for x in c.get("volumeMounts", []) if path == x["mountPath"]
+              or path.startswith(x["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        return None
+    mount = max(mounts, key=lambda x: len(x["mountPath"]))
+    volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+    return volumes.get(mount["name"], {}).get("persistentVolumeClaim", {}).get("claimName")
+
+
+def check_world_state(m: Manifests, world: worlds.World, r: Report) -> None:
+    """Rank 0's job store on a claim; the checkpoints on one claim that every rank mounts: each
+    rank writes its optimizer shard into every checkpoint and reads it back on resume
+    (services/learner/distributed.py, torch.distributed.checkpoint)."""
+    cls = config_class("learner")
+    claims: set[str | None] = set()
+    for role in world.roles:
+        c = role["spec"]["template"]["spec"]["containers"][0]
+        launch = torchrun_launch(c.get("command", []), c.get("args", []))
+        text = projected_config(m, role, "learner.yaml")
+        if launch is None or text is None:
+            continue  # check_service_config reports it
+        data = effective_config(cls, text, launch[1], kn(role), Report()) or {}
+        db, checkpoints = str(data.get("db_path", "")), str(data.get("checkpoint_root", ""))
+        claims.add(where := claim_at(role, c, checkpoints))
+        r.check(where is not None, f"{kn(role)}: checkpoint_root {checkpoints} is on no claim; "
+                "every rank writes its optimizer shard there: a volume all ranks share")
+        if role["world"]["rank0"]:
+            r.check(claim_at(role, c, os.path.dirname(db)) is not None,
+                    f"{kn(role)}: db_path {db} is on no claim; the job store would not survive a "
+                    "restart of the world")
+    r.check(len(claims) <= 1, f"{world.kind}/{world.name}: the ranks keep checkpoint_root on "
+            f"different claims {sorted(map(str, claims))}; one checkpoint is written by all ranks")
+
+
+def check_world_order(m: Manifests, world: worlds.World, r: Report) -> None:
+    """Every pod runs learner_world.py wait first: rank 0 names ready-only headless Services of the
+    services, the other ranks find rank 0's address and port."""
+    for role in world.roles:
+        waits = [c for c in role["spec"]["template"]["spec"].get("initContainers", [])
+                 if "/etc/protege/learner_world.py" in c.get("command", [])
+                 and "wait" in c.get("command", [])]
+        if not waits:
+            r.error(f"{kn(role)}: no init container runs learner_world.py wait; the start-up "
+                    "order of the world (without dependsOn) needs it in every pod")
+            continue
+        env = env_of(waits[0])
+        if role["world"]["rank0"]:
+            for name in waits[0].get("args", []):
+                svc = m.kind("Service").get(name, {}).get("spec", {})
+                r.check(svc.get("clusterIP") == "None" and not svc.get("publishNotReadyAddresses"),
+                        f"{kn(role)}: waits for {name}, which is not a headless Service of ready "
+                        "pods only (it would resolve before any pod is ready)")
+        else:
+            for name in ("PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+                r.check(name in env, f"{kn(role)}: init container {waits[0]['name']} has no "
+                        f"{name}; it cannot tell its rank or find rank 0")
+
+
+def check_trainjob(world: worlds.World, where: str, r: Report) -> None:
+    """What Trainer's webhook refuses, checked before it does."""
+    trainer = world.source.get("spec", {}).get("trainer") or {}
+    names = {e["name"] for e in trainer.get("env", [])}
+    reserved = sorted(names & set(worlds.TORCHRUN_RESERVED_ENV))
+    r.check(not reserved, f"{where}: trainer.env sets {reserved}; Trainer's torch policy sets "
+            "them and its webhook refuses a TrainJob that does")
+    runtime = world.runtime or {}
+    torch = (runtime.get("spec", {}).get("mlPolicy") or {}).get("torch")
+    r.check(torch is not None, f"{where}: runtime {runtime.get('metadata', {}).get('name')} has "
+            "no mlPolicy.torch, so no PET_* variables are set")
+    pod = world.roles[0]["spec"]["template"]["spec"]
+    names = {c["name"] for c in [*pod.get("initContainers", []), *pod["containers"]]}
+    for target in ((torch or {}).get("envInjection") or {}).get("targets", []):
+        missing = set(target.get("containerNames", [])) - names
+        r.check(target.get("jobName") in world.job_specs and not missing,
+                f"{where}: envInjection target {target.get('jobName')}/{sorted(missing)} is not "
+                "in the runtime's template")
+    r.check(worlds.TRAINER_NODE in {c["name"] for c in pod["containers"]},
+            f"{where}: the runtime has no container `{worlds.TRAINER_NODE}`, where Trainer puts "
+            "the image, command and PET_* variables")
+
+
+def pod_requests(w: dict[str, Any]) -> dict[str, float]:
+    """One pod's requests as Kueue counts them: the larger of the init containers' largest and the
+    containers' sum, per resource."""
+    pod = w["spec"]["template"]["spec"]
+    total: dict[str, float] = {}
+    for c in pod["containers"]:
+        for k, v in c.get("resources", {}).get("requests", {}).items():
+            total[k] = total.get(k, 0.0) + quantity(v)
+    for c in pod.get("initContainers", []):
+        for k, v in c.get("resources", {}).get("requests", {}).items():
+            total[k] = max(total.get(k, 0.0), quantity(v))
+    return total
+
+
+def check_world_queue(m: Manifests, cluster: Manifests | None, world: worlds.World, where: str,
+                      r: Report) -> None:
+    """Kueue admits a world only when its ClusterQueue covers every resource its pods request and
+    has quota for all of them at once; otherwise it waits forever."""
+    queue = world.source["metadata"].get("labels", {}).get(QUEUE_LABEL)
+    if queue is None:
+        r.note(f"{where}: no {QUEUE_LABEL} label, so no gang scheduling by Kueue (add "
+               "k8s/components/kueue, or gang-schedule it another way)")
+        return
+    local = m.kind("LocalQueue").get(queue)
+    if local is None:
+        r.error(f"{where}: {QUEUE_LABEL} {queue} names no LocalQueue in this overlay")
+        return
+    if cluster is None:
+        return
+    cq = cluster.kind("ClusterQueue").get(local["spec"].get("clusterQueue", ""))
+    if cq is None:
+        r.error(f"LocalQueue/{queue}: ClusterQueue {local['spec'].get('clusterQueue')} is not in "
+                "k8s/cluster/multinode")
+        return
+    namespace = world.source["metadata"].get("namespace")
+    labels = {"kubernetes.io/metadata.name": namespace}
+    r.check(selects(cq["spec"].get("namespaceSelector"), labels),
+            f"{kn(cq)}: namespaceSelector does not select namespace {namespace}")
+    need: dict[str, float] = {}
+    for role in world.roles:
+        for k, v in pod_requests(role).items():
+            need[k] = need.get(k, 0.0) + v * role["world"]["pods"]
+    quota: dict[str, float] = {}
+    for group in cq["spec"].get("resourceGroups", []):
+        for flavor in group.get("flavors", []):
+            r.check(flavor["name"] in cluster.kind("ResourceFlavor"),
+                    f"{kn(cq)}: flavor {flavor['name']} is not a ResourceFlavor of "
+                    "k8s/cluster/multinode")
+            for res in flavor.get("resources", []):
+                quota[res["name"]] = quota.get(res["name"], 0.0) + quantity(res["nominalQuota"])
+    for k, v in sorted(need.items()):
+        r.check(k in quota, f"{where}: its pods request {k}, which {kn(cq)} does not cover; Kueue "
+                "would never admit it")
+        r.check(k not in quota or v <= quota[k], f"{where}: its {world.pods} pods request {v:g} "
+                f"{k} together, more than {kn(cq)}'s quota {quota.get(k, 0):g}; it would never be "
+                "admitted")
+
+
 # -------------------------------------------------------------------------------- supply chain
 
 
@@ -742,7 +1107,7 @@ DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 def check_images(m: Manifests, overlay: str, r: Report) -> None:
     for w in m.workloads():
-        for c in w["spec"]["template"]["spec"]["containers"]:
+        for c in all_containers(w):
             image = c.get("image", "")
             if overlay in DIGEST_PINNED_OVERLAYS:
                 r.check(bool(DIGEST.search(image)), f"{kn(w)}/{c['name']}: image {image} is not "
@@ -921,9 +1286,15 @@ def check_service_config(m: Manifests, w: dict[str, Any], r: Report) -> str | No
     c = w["spec"]["template"]["spec"]["containers"][0]
     command, args = c.get("command", []), c.get("args", [])
     module = command[-1] if command[:2] == ["python", "-m"] and len(command) == 3 else ""
+    launch = torchrun_launch(command, args)
+    if launch is not None:
+        module, args, torchrun = launch
+        r.check(module == "protege.services.learner" and "world" in w,
+                f"{kn(w)}: only a learner world runs under torchrun, not {module}")
     service = module.rsplit(".", 1)[-1]
     if not module.startswith("protege.services.") or service not in SERVICES:
-        r.error(f"{kn(w)}: command {command} is not `python -m protege.services.<service>`")
+        r.error(f"{kn(w)}: command {command} is not `python -m protege.services.<service>` (or "
+                "`python -m torch.distributed.run ... -m protege.services.learner` in a world)")
         return None
     path = args[args.index("--config") + 1] if "--config" in args[:-1] else ""
     r.check(path == f"/etc/protege/{service}.yaml", f"{kn(w)}: --config must be {service}.yaml")
@@ -944,27 +1315,82 @@ def check_service_config(m: Manifests, w: dict[str, Any], r: Report) -> str | No
     else:
         check_config_values(cls, data, f"{kn(w)} ({service}.yaml + args)", r)
         check_grace(w, service, float(data.get("grace_s", 10.0)), r)
-        check_probes(w, data, r)
+        if launch is not None:
+            check_torchrun_grace(w, c, launch[2], float(data.get("grace_s", 10.0)), r)
+        if serves(w, c):
+            check_probes(w, data, r)
         check_tls_identities(w, data, r)
         files = projected_files(w)
         for key, value in data.items():
             r.check(not str(value).startswith("/etc/protege/") or value in files,
                     f"{kn(w)}: {key} names {value}, which no volume projects into the pod")
+    check_projected_commands(w, r)
     return service
+
+
+def torchrun_launch(command: list[str], args: list[str]
+                    ) -> tuple[str, list[str], dict[str, str]] | None:
+    """(module, the module's args, torchrun's options) of `python -m torch.distributed.run [options]
+    -m <module> [args]`, or None for any other command."""
+    if command[:3] != ["python", "-m", "torch.distributed.run"]:
+        return None
+    rest = [*command[3:], *args]
+    at = next((i for i, a in enumerate(rest) if a in ("-m", "--module")), None)
+    if at is None or at + 1 >= len(rest):
+        return None
+    options: dict[str, str] = {}
+    for i, a in enumerate(rest[:at]):
+        if a.startswith("--"):
+            key, eq, value = a.partition("=")
+            nxt = rest[i + 1] if i + 1 < at else ""
+            options[key.replace("_", "-")] = value if eq else ("" if nxt.startswith("-") else nxt)
+    return rest[at + 1], rest[at + 2:], options
+
+
+def check_torchrun_grace(w: dict[str, Any], c: dict[str, Any], options: dict[str, str],
+                         grace_s: float, r: Report) -> None:
+    """On SIGTERM torchrun signals its ranks and SIGKILLs them after --shutdown-timeout (default 30
+    s): rank 0 needs 2 x grace_s to finish its step and checkpoint, and the kubelet must not kill
+    torchrun before that."""
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    raw = (options.get("--shutdown-timeout") or env.get("PET_SHUTDOWN_TIMEOUT")
+           or env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or "30")
+    timeout = float(raw)
+    period = w["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    r.check(timeout >= 2 * grace_s, f"{kn(w)}: torchrun --shutdown-timeout {timeout:g} must be at "
+            f"least 2 x grace_s ({2 * grace_s:g}), or torchrun kills rank 0 mid-checkpoint")
+    r.check(period > timeout, f"{kn(w)}: terminationGracePeriodSeconds {period} must exceed "
+            f"torchrun's --shutdown-timeout {timeout:g}")
+
+
+def check_projected_commands(w: dict[str, Any], r: Report) -> None:
+    """A script a container runs from /etc/protege (learner_world.py) must be projected into it."""
+    pod = w["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for c in all_containers(w):
+        files = container_files(c, volumes)
+        probes = [c.get(p, {}).get("exec", {}).get("command", []) for p in PROBES]
+        for word in {*c.get("command", []), *c.get("args", []), *sum(probes, [])}:
+            r.check(not str(word).startswith("/etc/protege/") or word in files,
+                    f"{kn(w)}/{c['name']}: runs {word}, which no volume projects into it")
 
 
 def projected_files(w: dict[str, Any]) -> set[str]:
     """Every file path a ConfigMap or Secret item puts into the pod's containers."""
     pod = w["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {f for c in pod["containers"] for f in container_files(c, volumes)}
+
+
+def container_files(c: dict[str, Any], volumes: dict[str, dict[str, Any]]) -> set[str]:
+    """Every file path a ConfigMap or Secret item puts into one container."""
     found = set()
-    for c in pod["containers"]:
-        for mount in c.get("volumeMounts", []):
-            v = volumes.get(mount["name"], {})
-            for s in [v, *v.get("projected", {}).get("sources", [])]:
-                for source in (s.get("configMap"), s.get("secret")):
-                    for item in (source or {}).get("items", []):
-                        found.add(f"{mount['mountPath'].rstrip('/')}/{item['path']}")
+    for mount in c.get("volumeMounts", []):
+        v = volumes.get(mount["name"], {})
+        for s in [v, *v.get("projected", {}).get("sources", [])]:
+            for source in (s.get("configMap"), s.get("secret")):
+                for item in (source or {}).get("items", []):
+                    found.add(f"{mount['mountPath'].rstrip('/')}/{item['path']}")
     return found
 
 
@@ -982,7 +1408,13 @@ def check_probes(w: dict[str, Any], data: dict[str, Any], r: Report) -> None:
     where = " (health_port: the gRPC port uses TLS)" if tls else " (the gRPC port)"
     for name in PROBES:
         probe = c.get(name, {})
-        if "grpc" not in probe:
+        if "world" in w and "exec" in probe:
+            # A world whose ranks share one template: learner_world.py asks rank 0's health port.
+            r.check(probe["exec"].get("command") == [*WORLD_HEALTH_PROBE, str(want)],
+                    f"{kn(w)}/{c['name']}: {name} runs {probe['exec'].get('command')}; use a "
+                    f"grpc probe, or {[*WORLD_HEALTH_PROBE, str(want)]} where all ranks share a "
+                    "template")
+        elif "grpc" not in probe:
             kind = next((k for k in ("tcpSocket", "httpGet", "exec") if k in probe), "no")
             r.error(f"{kn(w)}/{c['name']}: {name} is a {kind} probe; use a grpc probe on port "
                     f"{want}{where}, which checks SERVING")
@@ -1019,8 +1451,8 @@ def check_service_configs(m: Manifests, r: Report) -> None:
 
 
 def check_manifests(path: Path, overlay: str = "", cluster_path: Path | None = None) -> int:
-    m, r = Manifests(path), Report()
     cluster = Manifests(cluster_path) if cluster_path else None
+    m, r = Manifests(path, cluster), Report()
     for check in (
         check_namespaces,
         check_workloads,
@@ -1036,6 +1468,7 @@ def check_manifests(path: Path, overlay: str = "", cluster_path: Path | None = N
         check_service_monitors,
         check_dashboard_configmaps,
         check_service_configs,
+        lambda m, r: check_worlds(m, cluster, r),
     ):
         try:
             check(m, r)

@@ -3,14 +3,18 @@
 #
 #   bash k8s/validate.sh            # what `make k8s-validate` runs
 #
-# k8s/cluster (the namespace, priority classes and storage class, applied once outside the overlays):
-# rendered, schema-checked and checked by `k8s/check_manifests.py cluster`.
+# k8s/cluster (the namespace, priority classes and storage class, applied once outside the overlays)
+# and its optional parts k8s/cluster/*/ (Kueue's queue, Kubeflow Trainer's runtime, for the multi-node
+# learner): rendered, schema-checked and checked by `k8s/check_manifests.py cluster`.
 # For k8s/base and every overlay under k8s/overlays/:
 #   1. render it with `kubectl kustomize`;
 #   2. validate every object against the Kubernetes API schemas with `kubernetes-validate --strict`
 #      (unknown fields are errors), for the oldest and the newest Kubernetes version we support.
 #      CRD kinds (ServiceMonitor) have no bundled schema: kubernetes-validate only warns about them, so
 #      any such warning fails here, except for the kinds k8s/check_manifests.py checks field by field;
+#      the multi-node learner's kinds (JobSet, TrainJob, ClusterTrainingRuntime, Kueue's) are also
+#      validated against the CRD schemas vendored in k8s/schemas, strictly (k8s/check_crds.py), and
+#      the Jobs a JobSet or TrainJob will create against the Kubernetes schemas (k8s/worlds.py jobs);
 #   3. run k8s/check_manifests.py: references, selectors, security rules, the NetworkPolicy model
 #      (default deny; exactly the flows the services need), credentials, TLS identities, data safety,
 #      rollout rules, image pins, the learner's single replica, and each service config against the
@@ -26,7 +30,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
 VENV=${VENV:-.venv}
-CRD_KINDS="ServiceMonitor Certificate Issuer" # keep in sync with CRD_KINDS in k8s/check_manifests.py
+# Keep in sync with CRD_KINDS in k8s/check_manifests.py.
+CRD_KINDS="ServiceMonitor Certificate Issuer JobSet TrainJob LocalQueue ClusterQueue ResourceFlavor ClusterTrainingRuntime"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 failures=0
@@ -103,6 +108,8 @@ validate_kustomization() {
   count=$(grep -c '^kind:' "$out")
   problems=$(schema_check "$out")
   crds=$(paste -sd, "$TMP/crds")
+  crd_schema_check "$out" && problems=$(printf '%s\n%s' "$problems" "$CRD_PROBLEMS" | grep -v '^$')
+  world_jobs_check "$out" && problems=$(printf '%s\n%s' "$problems" "$JOB_PROBLEMS" | grep -v '^$')
   checks=$("$PY" k8s/check_manifests.py manifests "$out" "$name" "$TMP/cluster.yaml" 2>&1)
   local rc=$?
   printf '%s\n' "$checks" | grep '^NOTE' >>"$TMP/notes"
@@ -111,25 +118,68 @@ validate_kustomization() {
     fail "$name" "$(printf '%s\n%s' "$problems" "$checks" | grep -v '^$')"
   else
     [ -n "$crds" ] && crds="; CRD kinds by field checks: $crds"
+    [ -n "$CRD_SCHEMAS" ] && crds="$crds; vendored CRD schemas --strict: $CRD_SCHEMAS"
+    [ "$JOB_COUNT" -gt 0 ] && crds="$crds; the world's $JOB_COUNT Jobs as batch/v1 --strict"
     pass "$name: $count objects, schemas $K8S_VERSIONS --strict, reference checks$crds"
   fi
 }
 
+# k8s/cluster and each part k8s/cluster/*/, rendered into one $TMP/cluster.yaml: the overlays' checks
+# look up priority classes, storage classes, the ClusterQueue and the ClusterTrainingRuntime there.
 validate_cluster() {
-  local out=$TMP/cluster.yaml problems checks rc
-  if ! "${RENDER[@]}" k8s/cluster >"$out" 2>"$TMP/render.err"; then
-    fail "cluster: kustomize build failed" "$(tail -5 "$TMP/render.err")"
-    return
-  fi
-  problems=$(schema_check "$out")
+  local out=$TMP/cluster.yaml part dir problems="" checks rc parts=""
+  : >"$out"
+  for dir in k8s/cluster k8s/cluster/*/; do
+    dir=${dir%/}
+    [ -f "$dir/kustomization.yaml" ] || continue
+    part="$TMP/$(printf '%s' "${dir#k8s/}" | tr / _).yaml"
+    if ! "${RENDER[@]}" "$dir" >"$part" 2>"$TMP/render.err"; then
+      fail "${dir#k8s/}: kustomize build failed" "$(tail -5 "$TMP/render.err")"
+      return
+    fi
+    problems=$(printf '%s\n%s' "$problems" "$(schema_check "$part")")
+    crd_schema_check "$part" && problems=$(printf '%s\n%s' "$problems" "$CRD_PROBLEMS")
+    parts="$parts ${dir#k8s/}${CRD_SCHEMAS:+ ($CRD_SCHEMAS)}"
+    { cat "$part"; echo "---"; } >>"$out"
+  done
+  problems=$(printf '%s\n' "$problems" | grep -v '^$' || true)
   checks=$("$PY" k8s/check_manifests.py cluster "$out" 2>&1)
   rc=$?
   if [ -n "$problems" ] || [ $rc -ne 0 ]; then
     fail "cluster" "$(printf '%s\n%s' "$problems" "$checks" | grep -v '^$')"
   else
-    pass "cluster: $(grep -c '^kind:' "$out") objects, schemas $K8S_VERSIONS --strict, restricted" \
-      "namespace, Retain + WaitForFirstConsumer storage class"
+    pass "cluster:$parts: $(grep -c '^kind:' "$out") objects, schemas $K8S_VERSIONS --strict," \
+      "vendored CRD schemas --strict, restricted namespace, Retain + WaitForFirstConsumer storage" \
+      "classes"
   fi
+}
+
+# A learner world's Jobs, as its JobSet or Trainer will create them (k8s/worlds.py jobs), against the
+# Kubernetes schemas: a CRD embeds the Job spec of the Kubernetes release it was built with, but the API
+# server checks each Job against its own (Kubernetes 1.30 requires podFailurePolicy's `status`, JobSet's
+# schema does not). Sets JOB_PROBLEMS and JOB_COUNT; returns 0 if it found problems.
+world_jobs_check() {
+  local jobs=$TMP/world-jobs.yaml
+  JOB_COUNT=0
+  if ! "$PY" k8s/worlds.py jobs "$1" "$TMP/cluster.yaml" >"$jobs" 2>"$TMP/jobs.err"; then
+    JOB_PROBLEMS="k8s/worlds.py jobs failed: $(tail -3 "$TMP/jobs.err")"
+    return 0
+  fi
+  JOB_COUNT=$(grep -c '^kind: Job$' "$jobs")
+  JOB_PROBLEMS=""
+  [ "$JOB_COUNT" -gt 0 ] && JOB_PROBLEMS=$(schema_check "$jobs" | sed "s#$jobs#the world's Jobs#")
+  [ -n "$JOB_PROBLEMS" ]
+}
+
+# The custom resources of one rendered file against the CRD schemas in k8s/schemas (check_crds.py).
+# Sets CRD_PROBLEMS (its ERROR lines) and CRD_SCHEMAS (the kinds it validated); returns 0 if it found
+# problems.
+crd_schema_check() {
+  local log
+  log=$("$PY" k8s/check_crds.py "$1" 2>&1)
+  CRD_SCHEMAS=$(printf '%s\n' "$log" | sed -n 's/^SCHEMA \([A-Za-z]*\) .*/\1/p' | paste -sd, -)
+  CRD_PROBLEMS=$(printf '%s\n' "$log" | grep -v '^SCHEMA ' | grep -v '^$' || true)
+  [ -n "$CRD_PROBLEMS" ]
 }
 
 check_components_used() {
