@@ -10,6 +10,9 @@ such as ServiceMonitor and cert-manager's, or whether the service configs and th
 the code. A multi-node learner's JobSet or TrainJob is checked through the pods it will create
 (k8s/worlds.py), like a Deployment, plus what only a torch.distributed world needs (start-up order,
 whole-world restarts, rank 0 alone behind the Services, shared checkpoints, its Kueue quota).
+With `weight_transport: shared` (k8s/components/shared-weights), the learner's weight_shared_dir and
+every generator's --weights-dir must be one directory of one ReadWriteMany claim, the generators'
+mounts read-only.
 k8s/validate.sh runs these checks:
 
     python k8s/check_manifests.py manifests RENDERED.yaml [OVERLAY [CLUSTER.yaml]]
@@ -958,30 +961,35 @@ def check_world_pod(world: worlds.World, role: dict[str, Any], r: Report) -> Non
                 f"{kn(role)}: PET_MASTER_PORT {port} is not a containerPort of node rank 0")
 
 
-def claim_at(w: dict[str, Any], c: dict[str, Any], path: str) -> str | None:
-    """The claim behind `path` in container `c` (the deepest mount that holds it), or None."""
+def mount_at(w: dict[str, Any], c: dict[str, Any], path: str
+             ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The mount that holds `path` in container `c` (the deepest one) and its volume, or None."""
     mounts = [x for x in c.get("volumeMounts", []) if path == x["mountPath"]
               or path.startswith(x["mountPath"].rstrip("/") + "/")]
     if not mounts:
         return None
     mount = max(mounts, key=lambda x: len(x["mountPath"]))
     volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
-    return volumes.get(mount["name"], {}).get("persistentVolumeClaim", {}).get("claimName")
+    return mount, volumes.get(mount["name"], {})
+
+
+def claim_at(w: dict[str, Any], c: dict[str, Any], path: str) -> str | None:
+    """The claim behind `path` in container `c` (the deepest mount that holds it), or None."""
+    found = mount_at(w, c, path)
+    return found[1].get("persistentVolumeClaim", {}).get("claimName") if found else None
 
 
 def check_world_state(m: Manifests, world: worlds.World, r: Report) -> None:
     """Rank 0's job store on a claim; the checkpoints on one claim that every rank mounts: each
     rank writes its optimizer shard into every checkpoint and reads it back on resume
     (services/learner/distributed.py, torch.distributed.checkpoint)."""
-    cls = config_class("learner")
     claims: set[str | None] = set()
     for role in world.roles:
         c = role["spec"]["template"]["spec"]["containers"][0]
-        launch = torchrun_launch(c.get("command", []), c.get("args", []))
-        text = projected_config(m, role, "learner.yaml")
-        if launch is None or text is None:
+        found = service_config(m, role)
+        if found is None:
             continue  # check_service_config reports it
-        data = effective_config(cls, text, launch[1], kn(role), Report()) or {}
+        data = found[1]
         db, checkpoints = str(data.get("db_path", "")), str(data.get("checkpoint_root", ""))
         claims.add(where := claim_at(role, c, checkpoints))
         r.check(where is not None, f"{kn(role)}: checkpoint_root {checkpoints} is on no claim; "
@@ -1097,6 +1105,102 @@ def check_world_queue(m: Manifests, cluster: Manifests | None, world: worlds.Wor
         r.check(k not in quota or v <= quota[k], f"{where}: its {world.pods} pods request {v:g} "
                 f"{k} together, more than {kn(cq)}'s quota {quota.get(k, 0):g}; it would never be "
                 "admitted")
+
+
+# ----------------------------------------------------------------------------- shared weights
+
+
+def check_shared_weights(m: Manifests, cluster: Manifests | None, r: Report) -> None:
+    """weight_transport 'shared' (k8s/components/shared-weights): the learner writes each version
+    into weight_shared_dir and names the files to the generators relative to their --weights-dir
+    (LoadWeightsFromPath), so both must be the same directory of one ReadWriteMany claim, written
+    by the learner (node rank 0 of a world: it alone pushes) and only read by the generators."""
+    configs = [(w, *found) for w in m.workloads() if (found := service_config(m, w))]
+    learners = [(w, data) for w, service, data in configs if service == "learner"]
+    pusher = next(((w, data) for w, data in learners if rank0(w)), None)
+    if pusher is None:
+        return  # check_single_writer reports it
+    transport = str(pusher[1].get("weight_transport", "grpc"))
+    written = None  # where rank 0 writes: (claim, directory within the claim, read-only)
+    claims = set()
+    for w, data in learners:
+        if data.get("weight_transport") != "shared":
+            continue
+        r.check(transport == "shared", f"{kn(w)} has weight_transport 'shared', but "
+                f"{kn(pusher[0])}, node rank 0 and the only rank that pushes weights, has "
+                f"{transport!r}: give rank 0 the flags and the mount "
+                "(k8s/components/shared-weights)")
+        directory = str(data.get("weight_shared_dir", ""))
+        place = shared_place(w, directory)
+        r.check(place is not None and not place[2], f"{kn(w)}: weight_shared_dir {directory!r} "
+                "is on no claim mounted read-write; the learner writes every version there for "
+                "the generators to read")
+        if place is not None:
+            claims.add(place[0])
+            written = place if w is pusher[0] else written
+    for claim in sorted(claims):
+        check_weights_claim(m, cluster, claim, r)
+    for w, service, data in configs:
+        if service == "generator":
+            check_generator_weights_dir(w, data, transport, written, r)
+
+
+def check_generator_weights_dir(w: dict[str, Any], data: dict[str, Any], transport: str,
+                                written: tuple[str, str, bool] | None, r: Report) -> None:
+    """A generator reads the files the learner names under its --weights-dir: the directory the
+    learner writes, read-only."""
+    directory = str(data.get("weights_dir", ""))
+    if transport != "shared":
+        if directory:
+            r.note(f"{kn(w)}: --weights-dir {directory} is set, but the learner pushes with "
+                   f"weight_transport {transport!r}, so the volume goes unused")
+        return
+    if not directory:
+        r.error(f"{kn(w)}: no --weights-dir, but the learner pushes with weight_transport "
+                "'shared': every job fails at its start (the generator does not offer 'shared'); "
+                "mount the learner's claim and pass --weights-dir (k8s/components/shared-weights)")
+        return
+    place = shared_place(w, directory)
+    r.check(written is None or (place is not None and place[:2] == written[:2]),
+            f"{kn(w)}: --weights-dir {directory} is {describe_place(place)}, but the learner "
+            f"writes to {describe_place(written)}: the files it names would not be there")
+    r.check(place is None or place[2], f"{kn(w)}: mount claim {place and place[0]} read-only at "
+            "--weights-dir: a generator only reads it, and a writable mount would let one "
+            "generator plant weights for the others")
+
+
+def shared_place(w: dict[str, Any], path: str) -> tuple[str, str, bool] | None:
+    """Where `path` of the workload's main container lies: (claim, the directory within the claim,
+    whether the mount or the claim is read-only), or None when it is on no claim."""
+    c = w["spec"]["template"]["spec"]["containers"][0]
+    found = mount_at(w, c, path) if path.startswith("/") else None
+    claim = found[1].get("persistentVolumeClaim") if found else None
+    if found is None or claim is None:
+        return None
+    mount = found[0]
+    inside = os.path.relpath(path, mount["mountPath"])
+    within = os.path.normpath(os.path.join("/", mount.get("subPath", ""), inside))
+    return claim["claimName"], within, bool(mount.get("readOnly") or claim.get("readOnly"))
+
+
+def describe_place(place: tuple[str, str, bool] | None) -> str:
+    return f"{place[1]} of claim {place[0]}" if place else "on no claim"
+
+
+def check_weights_claim(m: Manifests, cluster: Manifests | None, name: str, r: Report) -> None:
+    """The shared weights claim: ReadWriteMany (the learner writes it, generators on other nodes
+    read it), on a storage class of k8s/cluster when it names one."""
+    pvc = m.kind("PersistentVolumeClaim").get(name)
+    if pvc is None:
+        return  # check_volumes reports it
+    modes = pvc["spec"].get("accessModes", [])
+    r.check("ReadWriteMany" in modes, f"PersistentVolumeClaim/{name}: the shared weights "
+            "directory needs ReadWriteMany (the learner writes it, generators on other nodes read "
+            f"it), not {modes}")
+    sc = pvc["spec"].get("storageClassName")
+    r.check(cluster is None or not sc or sc in cluster.kind("StorageClass"),
+            f"PersistentVolumeClaim/{name}: storage class {sc!r} is not in k8s/cluster (apply "
+            "k8s/cluster/shared-weights for protege-shared)")
 
 
 # -------------------------------------------------------------------------------- supply chain
@@ -1279,6 +1383,23 @@ def projected_config(m: Manifests, w: dict[str, Any], key: str) -> str | None:
             if cm and key in cm.get("data", {}):
                 return cm["data"][key]
     return None
+
+
+def service_config(m: Manifests, w: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(service, the config it would load: YAML plus flags) of a workload, or None where
+    check_service_config reports why it cannot tell."""
+    c = w["spec"]["template"]["spec"]["containers"][0]
+    command, args = c.get("command", []), c.get("args", [])
+    module = command[-1] if command[:2] == ["python", "-m"] and len(command) == 3 else ""
+    launch = torchrun_launch(command, args)
+    if launch is not None:
+        module, args = launch[0], launch[1]
+    service = module.rsplit(".", 1)[-1]
+    text = projected_config(m, w, f"{service}.yaml") if service in SERVICES else None
+    if text is None:
+        return None
+    data = effective_config(config_class(service), text, args, kn(w), Report())
+    return None if data is None else (service, data)
 
 
 def check_service_config(m: Manifests, w: dict[str, Any], r: Report) -> str | None:
@@ -1469,6 +1590,7 @@ def check_manifests(path: Path, overlay: str = "", cluster_path: Path | None = N
         check_dashboard_configmaps,
         check_service_configs,
         lambda m, r: check_worlds(m, cluster, r),
+        lambda m, r: check_shared_weights(m, cluster, r),
     ):
         try:
             check(m, r)

@@ -17,8 +17,8 @@
 #      the Jobs a JobSet or TrainJob will create against the Kubernetes schemas (k8s/worlds.py jobs);
 #   3. run k8s/check_manifests.py: references, selectors, security rules, the NetworkPolicy model
 #      (default deny; exactly the flows the services need), credentials, TLS identities, data safety,
-#      rollout rules, image pins, the learner's single replica, and each service config against the
-#      service's config dataclass.
+#      rollout rules, image pins, the learner's single replica, the shared weights directory, and each
+#      service config against the service's config dataclass.
 # Then the Grafana dashboard (JSON, variables, metric names against the code), the example job (the SDK's
 # JobSpec and the learner's checks), the example Prometheus config (promtool) and the models-loader pod.
 #
@@ -132,7 +132,7 @@ validate_cluster() {
   for dir in k8s/cluster k8s/cluster/*/; do
     dir=${dir%/}
     [ -f "$dir/kustomization.yaml" ] || continue
-    part="$TMP/$(printf '%s' "${dir#k8s/}" | tr / _).yaml"
+    part="$TMP/part-$(printf '%s' "${dir#k8s/}" | tr / _).yaml" # not $out: k8s/cluster itself
     if ! "${RENDER[@]}" "$dir" >"$part" 2>"$TMP/render.err"; then
       fail "${dir#k8s/}: kustomize build failed" "$(tail -5 "$TMP/render.err")"
       return
