@@ -192,6 +192,7 @@ class JobManager:
 
     async def _run(self, trainer: Trainer) -> None:
         job_id = trainer.job_id
+        ended = True  # a terminal state, unless the job stops for a shutdown and resumes later
         try:
             outcome = await trainer.run()
             if outcome in (SUCCEEDED, CANCELLED):
@@ -199,8 +200,10 @@ class JobManager:
                 trainer.log.info("%s", outcome.lower())
                 self._state_changed(record, "")
             else:
+                ended = False
                 trainer.log.info("stopped for learner shutdown; stays RUNNING and resumes later")
         except asyncio.CancelledError:
+            ended = not self._stopping
             if not self._stopping:  # only a shutdown may leave a job RUNNING
                 self._fail(trainer, "the job's task was cancelled outside a learner shutdown")
             raise
@@ -216,7 +219,7 @@ class JobManager:
         finally:
             self._version_floor = max(self._version_floor, trainer.version)
             try:
-                await trainer.close()
+                await trainer.close(ended)
             finally:
                 self._trainers.pop(job_id, None)
                 self._tasks.pop(job_id, None)

@@ -297,7 +297,11 @@ class Trainer:
         if self.rollouts is not None:
             self.rollouts.cancel_next()
 
-    async def close(self) -> None:
+    async def close(self, ended: bool = False) -> None:
+        """Release the job's clients and tracker; `ended` (a terminal state, not a learner
+        shutdown the job resumes from) also deletes its files in the shared weights directory."""
+        if ended and self.weights is not None:
+            await asyncio.to_thread(self.weights.discard)
         if self.world is not None and self.world.leader and self.model is not None:
             with distributed.collective(self.world, "closing the job"):
                 await asyncio.to_thread(self.world.command, "close")

@@ -41,6 +41,7 @@ import abc
 import asyncio
 import dataclasses
 import logging
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -285,6 +286,13 @@ class StoredVersion:
     file: str  # relative to the store's root
 
 
+def remove_job_dir(root: Path, subdir: str) -> None:
+    """Delete a job's own directory under the shared weights root (never the root itself), with
+    its version files and any half-written temporary left by a killed learner."""
+    if subdir and (root / subdir).resolve().parent == root.resolve():
+        shutil.rmtree(root / subdir, ignore_errors=True)
+
+
 class SharedStore:
     """Versions in the shared weights directory, each written once (full, or a delta against the
     version before it) and deleted once a newer full file makes them unnecessary. A job writes
@@ -300,6 +308,10 @@ class SharedStore:
         self.full_every = full_every
         self.baseline = Baseline()
         self.versions: list[StoredVersion] = []
+
+    def remove(self) -> None:
+        """Delete the job's directory (its job ended; no generator reads it again)."""
+        remove_job_dir(self.root, self.subdir)
 
     def write(self, weights: ModelWeights, version: int) -> StoredVersion:
         """Write `version`: a delta when the previous written version is the baseline and the
@@ -424,6 +436,10 @@ class Transport(abc.ABC):
                    ) -> dict[str, Any]:
         """Push `version` to every address in `held` (address -> version it serves now)."""
 
+    def discard(self) -> None:
+        """The job ended: drop what the transport keeps for it outside this process."""
+        return None  # grpc, delta and broadcast keep nothing outside it
+
     async def full(self, weights: ModelWeights, version: int, addresses: Sequence[str]
                    ) -> dict[str, Any]:
         if not addresses:
@@ -471,6 +487,9 @@ class SharedTransport(Transport):
     def __init__(self, generator: Any, options: TransportOptions, job_id: str = ""):
         super().__init__(generator, options)
         self.store = SharedStore(options.shared_dir, options.full_every, _safe_name(job_id))
+
+    def discard(self) -> None:
+        self.store.remove()
 
     async def send(self, weights: ModelWeights, version: int, held: Mapping[str, int]
                    ) -> dict[str, Any]:
@@ -617,6 +636,13 @@ class WeightSync:
                                         getattr(dependency, "job_id", ""))
         self.lora: Any = None  # lora_sync.LoraTransport, for a LoRA student
         self.dtype: torch.dtype | None = None  # the generators' serving dtype, once known
+
+    def discard(self) -> None:
+        """The job ended: delete its files in the shared weights directory (if it used it)."""
+        self.transport.discard()
+        store = getattr(self.lora, "store", None)
+        if store is not None:
+            remove_job_dir(store.root, store.subdir)
 
     async def served_versions(self) -> dict[str, int]:
         """The policy version each generator target serves now; also picks the dtype weights

@@ -299,6 +299,10 @@ def test_shared_files_are_written_once_and_garbage_collected(generators, tied_st
                 await sync.push(model, version)
                 listings.append(sorted(p.name for p in shared.iterdir()))
             assert_serving(gens, model, 7)
+            (shared / ".v000000000008.full.safetensors.tmp-1").write_bytes(b"half")  # a crash
+            sync.discard()  # the job ended: its directory goes, the shared root stays
+            assert not shared.exists() and shared.parent.is_dir()
+            assert_serving(gens, model, 7)  # the generator holds its weights in memory
         finally:
             await client.close()
         return listings
