@@ -32,14 +32,14 @@ TEXTS = ["12+3=", "hello world, abc", "x"]
 TOL = {"atol": 1e-4, "rtol": 1e-4}  # fp32 on both sides; vLLM's CPU kernels differ slightly
 
 
-@pytest.fixture(scope="module")
-def vllm_generator(tiny_student, tmp_path_factory):
-    """Address of a generator service on the vLLM backend (engine start takes ~20-40 s)."""
-    ready = tmp_path_factory.mktemp("vllm") / "ready.json"
-    cmd = [sys.executable, "-m", "protege.services.generator", "--model", str(tiny_student),
+def start_vllm_generator(model, workdir, *extra: str):
+    """Run a generator service on the vLLM backend in a child process (its engine start takes
+    ~20-40 s); yields its gRPC address, then stops it. `extra`: more generator flags."""
+    ready = workdir / "ready.json"
+    cmd = [sys.executable, "-m", "protege.services.generator", "--model", str(model),
            "--backend", "vllm", "--dtype", "float32", "--max-model-len", "256",
-           "--enforce-eager", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-           "--ready-file", str(ready), "--grace-s", "1"]
+           "--enforce-eager", *extra, "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+           "-1", "--ready-file", str(ready), "--grace-s", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -56,6 +56,12 @@ def vllm_generator(tiny_student, tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_generator(tiny_student, tmp_path_factory):
+    """Address of a generator service on the vLLM backend."""
+    yield from start_vllm_generator(tiny_student, tmp_path_factory.mktemp("vllm"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import time
 
 import pytest
 import torch
@@ -23,7 +22,12 @@ from protege.services.learner.lora_sync import LoraTransport, LoraWeights  # noq
 from protege.services.learner.weight_sync import TransportOptions  # noqa: E402
 from protege.v1 import jobs_pb2  # noqa: E402
 
-from .test_vllm_engine import TEXTS, call, check_logprobs  # noqa: E402
+from .test_vllm_engine import (  # noqa: E402
+    TEXTS,
+    call,
+    check_logprobs,
+    start_vllm_generator,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -31,32 +35,8 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def lora_generator(tiny_student, tmp_path_factory):
     """A vLLM generator that serves LoRA adapters up to rank 8."""
-    import json
-    import signal
-    import subprocess
-    import sys
-
-    ready = tmp_path_factory.mktemp("vllm-lora") / "ready.json"
-    cmd = [sys.executable, "-m", "protege.services.generator", "--model", str(tiny_student),
-           "--backend", "vllm", "--dtype", "float32", "--max-model-len", "256",
-           "--enforce-eager", "--max-lora-rank", "8", "--max-loras", "2", "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "-1", "--ready-file", str(ready), "--grace-s", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not ready.exists():
-            if proc.poll() is not None:
-                pytest.fail("vLLM generator exited:\n" + proc.stdout.read().decode()[-6000:])
-            assert time.monotonic() < deadline, "vLLM generator did not become ready"
-            time.sleep(0.5)
-        yield json.loads(ready.read_text())["grpc"]
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    yield from start_vllm_generator(tiny_student, tmp_path_factory.mktemp("vllm-lora"),
+                                    "--max-lora-rank", "8", "--max-loras", "2")
 
 
 def lora_student(path, seed: int, rank: int = 4):
