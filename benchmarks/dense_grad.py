@@ -9,13 +9,27 @@ It prints plain-text tables and writes JSON (default benchmarks/results/dense_gr
 
 1. Time and peak memory for the dense term's value and gradient w.r.t. the logits at N positions:
    (a) the closed form `dense_kl_grad` (with and without input validation), `DenseKL` forward +
-   backward (the learner's path) and `dense_kl_grad_hidden`; (b) autograd of the same reverse KL
-   (log_softmax, KL sum, backward); (c) autograd of the generalised JSD of GKD (arXiv 2306.13649),
-   written here from its definition with the mixture in log space, at β = 1 where it equals the
-   reverse KL. Each case runs in a fresh subprocess and reports its median over several runs and
-   its peak RSS (ru_maxrss) above the RSS after its inputs were built. A streaming probe (torch.add,
-   copy_) over the same tensors gives the machine's memory bandwidth, so each case also reads as a
-   fraction of it (minimum traffic of the dense term: read logits + reference, write the gradient).
+   backward (the logits path) and `dense_kl_grad_hidden`; (b) the fused loss's per-chunk math
+   (services/learner/fused_loss.py, its own functions imported): `fused_eager` (`_eager_dense`, the
+   eager ops) and `fused_compiled` (`_compiled_dense`, the torch.compile kernel that kernel="auto"
+   picks on CPU), run as `fused_hybrid_loss` runs them: chunks of `chunk_rows(V, 512 MiB)` rows,
+   last chunk first, the compiled kernel writing each chunk's dL/dz into one reused [rows, V]
+   buffer; `fused_compiled_validated` adds the reference check fused_loss runs by default (a FULL
+   reference's |logsumexp| <= tol, summed inside the kernel); (c) autograd of the same reverse KL
+   (log_softmax, KL sum, backward), the baseline; (d) autograd of the generalised JSD of GKD
+   (arXiv 2306.13649), written here from its definition with the mixture in log space, at β = 1
+   where it equals the reverse KL. Each shape's cases run round-robin in one fresh subprocess
+   (the same inputs, machine and load for all) and report their median over several rounds; peak
+   RSS (ru_maxrss) above the RSS after the inputs were built comes from one more process per case.
+   A streaming probe (torch.add of logits and reference into a third tensor; copy_) over the same
+   tensors gives the machine's memory bandwidth, so each case also reads as a fraction of it.
+
+   Bytes counted: the least DRAM traffic a case must move once, whatever its passes: read the
+   [N, V] fp32 logits and reference, write the [N, V] fp32 gradient = 12 bytes per element (for
+   the fused cases the gradient is written chunk by chunk, as the fused loss consumes it). The
+   probe moves exactly those 12 bytes with no math, so %add = probe time / case time: the
+   fraction of the streaming bound a case reaches. Extra passes, temporaries, page faults of
+   fresh allocations and compute all count against the case.
 2. TOPK gradient relative error against k on Zipf teachers (peaked, middle, flat; V = 32k), for
    the tail bucket of DESIGN §1 and for dropping the tail and renormalising.
 3. Bytes per position that each reference encoding puts on the wire.
@@ -40,8 +54,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from protege.services.learner import fused_loss
 from protege.services.learner.objective import (
     DenseKL,
+    _norm_tol,
+    _row_chunks,
     dense_kl_grad,
     dense_kl_grad_hidden,
     dense_kl_grad_topk,
@@ -52,11 +69,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("benchmarks/results/dense_grad.json")
 FULL_SHAPES = [(4096, 32768), (1024, 131072)]
-FULL_EXTRA = [("closed_form", 4096, 131072)]  # the closed form alone fits at full N for V = 128k
+# the closed form and the fused kernel alone fit at full N for V = 128k
+FULL_EXTRA = [("closed_form", 4096, 131072), ("fused_compiled", 4096, 131072)]
 QUICK_SHAPES = [(256, 4096)]
 METHODS = [
     "bandwidth_add", "bandwidth_copy", "closed_form", "closed_form_validated", "dense_kl_fn",
-    "hidden_closed_form", "autograd_reverse_kl", "autograd_gjsd_beta1",
+    "hidden_closed_form", "fused_eager", "fused_compiled", "fused_compiled_validated",
+    "autograd_reverse_kl", "autograd_gjsd_beta1",
 ]
 TOPK_KS = [1, 8, 32, 128, 512]
 ZIPF_TEACHERS = {"peaked": 2.5, "middle": 1.5, "flat": 1.0}  # exponent a: p_i ∝ i^-a
@@ -105,6 +124,28 @@ def _dense_kl_fn(x: dict[str, Any]) -> Tensor:
     return z.grad
 
 
+def _fused_chunks(x: dict[str, Any], kernel: str, validate: bool = False) -> Tensor:
+    """The fused loss's per-chunk dense math over all N rows, as `fused_hybrid_loss` runs it
+    (`_chunk_once`): the dense gradient alone (βw = 1, c = 0); returns the KL per row."""
+    z, ref, y = x["logits"], x["ref"], x["tokens"]
+    N, V = z.shape
+    rows = fused_loss.chunk_rows(V, fused_loss.DEFAULT_CHUNK_MB << 20)
+    coef = z.new_zeros(rows, 1)
+    out = z.new_empty(rows, V) if kernel == "compiled" else None  # fused_loss's workspace
+    tol = _norm_tol(ref.dtype) if validate else None
+    kl = z.new_empty(N)
+    for sl in reversed(list(_row_chunks(N, rows))):
+        n = sl.stop - sl.start
+        if out is not None:
+            dense = fused_loss._compiled_dense(z[sl], ref[sl], y[sl], out[:n], tol=tol)
+        else:
+            dense = fused_loss._eager_dense(z[sl], y[sl], ref[sl])
+        assert dense is not None, "finite, normalised inputs never fall back to eager"
+        kl[sl], _, finish = dense
+        finish(1.0, coef[:n], True)
+    return kl
+
+
 def _run_method(method: str, x: dict[str, Any]) -> Tensor | None:
     if method == "bandwidth_add":
         return torch.add(x["logits"], x["ref"], out=x["out"])
@@ -118,6 +159,8 @@ def _run_method(method: str, x: dict[str, Any]) -> Tensor | None:
         return dense_kl_grad_hidden(x["logits"], x["hidden"], x["lm_head"], validate=False)[1]
     if method == "dense_kl_fn":
         return _dense_kl_fn(x)
+    if method.startswith("fused_"):
+        return _fused_chunks(x, method.split("_")[1], method.endswith("_validated"))
     if method == "autograd_reverse_kl":
         return _autograd_reverse_kl(x)
     return _autograd_gjsd(x)
@@ -144,6 +187,8 @@ def _make_inputs(methods: list[str], N: int, V: int, d: int) -> dict[str, Any]:
         x["ref"] = _ref_logprobs(N, V, g)
     if any(m.startswith("bandwidth") for m in methods):
         x["out"] = torch.empty_like(x["logits"])
+    if any(m.startswith("fused_") for m in methods):
+        x["tokens"] = torch.randint(0, V, (N, 1), generator=g)
     return x
 
 
@@ -184,8 +229,11 @@ def time_worker(spec: dict) -> dict:
 
 
 def mem_worker(spec: dict) -> dict:
-    """One run of one method in a fresh process: peak RSS above the RSS of its inputs."""
+    """One run of one method in a fresh process: peak RSS above the RSS of its inputs (a
+    compiled method compiles first, on two rows of the same V, so compiling is not counted)."""
     torch.set_num_threads(spec["threads"])
+    if spec["method"].startswith("fused_compiled"):
+        _run_method(spec["method"], _make_inputs([spec["method"]], 2, spec["V"], spec["d"]))
     x = _make_inputs([spec["method"]], spec["N"], spec["V"], spec["d"])
     rss_inputs = _rss_gib()
     _run_method(spec["method"], x)
@@ -241,13 +289,26 @@ def measure_shape(N: int, V: int, methods: list[str], cfg: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def gradient_agreement(V: int, n: int = 32) -> dict[str, float]:
-    """max |Δ grad| of autograd reverse KL and of GJSD(β=1) against the closed form, fp32."""
-    x = _make_inputs(["closed_form"], n, V, 0)
+def gradient_agreement(V: int, n: int = 32) -> dict[str, Any]:
+    """max |Δ grad| of autograd reverse KL and of GJSD(β=1) against the closed form, fp32; and
+    of every fp32 gradient against fp64 autograd (vs_fp64), relative to max |grad|."""
+    x = _make_inputs(["closed_form", "fused_eager"], n, V, 0)
     ref = dense_kl_grad(x["logits"], x["ref"])[1]
-    return {"V": V, "autograd_reverse_kl": float((_autograd_reverse_kl(x) - ref).abs().max()),
+    z64 = x["logits"].double().requires_grad_(True)
+    logp = torch.log_softmax(z64, -1)
+    (exact,) = torch.autograd.grad((logp.exp() * (logp - x["ref"].double())).sum(), z64)
+    grads = {"closed_form": ref, "autograd_reverse_kl": _autograd_reverse_kl(x)}
+    z, lq, y = x["logits"], x["ref"], x["tokens"]
+    for name, dense in (("fused_eager", fused_loss._eager_dense(z, y, lq)),
+                        ("fused_compiled",
+                         fused_loss._compiled_dense(z, lq, y, torch.empty_like(ref)))):
+        grads[name] = dense[2](1.0, ref.new_zeros(n, 1), True)[0]
+    scale = float(exact.abs().max())
+    return {"V": V, "autograd_reverse_kl": float((grads["autograd_reverse_kl"] - ref).abs().max()),
             "autograd_gjsd_beta1": float((_autograd_gjsd(x) - ref).abs().max()),
-            "grad_abs_max": float(ref.abs().max())}
+            "grad_abs_max": float(ref.abs().max()),
+            "vs_fp64": {k: float((g.double() - exact).abs().max()) / scale
+                        for k, g in grads.items()}}
 
 
 def _zipf_batch(a: float, N: int, V: int, noise: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -303,21 +364,21 @@ def bytes_per_position(vocabs: list[int], d_bench: int) -> list[dict]:
 
 
 def _fmt_timing(rows: list[dict], add_gbps: dict[tuple[int, int], float]) -> str:
-    head = (f"{'case':<24}{'N':>6}{'V':>8}{'median s':>10}{'min s':>8}{'GB/s':>7}{'%add':>6}"
+    head = (f"{'case':<26}{'N':>6}{'V':>8}{'median s':>10}{'min s':>8}{'GB/s':>7}{'%add':>6}"
             f"{'peak+GiB':>9}{'vs autograd':>12}")
     lines = [head, "-" * len(head)]
     base = {(r["N"], r["V"]): r.get("median_s") for r in rows
             if r["method"] == "autograd_reverse_kl"}
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['method']:<24}{r['N']:>6}{r['V']:>8}  FAILED {r['error'][:60]}")
+            lines.append(f"{r['method']:<26}{r['N']:>6}{r['V']:>8}  FAILED {r['error'][:60]}")
             continue
         bw = add_gbps.get((r["N"], r["V"])) or add_gbps.get(("V", r["V"]))
         frac = f"{100 * r['min_traffic_GBps'] / bw:5.0f}%" if bw else "   n/a"
         ref = base.get((r["N"], r["V"]))
         speed = f"{ref / r['median_s']:10.2f}x" if ref and "bandwidth" not in r["method"] else ""
         peak = f"{r['peak_extra_GiB']:.2f}" if "peak_extra_GiB" in r else "n/a"
-        lines.append(f"{r['method']:<24}{r['N']:>6}{r['V']:>8}{r['median_s']:>10.3f}"
+        lines.append(f"{r['method']:<26}{r['N']:>6}{r['V']:>8}{r['median_s']:>10.3f}"
                      f"{r['min_s']:>8.3f}{r['min_traffic_GBps']:>7.2f}{frac:>6}"
                      f"{peak:>9}{speed:>12}")
     return "\n".join(lines)
@@ -403,7 +464,9 @@ NOTES = [
     "timing erratic: OpenMP barriers stall when another process holds the other core).",
     "Timing: per shape one fresh process builds the inputs once and runs all methods round-robin "
     "(1 warm-up round, then --rounds timed rounds), so load swings hit every method alike; the "
-    "median and min over rounds are reported. Each run allocates its own [N, V] gradient.",
+    "median and min over rounds are reported. Each run allocates its own [N, V] gradient, "
+    "except the fused cases: their gradient goes chunk by chunk into a [rows, V] buffer that "
+    "each run allocates once (the fused loss's workspace).",
     "Peak memory: one fresh process per method and shape, one run (none with --quick).",
     "peak+GiB = ru_maxrss at the end minus the RSS once the inputs were built: working memory "
     "including the [N, V] gradient output (inputs: logits + reference, N·V·4 bytes each).",
@@ -411,7 +474,13 @@ NOTES = [
     "time; %add = that as a fraction of the torch.add probe over the same tensors.",
     "V = 131072 is timed at N = 1024 for all cases (autograd and GJSD need several [N, V] fp32 "
     "temporaries and would not fit next to other work at N = 4096 on a 24 GiB box); the closed "
-    "form alone is also timed at N = 4096.",
+    "form and fused_compiled alone are also timed at N = 4096.",
+    "fused_eager / fused_compiled: the fused loss's per-chunk math (`_eager_dense`, "
+    "`_compiled_dense` imported from services/learner/fused_loss.py) over chunks of "
+    "chunk_rows(V, 512 MiB) rows (682 at V = 32k), last chunk first; the dense gradient only "
+    "(βw = 1, c = 0: the same passes). fused_compiled's first (warm-up) round compiles; "
+    "fused_compiled_validated adds fused_loss's default FULL check (|logsumexp| <= tol), summed "
+    "inside the kernel.",
     "closed_form skips input validation; closed_form_validated includes it (NaN/inf and "
     "normalisation checks: one more pass over the reference).",
     "dense_kl_fn = DenseKL forward + backward, the learner's path (gradient saved in forward).",
@@ -437,6 +506,9 @@ def _report_text(machine: dict, timing: list[dict], topk: list[dict], sizes: lis
     ]
     parts += [f"  V={a['V']}: autograd KL {a['autograd_reverse_kl'] / a['grad_abs_max']:.2e}, "
               f"GJSD(beta=1) {a['autograd_gjsd_beta1'] / a['grad_abs_max']:.2e}" for a in agree]
+    parts += ["fp32 gradients against fp64 autograd (32 positions): max |diff| / max |grad|"]
+    parts += [f"  V={a['V']}: " + ", ".join(f"{k} {v:.2e}" for k, v in a["vs_fp64"].items())
+              for a in agree]
     parts += ["", f"TOPK gradient relative error, V={v_topk}, {n_topk} positions",
               _fmt_topk(topk), "", "Bytes per position on the wire", _fmt_bytes(sizes)]
     return "\n".join(parts)

@@ -3,15 +3,17 @@ logits path and against plain autograd, on CPU in fp32.
 
     .venv/bin/python benchmarks/loss.py            # full run: V in {32k, 152k}, N in {1k, 4k, 16k}
     .venv/bin/python benchmarks/loss.py --quick    # smoke run, under a minute
+    .venv/bin/python benchmarks/loss.py --vocabs 32768 151936 --positions 4096 --skip-precision
 
 Each case is one loss forward + backward from the student's final hidden states [N, H = 256]
 through its LM head [V, H] to the gradients w.r.t. both, against a HIDDEN teacher (hidden states
 [N, D = 512] and its own LM head: the reference encoding that scales to real vocabularies):
 
-- **fused**: `fused_hybrid_loss` (services/learner/fused_loss.py), the learner's default: chunks
-  of rows sized by the 512 MiB budget; the [N, V] logits never exist. **fused_compiled**: the
-  same with `kernel="compiled"` (torch.compile of the per-chunk math; its compile time falls in
-  the warm-up run, which is not timed).
+- **fused**: `fused_hybrid_loss` (services/learner/fused_loss.py) with `kernel="eager"`: chunks
+  of rows sized by the 512 MiB budget (`--chunk-mb`); the [N, V] logits never exist.
+  **fused_compiled**: the same with `kernel="compiled"` (torch.compile of the per-chunk math, what
+  `kernel="auto"` picks on CPU at fp32 and V >= 8192; its compile time falls in the warm-up run,
+  which is not timed, and is reported apart).
 - **logits**: the learner's previous path (`loss_path: logits`): logits = h·Wᵀ by autograd, then
   `hybrid_loss` with its closed-form `DenseKL` backward.
 - **autograd**: what a generic trainer does (TRL GKD's reverse KL): student and teacher logits,
@@ -44,7 +46,7 @@ from typing import Any
 
 import torch
 from dense_grad import _rss_gib  # noqa: E402 - benchmarks/ is the script's own directory
-from protege.services.learner.fused_loss import LMHead, fused_hybrid_loss
+from protege.services.learner.fused_loss import DEFAULT_CHUNK_MB, LMHead, fused_hybrid_loss
 from protege.services.learner.objective import HiddenRef, hybrid_loss
 
 DEFAULT_OUT = Path("benchmarks/results/loss.json")
@@ -69,14 +71,15 @@ def _inputs(N: int, V: int) -> dict[str, Any]:
     }
 
 
-def _run(method: str, x: dict[str, Any]) -> None:
+def _run(method: str, x: dict[str, Any], chunk_mb: int = DEFAULT_CHUNK_MB) -> None:
     h = x["hidden"].detach().requires_grad_(True)
     w = x["weight"].detach().requires_grad_(True)
     ref = HiddenRef(x["t_hidden"], x["t_weight"], None)
     args = (x["tokens"], x["mask"], ref, x["rewards"], BETA)
     if method.startswith("fused"):
         kernel = "compiled" if method == "fused_compiled" else "eager"
-        loss, _ = fused_hybrid_loss(h, LMHead(w), *args, group_size=GROUP, kernel=kernel)
+        loss, _ = fused_hybrid_loss(h, LMHead(w), *args, group_size=GROUP, kernel=kernel,
+                                    chunk_bytes=chunk_mb << 20)
     elif method == "logits":
         loss, _ = hybrid_loss(h @ w.T, *args, group_size=GROUP)
     else:
@@ -98,13 +101,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     x = _inputs(spec["N"], spec["V"])
     base = _rss_gib()
     times = []
-    for i in range(spec["repeats"] + 1):
+    for _ in range(spec["repeats"] + 1):
         start = time.perf_counter()
-        _run(spec["method"], x)
-        if i:  # run 0 is the warm-up
-            times.append(time.perf_counter() - start)
+        _run(spec["method"], x, spec["chunk_mb"])
+        times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - base
-    return {"seconds": statistics.median(times), "runs": times, "peak_extra_GiB": peak}
+    return {"seconds": statistics.median(times[1:]), "runs": times[1:], "warmup_s": times[0],
+            "peak_extra_GiB": peak}  # run 0 is the warm-up (and the compile)
 
 
 def run_case(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -148,20 +151,21 @@ def precision(V: int = 151_936, N: int = 256) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'V':>8} {'N':>7} {'method':<9} {'seconds':>9} {'peak GiB':>9} "
-             f"{'x autograd':>10} {'x logits':>9}  note"]
+    lines = [f"{'V':>8} {'N':>7} {'method':<14} {'seconds':>9} {'warm-up':>8} {'peak GiB':>9} "
+             f"{'x autograd':>10} {'x logits':>9} {'x fused':>8}  note"]
     by = {(r["V"], r["N"], r["method"]): r for r in rows}
     for r in rows:
         if "seconds" not in r:
-            lines.append(f"{r['V']:>8} {r['N']:>7} {r['method']:<9} {'-':>9} {'-':>9} "
-                         f"{'':>10} {'':>9}  {r.get('error') or r.get('skipped')}")
+            lines.append(f"{r['V']:>8} {r['N']:>7} {r['method']:<14} {'-':>9} {'-':>8} {'-':>9} "
+                         f"{'':>10} {'':>9} {'':>8}  {r.get('error') or r.get('skipped')}")
             continue
         ratios = []
-        for other in ("autograd", "logits"):
+        for other in ("autograd", "logits", "fused"):
             o = by.get((r["V"], r["N"], other), {})
             ratios.append(f"{o['seconds'] / r['seconds']:.2f}" if "seconds" in o else "-")
-        lines.append(f"{r['V']:>8} {r['N']:>7} {r['method']:<9} {r['seconds']:>9.3f} "
-                     f"{r['peak_extra_GiB']:>9.2f} {ratios[0]:>10} {ratios[1]:>9}")
+        lines.append(f"{r['V']:>8} {r['N']:>7} {r['method']:<14} {r['seconds']:>9.3f} "
+                     f"{r.get('warmup_s', math.nan):>8.1f} {r['peak_extra_GiB']:>9.2f} "
+                     f"{ratios[0]:>10} {ratios[1]:>9} {ratios[2]:>8}")
     return "\n".join(lines)
 
 
@@ -172,6 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-gib", type=float, default=14.0,
                         help="skip cases estimated to need more memory than this")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--vocabs", type=int, nargs="+", default=list(VOCABS),
+                        help="vocabulary sizes to run (default: %(default)s)")
+    parser.add_argument("--positions", type=int, nargs="+", default=list(POSITIONS),
+                        help="positions N to run (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--chunk-mb", type=int, default=DEFAULT_CHUNK_MB,
+                        help="the fused loss's chunk budget (default: the learner's, %(default)s)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--skip-precision", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -179,11 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    shapes = QUICK if args.quick else [(V, N) for V in VOCABS for N in POSITIONS]
+    shapes = QUICK if args.quick else [(V, N) for V in args.vocabs for N in args.positions]
     rows = []
     load = [os.getloadavg()[0]]
     for V, N in shapes:
-        for method in METHODS:
+        for method in args.methods:
             row: dict[str, Any] = {"V": V, "N": N, "method": method}
             need = _estimate_gib(method, N, V)
             if need > args.max_gib:
@@ -191,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 repeats = 1 if N * V > 1 << 30 else args.repeats
                 row.update(run_case({"V": V, "N": N, "method": method, "repeats": repeats,
-                                     "threads": args.threads}, timeout_s=1800))
+                                     "threads": args.threads, "chunk_mb": args.chunk_mb},
+                                    timeout_s=1800))
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
         load.append(os.getloadavg()[0])
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "setup": {"H": H, "D": D, "T": T, "group": GROUP, "beta": BETA, "dtype": "float32",
-                  "threads": args.threads, "torch": torch.__version__,
+                  "threads": args.threads, "chunk_mb": args.chunk_mb, "torch": torch.__version__,
                   "machine": platform.processor() or platform.machine(), "load_avg": load},
         "rows": rows, "bf16_reference_precision": prec}, indent=2))
     print(f"\nwrote {out}")

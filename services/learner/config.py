@@ -103,8 +103,9 @@ class LearnerConfig(ServerOptions):
         "bfloat16", help="dtype FULL reference log-probs travel in: bfloat16 (half the bytes; "
         "upcast and renormalised one chunk at a time, README 'Precision') or float32")
     loss_kernel: str = field(
-        "auto", help="per-chunk math of the fused loss: auto (triton on CUDA, else eager), "
-        "eager, compiled (torch.compile; compiles at the first step) or triton (CUDA only)")
+        "auto", help="per-chunk math of the fused loss: auto (triton on CUDA; on CPU compiled "
+        "for fp32 at V >= 8192 when a C++ compiler is found, else eager), eager, compiled "
+        "(torch.compile; compiles at the first step) or triton (CUDA only)")
     loss_chunk_mb: int = field(
         512, help="memory budget (MiB) of one chunk of the fused loss's [rows, V] temporaries; "
         "extra memory stays about this whatever the batch; raise it on GPUs for larger matmuls")

@@ -25,13 +25,17 @@ the chunk's own log-probs) is therefore known inside the chunk, and one pass suf
 The gradients are computed during forward (the loss is a scalar) and only scaled by the incoming
 gradient in backward. Extra memory is a few [rows, V] fp32 temporaries, sized from a byte budget
 (`chunk_rows`), so it is flat in N; ∂L/∂h is [M, H] (the size of the hidden states) and ∂L/∂W the
-size of the head, both needed by any backward.
+size of the head, both needed by any backward. The chunk's logits, a HIDDEN teacher's logits and
+the compiled kernel's dL/dz go into [rows, V] buffers allocated once per call and reused by every
+chunk (on CPU a fresh allocation that size is page-faulted and zeroed on first touch).
 
 `hybrid_loss` stays the readable reference: the tests compare this op to it on every encoding.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,8 +72,11 @@ from protege.services.learner.objective import (
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_CHUNK_MB = 512  # at V = 152k: ~147 rows a chunk; each chunk re-reads the heads once
 KERNELS = ("auto", "eager", "compiled", "triton")
+AUTO_COMPILED_MIN_V = 8192  # "auto" compiles the CPU kernel from this vocabulary size up
 # Live [rows, V] compute-dtype tensors at the peak of one chunk: logits, log p, p, the reference
 # rows, a logsumexp temporary (HIDDEN) and the soft-cap derivative.
 _LIVE_TEMPORARIES = 6
@@ -155,9 +162,17 @@ def chunk_rows(V: int, budget_bytes: int, dtype: torch.dtype = torch.float32) ->
     return max(1, budget_bytes // max(per_row, 1))
 
 
-def _logits(h: Tensor, head: LMHead, cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """(z [n, V] in cd, tanh(z_scaled / c) when soft-capped else None) for hidden rows h."""
-    z = F.linear(h, head.weight_VH, head.bias_V).to(cd)
+def _logits(h: Tensor, head: LMHead, cd: torch.dtype, out: Tensor | None = None
+            ) -> tuple[Tensor, Tensor | None]:
+    """(z [n, V] in cd, tanh(z_scaled / c) when soft-capped else None) for hidden rows h; z is
+    written into `out` when given (weights in cd)."""
+    w = head.weight_VH
+    if out is None:
+        z = F.linear(h, w, head.bias_V).to(cd)
+    elif head.bias_V is None:
+        z = torch.mm(h, w.t(), out=out)
+    else:
+        z = torch.addmm(head.bias_V, h, w.t(), out=out)
     if head.scale != 1.0:
         z.mul_(head.scale)
     if head.softcap is None:
@@ -186,7 +201,21 @@ class _Plan:
     cd: torch.dtype
     need_grad: bool = True  # False under torch.no_grad (evaluation): terms only
     kernel: str = "eager"  # the per-chunk math: "eager", "compiled" or "triton" (resolved)
+    auto: bool = False  # the kernel was chosen by "auto": a failed compile falls back to eager
     terms: dict[str, Tensor] = field(default_factory=dict)  # filled by forward, for the stats
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # [rows, V] kept across chunks
+
+
+def _buffer(plan: _Plan, name: str, rows: Tensor) -> Tensor:
+    """A [len(rows), V] compute-dtype buffer reused by every chunk of the call. On CPU a fresh
+    tensor above glibc's mmap threshold (32 MiB) is page-faulted and zeroed on first touch: at
+    [rows, V] that costs about as much as the per-chunk math itself."""
+    n, V = len(rows), plan.head.weight_VH.shape[0]
+    buf = plan.buffers.get(name)
+    if buf is None or buf.numel() < n * V:
+        size = max(n, min(plan.rows, plan.rows_M.numel())) * V  # the largest chunk's
+        buf = plan.buffers[name] = torch.empty(size, dtype=plan.cd, device=plan.rows_M.device)
+    return buf[: n * V].view(n, V)
 
 
 def _future_in_chunk(kl_c: Tensor, seq_c: Tensor, carry_B: Tensor) -> Tensor:
@@ -203,15 +232,10 @@ def _reference_logprobs(plan: _Plan, rows: Tensor) -> Tensor:
     """The reference's log-probs [n, V] at the flat rows (FULL or HIDDEN), in the compute dtype."""
     ref = plan.reference
     if isinstance(ref, HiddenRef):
-        h = ref.hidden_BTD.index_select(0, rows).to(plan.cd)
-        if plan.validate and not bool(torch.isfinite(h).all()):
-            raise _fail("reference.hidden", "finite hidden states", "NaN or inf",
-                        "fix the reference forward or mask those positions out")
-        bias = None if ref.bias_V is None else ref.bias_V.to(plan.cd)
-        logq = F.linear(h, ref.lm_head_VD.to(plan.cd), bias)  # the chunk is in budget
+        logq = _teacher_logits(plan, rows, _buffer(plan, "ref", rows))
         return logq.sub_(torch.logsumexp(logq, -1, keepdim=True))
-    arrived = ref.index_select(0, rows)
-    logq = arrived.to(plan.cd)
+    arrived = _full_rows(ref, rows)
+    logq = arrived.to(plan.cd)  # read only below (a view when rows are contiguous)
     if plan.validate:
         _check_full_rows(logq, _norm_tol(arrived.dtype))
     if torch.finfo(arrived.dtype).bits <= 16:
@@ -221,24 +245,58 @@ def _reference_logprobs(plan: _Plan, rows: Tensor) -> Tensor:
     return logq
 
 
+def _full_rows(ref: Tensor, rows: Tensor) -> Tensor:
+    """A FULL reference's rows: a view when they are contiguous (no mask gaps), else a copy."""
+    first, last = int(rows[0]), int(rows[-1])
+    return ref[first:last + 1] if last - first + 1 == len(rows) else ref.index_select(0, rows)
+
+
+def _teacher_logits(plan: _Plan, rows: Tensor, out: Tensor | None = None) -> Tensor:
+    """A HIDDEN reference's logits [n, V] at the flat rows, in the compute dtype."""
+    ref = plan.reference
+    assert isinstance(ref, HiddenRef), "only a HIDDEN reference has a teacher head"
+    h = ref.hidden_BTD.index_select(0, rows).to(plan.cd)
+    if plan.validate and not bool(torch.isfinite(h).all()):
+        raise _fail("reference.hidden", "finite hidden states", "NaN or inf",
+                    "fix the reference forward or mask those positions out")
+    head = LMHead(ref.lm_head_VD.to(plan.cd), None if ref.bias_V is None else
+                  ref.bias_V.to(plan.cd))
+    return _logits(h, head, plan.cd, out)[0]  # the chunk is in budget
+
+
 def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
            ) -> tuple[Tensor | None, dict[str, Tensor]]:
     """dL/dz [n, V] of one chunk of counted rows (None when no gradient is wanted), and its
-    per-row terms."""
+    per-row terms. With kernel "auto", a compiled kernel that fails to compile (no working C++
+    compiler, an inductor error) hands over to eager for the rest of the process."""
+    try:
+        return _chunk_once(plan, h, sl, carry_B)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        if not (plan.auto and plan.kernel == "compiled"):
+            raise
+        logger.warning("fused loss: the compiled kernel failed (%s: %s); using eager from now on",
+                       type(e).__name__, str(e)[:300])
+        _AUTO_FAILED.add(plan.kernel)
+        plan.kernel = "eager"
+        return _chunk_once(plan, h, sl, carry_B)
+
+
+def _chunk_once(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
+                ) -> tuple[Tensor | None, dict[str, Tensor]]:
     rows, y = plan.rows_M[sl], plan.tokens_M[sl, None]
     seq = plan.seq_M[sl]
-    z, t = _logits(h.to(plan.head.weight_VH.dtype), plan.head, plan.cd)
-    if plan.validate:
-        _check_logits_rows(z)
     ref = plan.reference
-    dense = None
-    if plan.kernel != "eager" and ref is not None and not isinstance(ref, TopKRef):
-        dense = _fused_dense(plan.kernel, z, _reference_logprobs(plan, rows), y)
+    fused = plan.kernel != "eager" and ref is not None and not isinstance(ref, TopKRef)
+    w = plan.head.weight_VH
+    z, t = _logits(h.to(w.dtype), plan.head, plan.cd,
+                   _buffer(plan, "z", rows) if w.dtype == plan.cd else None)
+    dense = _fused_chunk(plan, z, rows, y) if fused else None
     if dense is None:
-        dense = _eager_dense(plan, z, rows, y)
-    kl, logp_y, p_sq, grad_sq, finish = dense
+        if plan.validate:
+            _check_logits_rows(z)
+        dense = _eager_chunk(plan, z, rows, y)
+    kl, logp_y, finish = dense
     future = _future_in_chunk(kl, seq, carry_B).to(plan.cd)
-    carry_B.index_add_(0, seq, kl.double())
     # A_t (E5): (R − b) only where the reward came back (0 in adv_B otherwise); the −β·future-KL
     # part needs no reward, so every sample keeps it.
     adv = plan.adv_B.index_select(0, seq) - plan.beta * future
@@ -246,11 +304,13 @@ def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
     if plan.behav_M is not None:
         ratio = (logp_y - plan.behav_M[sl].to(plan.cd)).exp().clamp(max=plan.cap)
     coef = plan.weight * ratio * adv
+    # dL/dz = βw ∂D/∂z + c (p − onehot(y))
+    grad, p_sq, grad_sq = finish(plan.beta * plan.weight, coef[:, None], plan.need_grad)
+    carry_B.index_add_(0, seq, kl.double())  # last: a failed chunk can be redone
     terms = {"kl": kl, "logp": logp_y, "p_sq": p_sq, "grad_sq": grad_sq, "adv": adv,
              "ratio": ratio, "coef": coef}
-    if not plan.need_grad:
+    if grad is None:
         return None, terms
-    grad = finish(plan.beta * plan.weight, coef[:, None])  # dL/dz = βw ∂D/∂z + c (p − onehot(y))
     if t is not None:  # z = c · tanh(s / c): dz/ds = 1 − tanh²
         grad.mul_(t.square_().neg_().add_(1.0))
     if plan.head.scale != 1.0:
@@ -258,42 +318,178 @@ def _chunk(plan: _Plan, h: Tensor, sl: slice, carry_B: Tensor
     return grad, terms
 
 
-Dense = tuple[Tensor, Tensor, Tensor, Tensor, Callable[[float, Tensor], Tensor]]
+# (kl [n], log p(y) [n], finish): finish(βw, c [n, 1], need_grad) returns (dL/dz [n, V] or None,
+# Σp² [n], ‖∂D/∂z‖² [n]) with dL/dz = βw ∂D/∂z + c (p − onehot(y)).
+Finish = Callable[[float, Tensor, bool], tuple[Tensor | None, Tensor, Tensor]]
+Dense = tuple[Tensor, Tensor, Finish]
 
 
-def _eager_dense(plan: _Plan, z: Tensor, rows: Tensor, y: Tensor) -> Dense:
-    """(kl, log p(y), Σp², ‖∂D/∂z‖², finish) of a chunk with eager ops (z is consumed);
-    finish(βw, c) returns βw ∂D/∂z + c (p − onehot(y)), in place of the chunk's buffers."""
+def _eager_chunk(plan: _Plan, z: Tensor, rows: Tensor, y: Tensor) -> Dense:
     ref = plan.reference
     if isinstance(ref, TopKRef):
-        kl, g_dense = _topk_rows(z, ref, rows, plan.validate)
+        return _eager_dense(z, y, topk=_topk_rows(z, ref, rows, plan.validate))
+    return _eager_dense(z, y, None if ref is None else _reference_logprobs(plan, rows))
+
+
+def _eager_dense(z: Tensor, y: Tensor, logq: Tensor | None = None,
+                 topk: tuple[Tensor, Tensor] | None = None) -> Dense:
+    """The dense closed form of a chunk with eager ops, for log-probs logq (FULL, HIDDEN), the
+    TOPK rows' (kl, ∂D/∂z), or neither (pure RL). finish writes in place of its buffers."""
+    if topk is not None:
+        kl, g_dense = topk
         logp, p, _ = _shifted_log_softmax(z)
     else:
         logp, p, m = _shifted_log_softmax(z)
     logp_y = logp.gather(-1, y).squeeze(-1)
     p_sq = torch.linalg.vector_norm(p, dim=-1).square()
-    if ref is None:
+    if logq is None and topk is None:
         kl, g_dense = logp_y.new_zeros(logp_y.shape), None
-    elif not isinstance(ref, TopKRef):
+    elif topk is None:
         p_m = p.gather(-1, m)
-        kl, g_dense = _bucket_kl_grad(logp, _reference_logprobs(plan, rows), p, m)
+        kl, g_dense = _bucket_kl_grad(logp, logq, p, m)
         p.scatter_(-1, m, p_m)  # _bucket_kl_grad zeroed the argmax entry of p
     del logp
     grad_sq = (logp_y.new_zeros(logp_y.shape) if g_dense is None
                else torch.linalg.vector_norm(g_dense, dim=-1).square())
 
-    def finish(bw: float, coef: Tensor) -> Tensor:
+    def finish(bw: float, coef: Tensor, need_grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+        if not need_grad:
+            return None, p_sq, grad_sq
         grad = p.mul_(coef) if g_dense is None else g_dense.mul_(bw).addcmul_(p, coef)
-        return grad.scatter_add_(-1, y, -coef)
+        return grad.scatter_add_(-1, y, -coef), p_sq, grad_sq
 
-    return kl, logp_y, p_sq, grad_sq, finish
+    return kl, logp_y, finish
 
 
 # ------------------------------------------------------------------------------------------------
-# The compiled kernel (loss_kernel: compiled): the same math as `_eager_dense` for a FULL or
-# HIDDEN reference, written as two functions that torch.compile fuses into a few loops over each
-# row: one reduction pass for the statistics, one pass that writes dL/dz. Eager ops make ~17
-# passes over the chunk; these make about 4. The argmax entry still follows (E4).
+# The compiled kernel (loss_kernel: compiled; auto on CPU at fp32 and V >= 8192). Two functions
+# that inductor turns into one C++ loop nest each: an outer loop over the chunk's rows (OpenMP
+# over threads) and vectorised inner loops over the vocabulary, so a row (z and the reference:
+# 256 KiB at V = 32k) is read from memory once per function and its later loops hit L2.
+#
+# - `_row_sums`, per row: the max of z and of the reference r, then one loop that sums, from
+#   e_i = exp(z_i − max) off the maximum (the maximal entries apart: E4 needs 1 − p_m =
+#   Σ_{i off max} e_i p_m without cancellation), Σe, Σe·(z_i − max − r'_i), Σe² and, over the
+#   maximal entries, their count and Σr'; r' = r − max r, so that where the student is near the
+#   reference z_i − max − r'_i ≈ d_i is small (no cancellation). With L = log(Σe + #max) and
+#   log q = r' − c (c = −max r for log-probs, log Σexp(r') for logits):
+#   Σ_{i off max} p_i d_i = (Σe(z − max − r') + (c − L)Σe) / e^L; KL adds the maximal entries'.
+#   When asked, also Σ exp(r') (logsumexp of the reference: normalises a HIDDEN teacher's
+#   logits or bf16 log-probs, validates a FULL reference).
+# - `_row_grad`: one loop that writes dL/dz = βw ∂D/∂z + c p into a buffer and sums ‖∂D/∂z‖²;
+#   the argmax entry is (E4) when the maximum is unique (with ties p_m <= 1/2: E3 is exact
+#   enough); −c at y is one scatter afterwards.
+#
+# Each [rows, V] input is read twice from memory and dL/dz written once; the eager ops make
+# ~17 passes and allocate [rows, V] temporaries. Inductor sums each SIMD lane sequentially
+# over the row (V/16 terms), so KL and dL/dz carry 1e-7 to 1e-5 relative error at V = 32k (the
+# most on heavy-tailed rows; eager ~1e-7). Non-finite sums (a −inf in the reference, NaN/inf
+# logits) return None: the eager path handles zero mass (0 · log 0 = 0) and raises the named
+# errors.
+# ------------------------------------------------------------------------------------------------
+
+
+def _row_sums(z: Tensor, ref: Tensor, lse: bool) -> tuple[Tensor, ...]:
+    rmax = ref.amax(-1, keepdim=True).to(z.dtype)
+    r = ref.to(z.dtype) - rmax  # <= 0; near the student, z − max − r ≈ d is small: no cancellation
+    zmax = z.amax(-1, keepdim=True)
+    s = z - zmax
+    top = z == zmax
+    e = torch.where(top, 0.0, s.exp())
+    sums = (zmax, rmax, e.sum(-1, keepdim=True), (e * (s - r)).sum(-1, keepdim=True),
+            top.sum(-1, keepdim=True, dtype=z.dtype),
+            torch.where(top, r, 0.0).sum(-1, keepdim=True), (e * e).sum(-1, keepdim=True))
+    return (*sums, r.exp().sum(-1, keepdim=True)) if lse else sums
+
+
+def _row_grad(z: Tensor, ref: Tensor, zmax: Tensor, lognorm: Tensor, shift: Tensor, pin: Tensor,
+              kl: Tensor, g_pin: Tensor, bw: Tensor, coef: Tensor, out: Tensor) -> Tensor:
+    logp = z - zmax - lognorm
+    p = logp.exp()
+    g_dense = torch.where(z == pin, g_pin, p * (logp - (ref.to(z.dtype) - shift) - kl))  # (E3)
+    out.copy_(g_dense * bw + coef * p)
+    return (g_dense * g_dense).sum(-1, keepdim=True)
+
+
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+_AUTO_FAILED: set[str] = set()  # "compiled" once it failed under "auto": eager from then on
+
+
+def _compiled(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) through torch.compile, the row dimension dynamic (one graph for every chunk
+    size) and the vocabulary static (its loops vectorise without a ragged tail)."""
+    for a in args:
+        if isinstance(a, Tensor) and a.dim() == 2:
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn](*args)
+
+
+def _fused_chunk(plan: _Plan, z: Tensor, rows: Tensor, y: Tensor) -> Dense | None:
+    """`_eager_chunk` for FULL/HIDDEN through the compiled or Triton kernel; None hands the
+    chunk to eager."""
+    if plan.kernel == "triton":
+        if plan.validate:
+            _check_logits_rows(z)
+        return _triton_dense(z, _reference_logprobs(plan, rows), y)
+    if isinstance(plan.reference, HiddenRef):
+        r = _teacher_logits(plan, rows, _buffer(plan, "ref", rows))
+        normalise, tol = True, None
+    else:
+        r = _full_rows(plan.reference, rows)
+        normalise = torch.finfo(r.dtype).bits <= 16  # as `_reference_logprobs`
+        tol = _norm_tol(r.dtype) if plan.validate else None
+    return _compiled_dense(z, r, y, _buffer(plan, "grad", rows), normalise=normalise, tol=tol)
+
+
+def _compiled_dense(z: Tensor, ref: Tensor, y: Tensor, out: Tensor, *, normalise: bool = False,
+                    tol: float | None = None) -> Dense | None:
+    """The dense closed form of a chunk through the compiled kernel; dL/dz goes to out [n, V].
+
+    ref: log q [n, V] in any float dtype, or logits to normalise (normalise=True). tol: check
+    |logsumexp(log q)| <= tol per row (a FULL reference's validation). None when the eager path
+    must take the chunk: non-finite sums, or a reference that fails the check (eager raises).
+    """
+    # log q = ref − shift; in the sums r = ref − max(ref) and log q = r − c
+    zmax, rmax, e_sum, eu_sum, ties, r_ties, e_sq, *rsum = _compiled(
+        _row_sums, z, ref, normalise or tol is not None)
+    shift, c = torch.zeros_like(zmax), -rmax
+    if rsum:
+        lse = rmax + rsum[0].log()
+        if tol is not None and not bool((lse.abs() <= tol).all()):
+            return None
+        if normalise:
+            shift, c = lse, lse - rmax
+    if not bool(torch.isfinite(eu_sum).all() and torch.isfinite(r_ties).all()):
+        return None
+    norm = e_sum + ties  # Σ exp(z − max) >= 1
+    lognorm = norm.log()
+    p_top = norm.reciprocal()  # p at each maximal entry
+    s_off = (eu_sum + (c - lognorm) * e_sum) * p_top  # Σ p_i d_i off the maximum
+    kl = s_off + p_top * (ties * (c - lognorm) - r_ties)
+    # (E4) at a unique maximum m: p_m ((1 − p_m) d_m − Σ_{i≠m} p_i d_i), 1 − p_m = Σe p_m. Ties
+    # at the maximum have p_m <= 1/2, no cancellation: (E3) there, and no entry is pinned.
+    d_top = c - lognorm - r_ties
+    g_pin = p_top * (e_sum * p_top * d_top - s_off)
+    pin = torch.where(ties == 1, zmax, math.inf)
+    logp_y = z.gather(-1, y) - zmax - lognorm
+    p_sq = (e_sq + ties) * p_top.square()
+
+    def finish(bw: float, coef: Tensor, need_grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+        bw_t = z.new_tensor(bw)
+        sq = _compiled(_row_grad, z, ref, zmax, lognorm, shift, pin, kl, g_pin, bw_t, coef, out)
+        out.scatter_add_(-1, y, -coef)
+        return (out if need_grad else None), p_sq.squeeze(-1), sq.squeeze(-1)
+
+    return kl.squeeze(-1), logp_y.squeeze(-1), finish
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton kernel (loss_kernel: triton, auto on CUDA): `fused_triton.dense_stats`, `dense_grad`,
+# one program per row. `_dense_stats` and `_dense_grad` are their torch reference (the tests
+# compare them), the same math as `_eager_dense` for a FULL or HIDDEN reference; the argmax entry
+# follows (E4).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -318,24 +514,12 @@ def _dense_grad(z: Tensor, logq: Tensor, y: Tensor, zmax: Tensor, lognorm: Tenso
     return g - torch.where(idx == y, coef, 0.0)
 
 
-_KERNEL_FNS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
-
-
-def _kernel_fns(kernel: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(stats, grad) of a kernel: torch.compile of the functions above, or their Triton twins."""
-    if kernel not in _KERNEL_FNS:
-        if kernel == "triton":
-            from protege.services.learner import fused_triton
-
-            _KERNEL_FNS[kernel] = (fused_triton.dense_stats, fused_triton.dense_grad)
-        else:
-            _KERNEL_FNS[kernel] = (torch.compile(_dense_stats, dynamic=True, fullgraph=True),
-                                   torch.compile(_dense_grad, dynamic=True, fullgraph=True))
-    return _KERNEL_FNS[kernel]
-
-
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """'auto' is Triton on CUDA when triton imports, else eager."""
+def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                   V: int = 0) -> str:
+    """'auto': Triton on CUDA when triton imports; on CPU the compiled kernel for fp32 at real
+    vocabularies (V >= AUTO_COMPILED_MIN_V) when a C++ compiler is found; else eager. fp64 (the
+    tests' exact reference) and small vocabularies stay eager: there the compile (tens of
+    seconds) would not pay back. A kernel that fails in this process is not picked again."""
     if kernel != "auto":
         return kernel
     if device.type == "cuda":
@@ -344,27 +528,47 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         except ImportError:
             return "eager"
         return "triton"
+    if (device.type == "cpu" and dtype == torch.float32 and V >= AUTO_COMPILED_MIN_V
+            and "compiled" not in _AUTO_FAILED and _cpp_compiler() is not None):
+        return "compiled"
     return "eager"
 
 
-def _fused_dense(kernel: str, z: Tensor, logq: Tensor, y: Tensor) -> Dense | None:
-    """`_eager_dense` for FULL/HIDDEN through a fused kernel; None when the reference has
+@functools.cache
+def _cpp_compiler() -> str | None:
+    """The C++ compiler inductor would call (it runs `cxx --version` once), None without one."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler, or an inductor without this helper
+        return None
+
+
+def _triton_dense(z: Tensor, logq: Tensor, y: Tensor) -> Dense | None:
+    """`_eager_dense` for FULL/HIDDEN through the Triton kernels; None when the reference has
     zero-mass (−inf) entries, which the eager path handles (0 · log 0 = 0)."""
-    stats_fn, grad_fn = _kernel_fns(kernel)
-    zmax, lognorm, m, s_other, one_minus_pm, a2, a1, a0, logq_m, logp_y = stats_fn(z, logq, y)
+    from protege.services.learner import fused_triton
+
+    stats = fused_triton.dense_stats(z, logq, y)
+    zmax, lognorm, m, s_other, one_minus_pm, a2, a1, a0, logq_m, logp_y = stats
     if not bool(torch.isfinite(s_other).all()):
         return None
     p_m = (-lognorm).exp()
     d_m = -lognorm - logq_m
     kl = p_m * d_m + s_other
     g_m = p_m * (one_minus_pm * d_m - s_other)  # (E4)
-    grad_sq = a2 - 2 * kl * a1 + kl.square() * a0 + g_m.square()
+    grad_sq = (a2 - 2 * kl * a1 + kl.square() * a0 + g_m.square()).squeeze(-1).clamp(min=0)
+    p_sq = (a0 + p_m.square()).squeeze(-1)
 
-    def finish(bw: float, coef: Tensor) -> Tensor:
-        return grad_fn(z, logq, y, zmax, lognorm, m, kl, g_m, z.new_tensor(bw), coef)
+    def finish(bw: float, coef: Tensor, need_grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+        if not need_grad:
+            return None, p_sq, grad_sq
+        grad = fused_triton.dense_grad(z, logq, y, zmax, lognorm, m, kl, g_m, z.new_tensor(bw),
+                                       coef)
+        return grad, p_sq, grad_sq
 
-    return (kl.squeeze(-1), logp_y.squeeze(-1), (a0 + p_m.square()).squeeze(-1),
-            grad_sq.squeeze(-1).clamp(min=0), finish)
+    return kl.squeeze(-1), logp_y.squeeze(-1), finish
 
 
 class _FusedHybrid(torch.autograd.Function):
@@ -500,9 +704,11 @@ def fused_hybrid_loss(
             memory stays about this, whatever N is.
         chunk_positions: rows per chunk, overriding the budget (tests, benchmarks).
         kernel: the per-chunk math for FULL and HIDDEN: "eager" (PyTorch ops, about 17 passes
-            over each chunk), "compiled" (torch.compile fuses it into about 4; the first call
-            compiles for tens of seconds), "triton" (CUDA, `fused_triton.py`) or "auto"
-            (triton on CUDA, else eager). TOPK and pure RL always run eager.
+            over each chunk), "compiled" (torch.compile: each [rows, V] input read twice from
+            memory, dL/dz written once; the first call compiles for seconds to tens of
+            seconds), "triton" (CUDA, `fused_triton.py`) or "auto" (`resolve_kernel`: triton on
+            CUDA; compiled on CPU at fp32 and V >= 8192 when a C++ compiler is found, eager
+            from then on if it fails to compile; else eager). TOPK and pure RL run eager.
         validate: check finiteness and normalisation chunk by chunk (one extra pass for FULL).
         The other arguments are those of `hybrid_loss`.
 
@@ -539,7 +745,7 @@ def fused_hybrid_loss(
         behav_M=behav_M, beta=float(beta),
         weight=1.0 / (B if normalization == "sequence" else max(M, 1)),
         cap=float(importance_cap), rows=rows, validate=validate, B=B, cd=cd,
-        kernel=resolve_kernel(kernel, dev),
+        kernel=resolve_kernel(kernel, dev, cd, V), auto=kernel == "auto",
         need_grad=torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (hidden_BTH, head.weight_VH, head.bias_V)))
     hidden_MH = hidden_BTH.reshape(B * T, H).index_select(0, rows_M)

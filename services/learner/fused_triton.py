@@ -1,7 +1,8 @@
 """Triton kernels for the fused loss's per-chunk math on CUDA (`fused_loss`, kernel "triton").
 
-The same two functions as the compiled CPU kernel (`fused_loss._dense_stats`, `_dense_grad`),
-one program per row of the chunk, each walking the vocabulary in BLOCK-wide tiles:
+The Triton twins of `fused_loss._dense_stats` and `_dense_grad` (their torch reference, which
+the tests compare them to), one program per row of the chunk, each walking the vocabulary in
+BLOCK-wide tiles:
 
 - `dense_stats`: pass 1 keeps a running max, its first index and Σ exp(z − max) (online
   rescaling); pass 2 accumulates, over i ≠ argmax m, Σ p_i d_i, Σ p_i, Σ (p_i d_i)², Σ p_i² d_i,

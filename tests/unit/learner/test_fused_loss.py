@@ -425,3 +425,108 @@ def test_compiled_kernel_falls_back_on_zero_reference_mass() -> None:
 def test_unknown_kernel_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="kernel: expected one of"):
         fused_hybrid_loss(**_bad(), kernel="cuda-magic")
+
+
+def _exact_dense(z: Tensor, logq: Tensor) -> tuple[Tensor, Tensor]:
+    """KL and its gradient w.r.t. z by fp64 autograd: the truth for the fp32 kernels."""
+    z64 = z.double().requires_grad_(True)
+    logp = torch.log_softmax(z64, -1)
+    kl = (logp.exp() * (logp - logq.double())).sum(-1)
+    return kl.detach(), torch.autograd.grad(kl.sum(), z64)[0]
+
+
+@pytest.mark.parametrize("rows", ["random", "peaked", "ties", "teacher_logits", "bf16"])
+def test_compiled_dense_matches_fp64(rows: str) -> None:
+    """The compiled kernel's sums reach KL and ∂D/∂z as closely as the eager fp32 ops: a row with
+    p_m -> 1 needs (E4) at the argmax, tied maxima need the ties summed apart, a HIDDEN teacher's
+    logits and a bf16 FULL reference are normalised inside the kernel."""
+    from protege.services.learner.fused_loss import _compiled_dense, _eager_dense
+
+    g = _gen(20)
+    n, V = 6, 3000
+    z = torch.randn(n, V, generator=g) * 2
+    ref = torch.log_softmax(torch.randn(n, V, generator=g) * 2, -1)
+    normalise = False
+    if rows == "peaked":
+        z[:, 7] = 40.0  # 1 − p_m ~ e^-38
+    elif rows == "ties":
+        z[:, 100:104] = z.max() + 1.0
+        z[0, 5] = z[0, 100]
+    elif rows == "teacher_logits":
+        ref, normalise = torch.randn(n, V, generator=g) * 3 + 20.0, True
+    elif rows == "bf16":
+        ref, normalise = ref.bfloat16(), True
+    logq = ref.double() - torch.logsumexp(ref.double(), -1, keepdim=True)
+    kl_x, grad_x = _exact_dense(z, logq)
+    y = torch.randint(0, V, (n, 1), generator=g)
+    coef = torch.zeros(n, 1)
+    out = torch.empty(n, V)
+    kl, _, finish = _compiled_dense(z, ref, y, out, normalise=normalise,
+                                    tol=1e-2 if rows == "bf16" else None)
+    grad, p_sq, grad_sq = finish(1.0, coef, True)
+    kl_e, _, finish_e = _eager_dense(z, y, logq.float())
+    grad_e, p_sq_e, grad_sq_e = finish_e(1.0, coef, True)
+    err_kl, err_grad = (kl.double() - kl_x).abs().max(), (grad.double() - grad_x).norm()
+    assert err_kl <= 4 * max((kl_e.double() - kl_x).abs().max(), 1e-6 * kl_x.abs().max())
+    assert err_grad <= 4 * max((grad_e.double() - grad_x).norm(), 1e-6 * grad_x.norm())
+    torch.testing.assert_close(p_sq, p_sq_e, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad_sq, grad_sq_e, rtol=1e-3, atol=1e-9)
+
+
+def test_compiled_kernel_validates_like_eager() -> None:
+    """No separate validation pass in the compiled kernel: non-finite logits and a reference that
+    is not normalised are caught from its sums and refused with eager's messages."""
+    case = _case(14, V=40, dtype=torch.float32)
+    args = dict(tokens_BT=case["tokens_BT"], mask_BT=case["mask_BT"],
+                rewards_B=case["rewards_B"], beta=0.5, kernel="compiled")
+    head = LMHead(case["weight"], case["bias"])
+    with pytest.raises(InvalidArgument, match="normalised log-probs"):
+        fused_hybrid_loss(case["hidden"], head, reference=case["reference"] + 0.1, **args)
+    hidden = case["hidden"].clone()
+    hidden[0, 1, 0] = math.nan
+    with pytest.raises(InvalidArgument, match="logits: expected finite values"):
+        fused_hybrid_loss(hidden, head, reference=case["reference"], **args)
+
+
+def test_auto_picks_compiled_on_cpu_at_real_vocabularies() -> None:
+    from protege.services.learner.fused_loss import (
+        AUTO_COMPILED_MIN_V,
+        _cpp_compiler,
+        resolve_kernel,
+    )
+
+    cpu = torch.device("cpu")
+    expected = "compiled" if _cpp_compiler() else "eager"
+    assert resolve_kernel("auto", cpu, torch.float32, AUTO_COMPILED_MIN_V) == expected
+    assert resolve_kernel("auto", cpu, torch.float64, 151_936) == "eager"  # the exact reference
+    assert resolve_kernel("auto", cpu, torch.float32, 97) == "eager"  # compile would not pay
+    assert resolve_kernel("eager", cpu, torch.float32, 151_936) == "eager"
+
+
+def test_auto_falls_back_to_eager_when_the_kernel_fails_to_compile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from protege.services.learner import fused_loss
+
+    def no_compiler(*_: Any) -> Any:  # inductor wraps it in InductorError, a dynamo exception
+        raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: no working C++ compiler")
+
+    failed: set[str] = set()
+    monkeypatch.setattr(fused_loss, "_cpp_compiler", lambda: "g++")
+    monkeypatch.setattr(fused_loss, "AUTO_COMPILED_MIN_V", 8)
+    monkeypatch.setattr(fused_loss, "_AUTO_FAILED", failed)
+    monkeypatch.setattr(fused_loss, "_compiled", no_compiler)
+    case = _case(15, V=40, dtype=torch.float32, encoding="hidden")
+    results = []
+    for kernel in ("auto", "eager"):
+        h = case["hidden"].clone().requires_grad_(True)
+        loss, _ = fused_hybrid_loss(h, LMHead(case["weight"], case["bias"]), case["tokens_BT"],
+                                    case["mask_BT"], case["reference"], case["rewards_B"], 0.4,
+                                    group_size=2, chunk_positions=4, kernel=kernel)
+        results.append((loss, torch.autograd.grad(loss, h)[0]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert failed == {"compiled"}
+    assert fused_loss.resolve_kernel("auto", torch.device("cpu"), torch.float32, 40) == "eager"
+    with pytest.raises(RuntimeError, match="no working C"):  # asked for by name: no fallback
+        fused_hybrid_loss(case["hidden"], LMHead(case["weight"]), case["tokens_BT"],
+                          case["mask_BT"], case["reference"], case["rewards_B"], 0.4,
+                          kernel="compiled")
