@@ -150,6 +150,7 @@ class _Rollout:
     behaviour_logprobs: list[float]
     policy_version: int
     completion_text: str
+    prompt_text: str  # the samples the learner logs (sample_log_every) read it
 
 
 class LocalGenerator:
@@ -167,7 +168,8 @@ class LocalGenerator:
         ids = [self.engine.encode(p) for p in prompts]
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         return [_Rollout(str(c.prompt_index), c.sample_index, c.prompt_token_ids,
-                         c.completion_token_ids, c.behaviour_logprobs, c.policy_version, c.text)
+                         c.completion_token_ids, c.behaviour_logprobs, c.policy_version, c.text,
+                         prompts[c.prompt_index])
                 for batch in self.engine.generate(ids, n, params) for c in batch]
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor], version: int,
