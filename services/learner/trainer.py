@@ -301,7 +301,11 @@ class Trainer:
         """Release the job's clients and tracker; `ended` (a terminal state, not a learner
         shutdown the job resumes from) also deletes its files in the shared weights directory."""
         if ended and self.weights is not None:
-            await asyncio.to_thread(self.weights.discard)
+            try:
+                await asyncio.to_thread(self.weights.discard)
+            except Exception:  # noqa: BLE001 - leftover files must not stop the rest of close
+                self.log.warning("could not delete the job's shared weight files",
+                                 exc_info=True)
         if self.world is not None and self.world.leader and self.model is not None:
             with distributed.collective(self.world, "closing the job"):
                 await asyncio.to_thread(self.world.command, "close")

@@ -639,7 +639,8 @@ class WeightSync:
 
     def discard(self) -> None:
         """The job ended: delete its files in the shared weights directory (if it used it)."""
-        self.transport.discard()
+        if self.transport is not None:  # None: plain gRPC, which keeps nothing outside
+            self.transport.discard()
         store = getattr(self.lora, "store", None)
         if store is not None:
             remove_job_dir(store.root, store.subdir)

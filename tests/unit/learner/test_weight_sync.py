@@ -316,6 +316,15 @@ def test_shared_files_are_written_once_and_garbage_collected(generators, tied_st
     assert not any(n.startswith(".") for listing in listings for n in listing)  # no temp files
 
 
+@pytest.mark.parametrize("transport", ["grpc", "delta", "broadcast"])
+def test_an_ended_job_discards_nothing_for_transports_that_keep_nothing(transport, tmp_path):
+    """The default (plain gRPC) has no transport object; discarding must not fail (it once
+    raised, and the job's close stopped before closing its clients and tracker)."""
+    sync = WeightSync(None, None, [], 1 << 14, None, options(transport, tmp_path))
+    sync.discard()
+    assert not (tmp_path / "shared").exists()
+
+
 def test_shared_store_chains_files_for_a_generator_that_is_behind(tied_student, tmp_path):
     model = load_causal_lm(tied_student)
     store = SharedStore(tmp_path / "store", full_every=10)
