@@ -67,9 +67,10 @@ from protege.services.learner.events import EventHub
 from protege.services.learner.store import JobStore
 from protege.services.learner.trainer import Trainer
 from protege.services.reference.engine import ReferenceEngine
+from protege.services.reference.servicer import reference_info
 from protege.services.reward.scorers import build_scorer
 from protege.spec import StepEvent
-from protege.v1 import generator_pb2, jobs_pb2, reference_pb2, reward_pb2, tensor_pb2
+from protege.v1 import generator_pb2, jobs_pb2, reference_pb2, reward_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +195,7 @@ class LocalReference:
         return self.engine.score(sequences, score_from, encoding, top_k, out_dtype, vocab_size)
 
     async def info(self) -> reference_pb2.ReferenceInfo:
-        info = dict(self.engine.info())
-        return reference_pb2.ReferenceInfo(vocab=tensor_pb2.VocabInfo(**info.pop("vocab")), **info)
+        return reference_info(self.engine)
 
     async def lm_head(self, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.engine.lm_head(torch.bfloat16 if dtype == "bfloat16" else torch.float32)

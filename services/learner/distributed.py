@@ -35,7 +35,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,20 +234,6 @@ def full_weights(root: Root, world: World | None) -> dict[str, torch.Tensor] | N
         alias = first.setdefault(id(t), name)
         out[name] = out[alias] if alias != name else gathered[key]
     return out
-
-
-class HostCopy(nn.Module):
-    """A full CPU copy of the student's weights, with the `state_dict` a weight push reads."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        super().__init__()
-        self.tensors = dict(tensors)
-
-    def state_dict(self, *args: Any, keep_vars: bool = False, **kwargs: Any) -> dict[str, Any]:
-        return dict(self.tensors)
-
-    def parameters(self, recurse: bool = True):  # the push reads the device from here
-        return iter(t for t in self.tensors.values())
 
 
 # ------------------------------------------------------------------------ the optimizer state

@@ -33,7 +33,12 @@ from protege import errors
 from protege.services.common.codec import crc32, write_weights_file
 from protege.services.common.lora import Adapter
 from protege.services.learner import lora
-from protege.services.learner.weight_sync import ModelWeights, TransportOptions, _safe_name
+from protege.services.learner.weight_sync import (
+    ModelWeights,
+    TransportOptions,
+    _safe_name,
+    remove_job_dir,
+)
 from protege.v1 import generator_pb2
 
 logger = logging.getLogger(__name__)
@@ -156,6 +161,11 @@ class LoraTransport:
         self.bases: dict[str, int] = {}  # address -> the version its base (ours) came with
         self.store = (LoraStore(options.shared_dir, _safe_name(job_id))
                       if options.transport == "shared" else None)
+
+    def discard(self) -> None:
+        """The job ended: delete its directory in the shared weights root (if it used one)."""
+        if self.store is not None:
+            remove_job_dir(self.store.root, self.store.subdir)
 
     async def send(self, weights: LoraWeights, version: int, held: Mapping[str, int]
                    ) -> dict[str, Any]:

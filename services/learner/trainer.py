@@ -140,7 +140,7 @@ class Trainer:
         # the leader the full CPU copy of its weights that pushes and restores read.
         self.world = distributed.current()
         self.root: distributed.Root | None = None
-        self.host: distributed.HostCopy | None = None
+        self.host: dict[str, torch.Tensor] | None = None
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -271,14 +271,14 @@ class Trainer:
 
     def _serving(self) -> Any:
         """What pushes and restores read the weights from: the student, or in a world the
-        leader's full CPU copy of it (gathered after every update)."""
-        return self.host if self.world is not None else self.model
+        leader's full CPU copy of it (gathered after every update), as (name, tensor) pairs."""
+        return self.host.items() if self.world is not None else self.model
 
     def _gather(self) -> None:
         """Every rank: gather the student's full weights into the leader's CPU copy."""
         weights = distributed.full_weights(self.root, self.world)
         if weights is not None:
-            self.host = distributed.HostCopy(weights)
+            self.host = weights
 
     def _announce(self, message: str) -> None:
         """A notice for whoever watches the job, and an info line in the log."""
@@ -500,7 +500,7 @@ class Trainer:
         if prefetched is not None:
             state["prefetched"] = prefetched
         sharded = {} if self.world is None else dict(
-            weights=self.host.tensors, write_optimizer=self._save_optimizer)
+            weights=self.host, write_optimizer=self._save_optimizer)
         with timed(phases, "checkpoint"), distributed.collective(self.world, "the checkpoint"):
             path = await asyncio.to_thread(
                 checkpoint.save, self.job_dir, self.step, self.model, self.tokenizer,

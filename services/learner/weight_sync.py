@@ -77,14 +77,18 @@ DEFAULT_TRANSPORT = "grpc"  # works against every generator and costs the learne
 # ----------------------------------------------------------------------------- the model's view
 
 
+# What a push reads: a model, or (name, tensor) pairs that can be iterated again (a learner
+# world's full CPU copy, distributed.py; a LoRA student's base or adapter, lora_sync.py).
+Weights = torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
+
+
 class ModelWeights(Mapping[str, torch.Tensor]):
     """The model's state_dict as generators take it: floating tensors cast to `dtype` (when
     given) on access, one tensor at a time, and one name per tied group (a tied LM head is sent
     once, as its embedding). Nothing is copied until a tensor is read. Also takes (name, tensor)
     pairs instead of a model (a LoRA student's base or adapter, lora_sync.py)."""
 
-    def __init__(self, model: torch.nn.Module | Iterable[tuple[str, torch.Tensor]],
-                 dtype: torch.dtype | None):
+    def __init__(self, model: Weights, dtype: torch.dtype | None):
         self.dtype = dtype
         seen: set[int] = set()
         self._tensors: dict[str, torch.Tensor] = {}
@@ -639,11 +643,9 @@ class WeightSync:
 
     def discard(self) -> None:
         """The job ended: delete its files in the shared weights directory (if it used it)."""
-        if self.transport is not None:  # None: plain gRPC, which keeps nothing outside
-            self.transport.discard()
-        store = getattr(self.lora, "store", None)
-        if store is not None:
-            remove_job_dir(store.root, store.subdir)
+        for transport in (self.transport, self.lora):  # None: plain gRPC / not a LoRA job
+            if transport is not None:
+                transport.discard()
 
     async def served_versions(self) -> dict[str, int]:
         """The policy version each generator target serves now; also picks the dtype weights
@@ -659,8 +661,9 @@ class WeightSync:
         """Highest policy version any generator target serves now."""
         return max((await self.served_versions()).values(), default=0)
 
-    async def push(self, model: torch.nn.Module, version: int) -> None:
-        """Send the model's weights to every generator as policy `version`."""
+    async def push(self, model: Weights, version: int) -> None:
+        """Send the model's weights (a model, or its (name, tensor) pairs) to every generator
+        as policy `version`."""
         weights, transport = self._prepare(model)
         deadline = self.dependency.policy.push_deadline(weights.total_bytes)
 
@@ -683,7 +686,7 @@ class WeightSync:
 
         await self.dependency.call(send, deadline)
 
-    async def restore(self, model: torch.nn.Module, version: int) -> None:
+    async def restore(self, model: Weights, version: int) -> None:
         """Push `version` to every target that serves an older one (a generator that restarted
         and came back at version 0). Only call it while no update is changing the model."""
         weights, transport = self._prepare(model)
@@ -709,7 +712,7 @@ class WeightSync:
             finally:
                 await client.close()
 
-    def _prepare(self, model: torch.nn.Module) -> tuple[Any, Any]:
+    def _prepare(self, model: Weights) -> tuple[Any, Any]:
         """The student's weights as they travel, and the transport that sends them (None: plain
         gRPC uploads): a LoRA student's adapter and base go through `lora_sync`."""
         from protege.services.learner import lora

@@ -110,6 +110,12 @@ def ref_chunks(index: int, scores: SequenceScores, limit: int) -> Iterator[refer
                                      last=stop == n, **tensors)
 
 
+def reference_info(engine: ReferenceEngine) -> reference_pb2.ReferenceInfo:
+    """The engine's `info()` as the Info RPC answers it."""
+    info = dict(engine.info())
+    return reference_pb2.ReferenceInfo(vocab=tensor_pb2.VocabInfo(**info.pop("vocab")), **info)
+
+
 class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
     """Thin adapter: every forward pass runs in a worker thread so health checks stay responsive."""
 
@@ -159,6 +165,4 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
                     yield chunk
 
     async def Info(self, request, context):
-        info = dict(self.engine.info())
-        vocab = tensor_pb2.VocabInfo(**info.pop("vocab"))
-        return reference_pb2.ReferenceInfo(vocab=vocab, **info)
+        return reference_info(self.engine)

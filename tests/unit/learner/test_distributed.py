@@ -108,11 +108,15 @@ def test_export_final_leaves_the_optimizer_shards_out(tmp_path):
     assert not (final / distributed.OPTIMIZER_DIR).exists()
 
 
-def test_host_copy_keeps_tied_names_as_one_tensor():
-    shared = torch.nn.Parameter(torch.randn(6, 3))
-    tensors = {"embed.weight": shared.detach(), "head.weight": shared.detach()}
-    copy = distributed.HostCopy(tensors)
-    assert set(copy.state_dict()) == {"embed.weight", "head.weight"}
+def test_a_push_from_the_full_copy_sends_tied_names_once():
+    """`full_weights` keeps tied names on one tensor, so a push of its pairs sends it once."""
+    from protege.services.learner.weight_sync import ModelWeights
+
+    shared = torch.randn(6, 3)
+    tensors = {"embed.weight": shared, "head.weight": shared, "norm.weight": torch.ones(3)}
+    pushed = ModelWeights(tensors.items(), torch.bfloat16)
+    assert list(pushed) == ["embed.weight", "norm.weight"]
+    assert pushed["embed.weight"].dtype == torch.bfloat16
 
 
 def test_activation_checkpointing_keeps_names_outputs_and_gradients(tiny_student):

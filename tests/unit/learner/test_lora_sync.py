@@ -84,7 +84,7 @@ def test_every_lora_transport_leaves_the_generators_with_the_learners_adapter(
     model = lora_student(tied_student)
     weights = LoraWeights.of(model, torch.bfloat16)
 
-    async def main() -> list[dict[str, Any]]:
+    async def main() -> tuple[list[dict[str, Any]], Any]:
         sync, client = weight_sync(gens.addresses, options(transport, tmp_path))
         replies = recording(client)
         try:
@@ -95,15 +95,17 @@ def test_every_lora_transport_leaves_the_generators_with_the_learners_adapter(
                 assert_serving(gens, model, version)
         finally:
             await client.close()
-        return replies
+        return replies, sync
 
-    replies = asyncio.run(main())
+    replies, sync = asyncio.run(main())
     sent = [{r.bytes for r in got.values()} for got in replies]
     assert sent == [{weights.total_bytes}] + [{weights.tensors.total_bytes}] * 3
     assert weights.total_bytes > 20 * weights.tensors.total_bytes
     if transport == "shared":
         files = sorted(p.name for p in (tmp_path / "shared" / "job").iterdir())
         assert files == ["v000000000001.full.safetensors", "v000000000004.adapter.safetensors"]
+    sync.discard()  # the job ended: its shared directory goes (the root stays)
+    assert not (tmp_path / "shared" / "job").exists()
 
 
 @pytest.mark.parametrize("transport", LORA_TRANSPORTS)
