@@ -4,8 +4,10 @@ A checkpoint directory holds the student as a plain `save_pretrained` directory 
 the tokenizer), so `AutoModelForCausalLM.from_pretrained(dir)` loads it with no Protégé code, and
 next to it what a resume needs: `optimizer.pt` (AdamW state), `scheduler.pt` (the learning-rate
 schedule's state), `rng.pt` (torch and Python RNG states) and `state.json` (step, data cursor,
-policy version). A distributed learner writes its optimizer's shards into `optimizer/` instead of
-`optimizer.pt` (torch.distributed.checkpoint; any world size reads them). Everything is written
+policy version). A distributed learner writes its weights from every rank's shards (DCP's
+HuggingFaceStorageWriter, consolidated into plain safetensors) and its optimizer's shards into
+`optimizer/` instead of `optimizer.pt` (torch.distributed.checkpoint; any world size reads them),
+possibly in the background (`begin`, then `complete` once the writes finish). Everything is written
 into a hidden temporary directory that is renamed into place only when complete; then `latest`, a
 relative symlink to the newest `step-<N>`, is replaced atomically, so
 `from_pretrained("<job_dir>/latest")` loads the newest weights. A crash mid-write leaves a `.tmp-*`
@@ -28,7 +30,8 @@ import random
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,48 +74,91 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class Pending:
+    """A checkpoint whose files are being written (`begin`); `complete` finishes it."""
+
+    job_dir: Path
+    tmp: Path
+    step: int
+    state: dict[str, Any]
+    keep: int
+    file_mode: int
+    dir_mode: int
+    writing: Any = None  # what is still being written in the background (`.result()` waits)
+
+
 def save(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
          optimizer: torch.optim.Optimizer, state: dict[str, Any],
          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, keep: int = 0,
          file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE,
-         weights: Mapping[str, torch.Tensor] | None = None,
-         write_optimizer: Callable[[Path], None] | None = None) -> Path:
+         write_shards: Callable[[Path], Any] | None = None) -> Path:
     """Write checkpoint `step` of a job atomically and point `latest` at it; returns its path.
     With `keep` > 0, older checkpoints beyond the newest `keep` are deleted afterwards.
 
-    A sharded student (distributed.py) passes its full `weights` (the model's own are shards)
-    and `write_optimizer(tmp)`, which writes every rank's optimizer shard into `tmp/optimizer/`
-    instead of `optimizer.pt`."""
+    A sharded student (distributed.py) passes `write_shards(tmp)`: every rank writes its shards of
+    the weights (HF safetensors) and of the optimizer (`tmp/optimizer/`) there, returning what is
+    still being written (`.result()` waits); the model's config is written here."""
+    return complete(begin(job_dir, step, model, tokenizer, optimizer, state, scheduler, keep,
+                          file_mode, dir_mode, write_shards))
+
+
+def begin(job_dir: str | Path, step: int, model: Any, tokenizer: Any,
+          optimizer: torch.optim.Optimizer, state: dict[str, Any],
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, keep: int = 0,
+          file_mode: int = FILE_MODE, dir_mode: int = DIR_MODE,
+          write_shards: Callable[[Path], Any] | None = None) -> Pending:
+    """Start checkpoint `step` in a hidden temporary directory: everything but `state.json` (the
+    scheduler and RNG states are taken now); `write_shards` may still be writing when it
+    returns. Nothing is visible until `complete`."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(job_dir)
     tmp = job_dir / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    pending = Pending(job_dir, tmp, step, state, keep, file_mode, dir_mode)
     try:
-        if lora.is_lora(model):  # LoRA: the merged model, and adapter/ for a resume (lora.py)
+        if write_shards is not None:  # a world: weights and optimizer from every rank's shards
+            model.config.save_pretrained(str(tmp))
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(str(tmp))
+            pending.writing = write_shards(tmp)
+        elif lora.is_lora(model):  # LoRA: the merged model, and adapter/ for a resume (lora.py)
             lora.save(model, tmp)
         else:
-            model.save_pretrained(str(tmp), **({} if weights is None else {"state_dict": weights}))
+            model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if write_optimizer is not None:
-            write_optimizer(tmp)
-        else:
+        if write_shards is None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save(rng_state(), tmp / "rng.pt")
-        # state.json last: a directory with it is complete.
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-        set_modes(tmp, file_mode, dir_mode)
-        final = job_dir / step_dir_name(step)
-        _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_pointer(job_dir, final.name)
-    if keep > 0:
-        prune(job_dir, keep)
+    return pending
+
+
+def complete(pending: Pending) -> Path:
+    """Wait for `pending`'s background writes, write `state.json`, rename the directory into
+    place and point `latest` at it (then prune); returns its path. A failed write removes the
+    temporary directory and raises: the previous checkpoint stays the latest."""
+    final = pending.job_dir / step_dir_name(pending.step)
+    try:
+        if pending.writing is not None:
+            pending.writing.result()
+        # state.json last: a directory with it is complete.
+        (pending.tmp / STATE_FILE).write_text(
+            json.dumps({**pending.state, "step": pending.step}, indent=2))
+        set_modes(pending.tmp, pending.file_mode, pending.dir_mode)
+        _replace_dir(pending.tmp, final)
+    except BaseException:
+        shutil.rmtree(pending.tmp, ignore_errors=True)
+        raise
+    _write_pointer(pending.job_dir, final.name)
+    if pending.keep > 0:
+        prune(pending.job_dir, pending.keep)
     return final
 
 

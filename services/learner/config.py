@@ -67,6 +67,10 @@ class LearnerConfig(ServerOptions):
     activation_checkpointing: bool = field(
         False, help="under torchrun (distributed.py): recompute each decoder layer's "
         "activations in backward instead of keeping them (less memory, ~1/3 more compute)")
+    async_checkpoint: bool = field(
+        True, help="under torchrun: write checkpoints with torch.distributed.checkpoint's "
+        "async_save (state staged to host memory, written by a background thread while training "
+        "goes on; the checkpoint appears once complete); false writes them before the next step")
     world_timeout_s: float = field(
         1800.0, help="under torchrun: seconds a collective waits for every rank before the world "
         "fails (torchrun then restarts it and the job resumes from its last checkpoint)")

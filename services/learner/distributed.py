@@ -17,12 +17,19 @@ leader issues it as a command and every rank runs the same code:
   that FSDP's gradient average is the single-process gradient of the whole batch; clip and
   AdamW run on the shards; the metrics are combined on the leader (`combine_stats`);
 - `eval`: every rank runs the held-out KL on the same batch (FSDP needs every rank's forward);
-- `gather`: the full weights, tensor by tensor, into one CPU copy on the leader (what it pushes
-  to the generators and restores a restarted generator from); the other ranks keep only shards;
-- `checkpoint`: the leader writes the HF `save_pretrained` directory from that full copy, every
-  rank writes its optimizer shard with `torch.distributed.checkpoint` into `optimizer/`, and the
-  leader completes the directory (`checkpoint.save`'s atomic rename). DCP reshards on load, so a
-  job resumes on any world size, and a one-process learner reads it too.
+- `gather`: the full weights, one tensor at a time (`DTensor.full_tensor()`), each cast to the
+  generators' serving dtype and copied into one CPU copy on the leader (what it pushes to the
+  generators and restores a restarted generator from); the other ranks keep only shards, and no
+  rank ever holds the full training-precision model;
+- `checkpoint`: every rank writes its own shards with `torch.distributed.checkpoint`: the
+  weights through `HuggingFaceStorageWriter`, which the leader then consolidates into plain
+  safetensors (`from_pretrained` loads the directory), the optimizer into `optimizer/`. With
+  `async_checkpoint` both are `dcp.async_save`: the state is staged to CPU and training goes on
+  while a background thread writes it (over two gloo groups of their own, so the writes never
+  interleave with the step's collectives); the leader completes the directory (state.json, the
+  atomic rename, `latest`) when the write has finished, at the latest before the next checkpoint
+  or the job's end. DCP reshards on load, so a job resumes on any world size, and a one-process
+  learner reads it too.
 
 Parameters must be used inside the FSDP root's forward (that is when FSDP2 gathers them and
 hooks their gradients), so the loss runs inside `Root.forward`. The control plane (commands,
@@ -35,6 +42,7 @@ import contextlib
 import datetime
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 ROOT_PREFIX = "lm."  # the student's names inside `Root`, for the optimizer's DCP keys
 OPTIMIZER_DIR = "optimizer"  # a checkpoint's DCP optimizer shards (the one-file form: optimizer.pt)
+SHARDS_DIR = "sharded"  # HuggingFaceStorageWriter's per-rank weight files, before consolidation
 # Followers wait for the leader's next command between jobs: an idle learner may sit for days.
 CONTROL_TIMEOUT = datetime.timedelta(days=30)
 
@@ -86,6 +95,9 @@ class World:
     local_rank: int
     device: torch.device
     control: Any  # the gloo process group of commands, shares and metrics
+    # Gloo groups of the background checkpoint writes (weights, optimizer): one per write, so
+    # two writes in flight never interleave their collectives, nor with the main thread's.
+    writers: tuple[Any, Any] = (None, None)
 
     @property
     def leader(self) -> bool:
@@ -150,7 +162,9 @@ def init_world(device: str, timeout_s: float) -> World | None:
     dist.init_process_group(backend, store=dist.PrefixStore(f"protege/attempt-{attempt}", store),
                             rank=rank, world_size=size, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    _world = World(rank, size, local_rank, where, control)
+    writers = (dist.new_group(backend="gloo", timeout=timeout),
+               dist.new_group(backend="gloo", timeout=timeout))
+    _world = World(rank, size, local_rank, where, control, writers)
     logger.info("rank %d of %d (%s, %s)", rank, size, backend, where)
     return _world
 
@@ -218,22 +232,96 @@ def shard(model: nn.Module, world: World, activation_checkpointing: bool = False
     return root
 
 
-def full_weights(root: Root, world: World | None) -> dict[str, torch.Tensor] | None:
-    """The student's full state dict on the leader's CPU, gathered one tensor at a time (None
-    on followers). Names tied in the student (a tied LM head) share one tensor, as in a model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    gathered = get_model_state_dict(root, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
-    if world is not None and not world.leader:
-        return None
-    out: dict[str, torch.Tensor] = {}
-    first: dict[int, str] = {}
+def unique_names(root: Root) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's (name, tensor) pairs with one name per tied group (a tied LM head is its
+    embedding), as `save_pretrained` writes them; names as in the unwrapped student."""
+    seen: set[int] = set()
     for name, t in root.lm.state_dict(keep_vars=True).items():
-        key = ROOT_PREFIX + name
-        alias = first.setdefault(id(t), name)
-        out[name] = out[alias] if alias != name else gathered[key]
-    return out
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
+
+
+def full_weights(root: Root, world: World | None, dtype: torch.dtype | None = None,
+                 into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """The student's full weights on the leader's CPU (None on followers), gathered one tensor at
+    a time (`DTensor.full_tensor()`, a collective every rank runs) and cast to `dtype` (floating
+    tensors; the generators' serving dtype) before leaving the device, so only one full tensor
+    is ever gathered. `into` (the previous copy) is reused when the layout matches. Tied names
+    are left out: `ModelWeights` sends a tied group once anyway."""
+    from torch.distributed.tensor import DTensor
+
+    leader = world is None or world.leader
+    out: dict[str, torch.Tensor] = {}
+    for name, t in unique_names(root):
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if not leader:
+            continue
+        full = full.detach()
+        cast = dtype if dtype is not None and full.is_floating_point() else full.dtype
+        held = (into or {}).get(name)
+        if held is None or held.dtype != cast or held.shape != full.shape:
+            pin = full.is_cuda  # pinned host memory: the device-to-host copy runs at full speed
+            held = torch.empty(full.shape, dtype=cast, device="cpu", pin_memory=pin)
+        held.copy_(full)
+        out[name] = held
+        del full
+    return out if leader else None
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+class Writing:
+    """A checkpoint's shards being written in the background (`dcp.async_save`); `result()`
+    waits for them, raising what a write raised. Already finished for a synchronous save."""
+
+    def __init__(self, futures: Sequence[Any] = (), after: Callable[[], None] | None = None):
+        self._futures, self._after = list(futures), after
+
+    def result(self) -> None:
+        for future in self._futures:
+            future.result()
+        if self._after is not None:
+            self._after()
+            self._after = None
+
+
+def save_shards(path: Path, root: Root, optimizer: torch.optim.Optimizer, world: World,
+                asynchronous: bool) -> Writing:
+    """Every rank writes its shards of the student and of the optimizer state into checkpoint
+    directory `path` (shared by the ranks): the weights as HF safetensors (consolidated by the
+    leader into `path`, loadable with `from_pretrained` once the config is beside them), the
+    optimizer as DCP files in `path/optimizer/`. Asynchronous: the state is staged to CPU now
+    and written by background threads; the leader completes `path` after `result()`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter, HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    sharded = get_model_state_dict(root)
+    weights = {name: sharded[ROOT_PREFIX + name] for name, _ in unique_names(root)}
+    writes = [
+        ({name: t.detach() for name, t in weights.items()},
+         HuggingFaceStorageWriter(str(path), save_distributed=True, enable_consolidation=True)),
+        ({"optim": get_optimizer_state_dict(root, optimizer)},
+         FileSystemWriter(str(path / OPTIMIZER_DIR))),
+    ]
+
+    def tidy() -> None:  # the per-rank shard files, once consolidated
+        if world.leader:
+            shutil.rmtree(path / SHARDS_DIR, ignore_errors=True)
+
+    if not asynchronous:
+        for (state, writer), group in zip(writes, world.writers, strict=True):
+            dcp.save(state, storage_writer=writer, process_group=group)
+        tidy()
+        return Writing()
+    futures = [dcp.async_save(state, storage_writer=writer, process_group=group)
+               for (state, writer), group in zip(writes, world.writers, strict=True)]
+    return Writing(futures, tidy)
 
 
 # ------------------------------------------------------------------------ the optimizer state
@@ -244,15 +332,6 @@ def _fqn_state(full: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     return {"state": {names[i]: s for i, s in full["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                              for g in full["param_groups"]]}
-
-
-def save_optimizer(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its shard of the optimizer state (DCP) into `path` (a shared directory);
-    `module` is the FSDP `Root` (or a one-process model wrapped in one)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    dcp.save({"optim": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=str(path))
 
 
 def load_optimizer(ckpt: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

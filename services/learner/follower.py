@@ -44,6 +44,8 @@ def _run(world: distributed.World, config: LearnerConfig, trainer: Trainer | Non
         trainer._load_student(ckpt)
         return trainer
     if name == "close":
+        if trainer is not None and trainer.writing is not None:
+            trainer.writing.result()  # the job's last background checkpoint write
         return None
     if trainer is None:
         raise RuntimeError(f"command {name!r} arrived before any job's setup")
@@ -55,9 +57,14 @@ def _run(world: distributed.World, config: LearnerConfig, trainer: Trainer | Non
         trainer.update_share(world.scatter(None), {})
     elif name == "eval":
         trainer.eval_kl(*payload)
+    elif name == "gather":
+        trainer._gather()
     elif name == "checkpoint":
-        distributed.save_optimizer(Path(payload) / distributed.OPTIMIZER_DIR, trainer.root,
-                                   trainer.optimizer)
+        path, background = payload
+        if trainer.writing is not None:  # the previous one has finished on the leader too
+            trainer.writing.result()
+        trainer.writing = distributed.save_shards(Path(path), trainer.root, trainer.optimizer,
+                                                  world, background)
     else:
         raise RuntimeError(f"unknown command {name!r} (a leader of another Protégé version?)")
     return trainer

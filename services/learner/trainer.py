@@ -141,6 +141,9 @@ class Trainer:
         self.world = distributed.current()
         self.root: distributed.Root | None = None
         self.host: dict[str, torch.Tensor] | None = None
+        # A world's checkpoint still being written in the background (async_checkpoint): the
+        # leader's checkpoint.Pending, a follower's distributed.Writing.
+        self.writing: Any = None
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -160,6 +163,7 @@ class Trainer:
                     await self.save_checkpoint()
             if self.step > 0 and self.last_checkpoint != self.step:
                 await self.save_checkpoint()
+            await self.finish_checkpoint()  # a background write of a stop's checkpoint
         finally:
             await self.rollouts.drop_next()
         if self.step >= self.spec.steps:
@@ -206,7 +210,11 @@ class Trainer:
                     await asyncio.to_thread(self.world.command, "teacher_head",
                                             tuple(None if t is None else t.cpu()
                                                   for t in self.lm_head))
-        served = await self.weights.served_version()
+        served = await self.weights.served_version()  # also learns the serving dtype
+        if self.world is not None:
+            with distributed.collective(self.world, "gathering the weights"):
+                await asyncio.to_thread(self.world.command, "gather")
+                await asyncio.to_thread(self._gather)
         if served >= MAX_POLICY_VERSION:
             raise errors.FailedPrecondition(
                 f"a generator of {', '.join(spec.generator_targets)} serves policy version "
@@ -252,8 +260,6 @@ class Trainer:
             distributed.load_optimizer(ckpt, self.root or self.model, self.optimizer)
             checkpoint.load_scheduler(ckpt, self.scheduler)
             checkpoint.load_rng(ckpt)
-        if self.root is not None:
-            self._gather()
         return checkpoint.read_state(ckpt) if ckpt else {}
 
     @classmethod
@@ -275,8 +281,10 @@ class Trainer:
         return self.host.items() if self.world is not None else self.model
 
     def _gather(self) -> None:
-        """Every rank: gather the student's full weights into the leader's CPU copy."""
-        weights = distributed.full_weights(self.root, self.world)
+        """Every rank: gather the student's full weights into the leader's CPU copy, in the
+        generators' serving dtype (known on the leader once it has asked them)."""
+        dtype = self.weights.dtype if self.weights is not None else None
+        weights = distributed.full_weights(self.root, self.world, dtype, self.host)
         if weights is not None:
             self.host = weights
 
@@ -306,6 +314,11 @@ class Trainer:
             except Exception:  # noqa: BLE001 - leftover files must not stop the rest of close
                 self.log.warning("could not delete the job's shared weight files",
                                  exc_info=True)
+        if self.writing is not None:  # the job failed while a checkpoint was being written
+            try:
+                await self.finish_checkpoint()
+            except Exception:  # noqa: BLE001 - the job's failure is what it reports
+                self.log.warning("the checkpoint being written did not complete", exc_info=True)
         if self.world is not None and self.world.leader and self.model is not None:
             with distributed.collective(self.world, "closing the job"):
                 await asyncio.to_thread(self.world.command, "close")
@@ -493,27 +506,49 @@ class Trainer:
                       out.phase_seconds["total"])
 
     async def save_checkpoint(self) -> Path:
+        """Write checkpoint `step`. In a world with `async_checkpoint`, the shards are written in
+        the background and the checkpoint appears when they are done (`finish_checkpoint`, at the
+        latest before the next checkpoint or the job's end); the job's last one is waited for."""
+        await self.finish_checkpoint()
         phases: dict[str, float] = {}
         state = {"cursor": self.cursor.to_dict(), "policy_version": self.version,
                  "job_id": self.job_id}
         prefetched = self.rollouts.prefetched_state(self.version)
         if prefetched is not None:
             state["prefetched"] = prefetched
+        last = self.step >= self.spec.steps
+        background = self.world is not None and self.config.async_checkpoint and not last
         sharded = {} if self.world is None else dict(
-            weights=self.host, write_optimizer=self._save_optimizer)
+            write_shards=lambda tmp: self._write_shards(tmp, background))
         with timed(phases, "checkpoint"), distributed.collective(self.world, "the checkpoint"):
-            path = await asyncio.to_thread(
-                checkpoint.save, self.job_dir, self.step, self.model, self.tokenizer,
+            pending = await asyncio.to_thread(
+                checkpoint.begin, self.job_dir, self.step, self.model, self.tokenizer,
                 self.optimizer, state, self.scheduler, keep=self.spec.save_total_limit,
                 **sharded)
-            if self.step >= self.spec.steps:  # the last step: a weights-only export as well
-                await asyncio.to_thread(checkpoint.export_final, self.job_dir, path)
         self.last_checkpoint = self.step
-        self.hub.publish(Event.checkpoint(self.job_id, self.step, str(path)))
-        self.log.info("checkpoint %s (%.2fs)", path, phases["checkpoint"])
+        if background:
+            self.writing = pending
+            self.log.info("checkpoint of step %d staged (%.2fs); writing in the background",
+                          self.step, phases["checkpoint"])
+            return pending.job_dir / checkpoint.step_dir_name(self.step)
+        return await self._complete(pending, phases)
+
+    async def finish_checkpoint(self) -> None:
+        """Complete the checkpoint being written in the background, if any."""
+        pending, self.writing = self.writing, None
+        if pending is not None:
+            await self._complete(pending, {})
+
+    async def _complete(self, pending: checkpoint.Pending, phases: dict[str, float]) -> Path:
+        with timed(phases, "complete"), distributed.collective(self.world, "the checkpoint"):
+            path = await asyncio.to_thread(checkpoint.complete, pending)
+            if pending.step >= self.spec.steps:  # the last step: a weights-only export as well
+                await asyncio.to_thread(checkpoint.export_final, self.job_dir, path)
+        self.hub.publish(Event.checkpoint(self.job_id, pending.step, str(path)))
+        self.log.info("checkpoint %s (%.2fs)", path, sum(phases.values()))
         return path
 
-    def _save_optimizer(self, tmp: Path) -> None:
-        """In a world: every rank writes its optimizer shard into the checkpoint being written."""
-        self.world.command("checkpoint", str(tmp))
-        distributed.save_optimizer(tmp / distributed.OPTIMIZER_DIR, self.root, self.optimizer)
+    def _write_shards(self, tmp: Path, background: bool) -> distributed.Writing:
+        """In a world: every rank writes its shards of the weights and optimizer into `tmp`."""
+        self.world.command("checkpoint", (str(tmp), background))
+        return distributed.save_shards(tmp, self.root, self.optimizer, self.world, background)

@@ -44,8 +44,12 @@ def _spec(tmp_path: Path, student: Path, ends: dict) -> dict:
 
 
 def _final(suite: Suite, job_id: str) -> dict[str, torch.Tensor]:
-    return load_file(suite.workdir / "learner" / "checkpoints" / job_id / "final" /
-                     "model.safetensors")
+    """The job's exported model, loaded as a user would: plain `from_pretrained`."""
+    from transformers import AutoModelForCausalLM
+
+    final = suite.workdir / "learner" / "checkpoints" / job_id / "final"
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
 def _until_done(suite: Suite, job_id: str, timeout: float = 300.0) -> str:
@@ -106,6 +110,11 @@ def test_two_ranks_reach_the_one_process_weights(one_process, tiny_pair, tmp_pat
     shards = sorted(p.name for p in (job_dir / f"step-{STEPS}" / "optimizer").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (job_dir / "final" / "optimizer").exists()  # final/ is the model only
+    # The weights were written from the ranks' shards (DCP's HF writer), consolidated into
+    # plain safetensors; the per-rank files are gone once consolidated.
+    for ckpt in (job_dir / f"step-{STEPS}", job_dir / "final"):
+        assert (ckpt / "model.safetensors.index.json").is_file(), sorted(ckpt.iterdir())
+        assert not (ckpt / "sharded").exists()
 
 
 def _stop_after_checkpoint(suite: Suite, job_id: str, step: int) -> None:
@@ -115,13 +124,17 @@ def _stop_after_checkpoint(suite: Suite, job_id: str, step: int) -> None:
     raise AssertionError(f"no checkpoint at step {step}:\n{suite.log_tail('learner')}")
 
 
-@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
-def test_a_job_resumes_on_another_world_size(one_process, tiny_pair, tmp_path, first, then):
+# 2 -> 1 writes its checkpoints before the next step; 1 -> 2 (and the other tests) in the
+# background (async_checkpoint, the default).
+@pytest.mark.parametrize(("first", "then", "flags"), [(2, 1, ["--no-async-checkpoint"]),
+                                                      (1, 2, [])])
+def test_a_job_resumes_on_another_world_size(one_process, tiny_pair, tmp_path, first, then,
+                                             flags):
     """Stopped after a checkpoint on `first` ranks (SIGTERM: the job stays RUNNING), resumed by
     a learner of `then` ranks: same step, data cursor and optimizer state, same end weights."""
     student, teacher = tiny_pair
-    with Suite(tmp_path / "s", student, teacher, start_timeout=180,
-               learner_procs=first) as suite:
+    with Suite(tmp_path / "s", student, teacher, start_timeout=180, learner_procs=first,
+               extra_args={"learner": flags}) as suite:
         client = Client(suite.endpoints["learner"]["grpc"])
         job = client.submit(_spec(tmp_path, student, suite.endpoints))
         _stop_after_checkpoint(suite, job.id, 2)

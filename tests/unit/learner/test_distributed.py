@@ -83,8 +83,12 @@ def test_a_one_process_learner_reads_both_optimizer_forms(tmp_path):
     plain.mkdir()
     sharded.mkdir()
     torch.save(optimizer.state_dict(), plain / "optimizer.pt")
-    distributed.save_optimizer(sharded / distributed.OPTIMIZER_DIR,
-                               distributed._Unsharded(model), optimizer)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    # What a world writes (distributed.save_shards), from a one-process model.
+    dcp.save({"optim": get_optimizer_state_dict(distributed._Unsharded(model), optimizer)},
+             checkpoint_id=str(sharded / distributed.OPTIMIZER_DIR))
     want = optimizer.state_dict()["state"]
     for ckpt in (plain, sharded):
         fresh, fresh_opt = _model_and_adam(seed=1, steps=0)  # as a resume builds them
@@ -108,15 +112,33 @@ def test_export_final_leaves_the_optimizer_shards_out(tmp_path):
     assert not (final / distributed.OPTIMIZER_DIR).exists()
 
 
-def test_a_push_from_the_full_copy_sends_tied_names_once():
-    """`full_weights` keeps tied names on one tensor, so a push of its pairs sends it once."""
+def test_the_full_copy_is_in_the_serving_dtype_tied_names_once_and_reused(tmp_path):
+    """`full_weights` (here over an unsharded model: the gather is the identity) casts to the
+    serving dtype, leaves a tied LM head out (its embedding carries it), and overwrites the
+    previous copy in place instead of allocating a second one."""
+    from protege.services.common.tiny import TinyLlamaSpec, ensure_tiny_model
     from protege.services.learner.weight_sync import ModelWeights
+    from transformers import AutoModelForCausalLM
 
-    shared = torch.randn(6, 3)
-    tensors = {"embed.weight": shared, "head.weight": shared, "norm.weight": torch.ones(3)}
-    pushed = ModelWeights(tensors.items(), torch.bfloat16)
-    assert list(pushed) == ["embed.weight", "norm.weight"]
-    assert pushed["embed.weight"].dtype == torch.bfloat16
+    spec = TinyLlamaSpec(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1,
+                         intermediate_size=64, tie_word_embeddings=True)
+    path = ensure_tiny_model(tmp_path / "tied", spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    root = distributed.Root(model)
+    copy = distributed.full_weights(root, None, torch.bfloat16)
+    assert "lm_head.weight" not in copy and "model.embed_tokens.weight" in copy
+    assert {t.dtype for t in copy.values()} == {torch.bfloat16}
+    for name, t in copy.items():
+        assert torch.equal(t, model.state_dict()[name].to(torch.bfloat16)), name
+    before = {name: t.data_ptr() for name, t in copy.items()}
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    again = distributed.full_weights(root, None, torch.bfloat16, into=copy)
+    assert {name: t.data_ptr() for name, t in again.items()} == before  # no second copy
+    assert torch.equal(again["model.norm.weight"], model.model.norm.weight.to(torch.bfloat16))
+    pushed = ModelWeights(again.items(), torch.bfloat16)
+    assert list(pushed) == list(copy) and pushed.total_bytes == sum(
+        t.numel() * 2 for t in copy.values())
 
 
 def test_activation_checkpointing_keeps_names_outputs_and_gradients(tiny_student):
