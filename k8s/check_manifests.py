@@ -618,6 +618,8 @@ def check_credentials(m: Manifests, overlay: str, r: Report) -> None:
                         f"{kn(w)}/{c['name']}: subPath mount of {mount['name']}: the kubelet never "
                         "updates subPath mounts, so renewed certificates and rotated tokens "
                         "would not arrive")
+        if follower_template(w):
+            check_follower_credentials(w, r)
     secrets = m.kind("Secret")
     if secrets and overlay not in PLACEHOLDER_SECRET_OVERLAYS:
         r.error(f"ships Secrets {sorted(secrets)}: only {PLACEHOLDER_SECRET_OVERLAYS} may "
@@ -627,6 +629,29 @@ def check_credentials(m: Manifests, overlay: str, r: Report) -> None:
         r.check(all("INSECURE" in str(v) or k == "tokens.yaml" for k, v in values.items()),
                 f"{kn(s)}: a Secret in git must be a placeholder (every token says INSECURE)")
     check_placeholder_tokens(secrets, r)
+
+
+def follower_template(w: dict[str, Any]) -> bool:
+    """Whether `w` is a world's ranks above 0 with a pod template of their own (a JobSet's
+    workers), not rank 0's (every rank of a TrainJob's one replicatedJob shares rank 0's)."""
+    if rank0(w):
+        return False
+    leader = next(x for x in w["world"]["world"].roles if x["world"]["rank0"])
+    return w["world"]["replicated_job"] != leader["world"]["replicated_job"]
+
+
+def check_follower_credentials(w: dict[str, Any], r: Report) -> None:
+    """Ranks above 0 call no service and serve no Jobs API: where their template is their own, they
+    hold none of the learner's tokens (k8s/README.md, "Multi-node learner")."""
+    for name, _ in mounted_secrets(w):
+        r.error(f"{kn(w)}: mounts Secret {name}, but ranks above 0 use no credentials; mount "
+                "the learner's Secrets on rank 0 only")
+    for c in all_containers(w):
+        flags = [a for a in c.get("args", []) if a.split("=", 1)[0].endswith("-token-file")]
+        r.check(not flags, f"{kn(w)}/{c['name']}: passes {flags}, but ranks above 0 call no "
+                "service; give the token files to rank 0 only")
+        r.check("PROTEGE_TOKENS_FILE" not in env_of(c), f"{kn(w)}/{c['name']}: sets "
+                "PROTEGE_TOKENS_FILE, but ranks above 0 serve no Jobs API")
 
 
 def check_placeholder_tokens(secrets: dict[str, dict[str, Any]], r: Report) -> None:

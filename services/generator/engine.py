@@ -409,6 +409,7 @@ class Engine(abc.ABC):
     supports_broadcast = False  # True when weights can be received in this process (weights.py)
     supports_lora = False  # True when LoRA adapters can be served (`load_lora`, lora.py)
     max_lora_rank = 0  # the largest LoRA rank served; 0 = no limit
+    max_loras = 0  # LoRA adapters held at once (GeneratorInfo.max_loras); 0 = no limit
 
     def __init__(self, model: str, tokenizer: Any, vocab: dict[str, Any], max_context: int,
                  max_batch_prompts: int):

@@ -329,7 +329,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             model=info.model, backend=info.backend, vocab=tensor_pb2.VocabInfo(**info.vocab),
             policy_version=self._engine.policy_version, device=info.device, dtype=info.dtype,
             weights_fingerprint=info.weights_fingerprint, weight_transports=self.transports(),
-            max_lora_rank=self._engine.max_lora_rank)
+            max_lora_rank=self._engine.max_lora_rank, max_loras=self._engine.max_loras)
 
     def transports(self) -> list[str]:
         """The weight transports this generator takes (GeneratorInfo.weight_transports)."""

@@ -35,7 +35,9 @@ vLLM is imported inside `VLLMEngine`, so this module imports without it. Tested 
   adapter they started with (and report its version), new ones get the new one, and an
   adapter is removed, with its directory, once no request uses it and a newer one serves. So at
   most max_staleness + 1 adapters are in use at once: --max-loras (vLLM's adapters per batch)
-  should be at least that. A base that travels with an adapter is loaded as whole weights are.
+  must be at least that. Info reports it (GeneratorInfo.max_loras) and the learner refuses a
+  LoRA job with a larger max_staleness at submit. A base that travels with an adapter is
+  loaded as whole weights are.
   `VLLM_ALLOW_RUNTIME_LORA_UPDATING` is not needed: it guards vLLM's HTTP endpoints only.
 - Not done here: the broadcast transport (NCCL into vLLM's workers: vLLM 0.32's own
   weight-transfer engines, `init_weight_transfer_engine` / `update_weights`, are the way).
@@ -190,6 +192,7 @@ class VLLMEngine(Engine):
         self._host = self._host_copy(path, dtype)
         self.model_path = str(path)
         self.supports_lora, self.max_lora_rank = max_lora_rank > 0, max_lora_rank
+        self.max_loras = max_loras if self.supports_lora else 0
         self._lora: Any = None  # the LoRARequest new requests get
         self._loras: dict[int, str] = {}  # loaded adapters: id -> directory
         self._lora_users: collections.Counter[int] = collections.Counter()

@@ -241,6 +241,23 @@ def check_generator_lora(spec: jobs_pb2.JobSpec, target: str, info: Any) -> None
             f"lora.rank {spec.lora.rank} is above the --max-lora-rank {info.max_lora_rank} of "
             f"the generator at {target}; lower lora.rank or restart the generator with a "
             "larger --max-lora-rank")
+    check_generator_loras(spec, target, info)
+
+
+def check_generator_loras(spec: jobs_pb2.JobSpec, target: str, info: Any) -> None:
+    """Refuse a LoRA job with more adapter versions in flight than its generator holds.
+
+    Rollouts may be up to max_staleness versions behind, so up to max_staleness + 1 adapters
+    serve at once; vLLM mixes at most max_loras of them, and requests of the others would queue
+    or fail. `info.max_loras` 0 is no limit (the hf backend, or an older generator)."""
+    in_flight = spec.max_staleness + 1
+    if info.max_loras and in_flight > info.max_loras:
+        raise errors.FailedPrecondition(
+            f"the generator at {target} holds {info.max_loras} LoRA adapters at once (its "
+            f"--max-loras), but this job's max_staleness {spec.max_staleness} keeps up to "
+            f"{in_flight} adapter versions in flight; restart the generator with --max-loras "
+            f">= {in_flight} (vLLM's max_loras) or lower max_staleness to at most "
+            f"{info.max_loras - 1}")
 
 
 def check_lora_transport(transport: str) -> None:

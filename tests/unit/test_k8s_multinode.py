@@ -217,6 +217,15 @@ def workers_start_unordered(objects):
     workers(objects)["template"]["spec"]["template"]["spec"].pop("initContainers")
 
 
+def workers_hold_tokens(objects):
+    pod = workers(objects)["template"]["spec"]["template"]["spec"]
+    etc = next(v for v in pod["volumes"] if v["name"] == "etc-protege")
+    etc["projected"]["sources"].append({"secret": {"name": "protege-learner-client"}})
+    pod["containers"][0]["args"].append("--generator-token-file=/etc/protege/client/generator-token")
+    pod["containers"][0]["env"].append({"name": "PROTEGE_TOKENS_FILE",
+                                        "value": "/etc/protege/auth/tokens.yaml"})
+
+
 def queue_missing(objects):
     objects.remove(find(objects, "LocalQueue"))
 
@@ -235,6 +244,11 @@ def queue_missing(objects):
         (retry_a_rank_alone, "needs backoffLimit 0"),
         (workers_start_unordered, "no init container runs learner_world.py wait"),
         (queue_missing, "kueue.x-k8s.io/queue-name protege names no LocalQueue"),
+        (workers_hold_tokens, "mounts Secret protege-learner-client, but ranks above 0 use no "
+                              "credentials"),
+        (workers_hold_tokens, "passes ['--generator-token-file=/etc/protege/client/generator-"
+                              "token'], but ranks above 0 call no service"),
+        (workers_hold_tokens, "sets PROTEGE_TOKENS_FILE, but ranks above 0 serve no Jobs API"),
     ],
 )
 def test_a_broken_jobset_world_fails(rendered, breaks, expected, tmp_path, capsys):
@@ -242,6 +256,18 @@ def test_a_broken_jobset_world_fails(rendered, breaks, expected, tmp_path, capsy
     breaks(objects)
     found = errors(rendered, "multinode-jobset", objects, tmp_path=tmp_path, capsys=capsys)
     assert any(expected in e for e in found), found
+
+
+def test_only_the_jobset_leader_holds_the_learners_tokens(rendered):
+    (world,) = check_manifests.worlds.build(rendered["multinode-jobset"], [])
+    by_rank = {role["world"]["rank0"]: role for role in world.roles}
+    leader, worker = by_rank[True], by_rank[False]
+    assert {name for name, _ in check_manifests.mounted_secrets(leader)} == {
+        "protege-learner-auth", "protege-learner-client"}
+    assert check_manifests.mounted_secrets(worker) == []
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert not any("token-file" in a for a in container["args"])
+    assert "PROTEGE_TOKENS_FILE" not in {e["name"] for e in container["env"]}
 
 
 def test_a_world_larger_than_its_queue_is_never_admitted(rendered, tmp_path, capsys):

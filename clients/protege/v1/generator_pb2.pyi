@@ -643,6 +643,7 @@ class GeneratorInfo(_message.Message):
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _builtins.int
     WEIGHT_TRANSPORTS_FIELD_NUMBER: _builtins.int
     MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
+    MAX_LORAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model path or name it was started with."""
     backend: _builtins.str
@@ -661,6 +662,11 @@ class GeneratorInfo(_message.Message):
     max_lora_rank: _builtins.int
     """Largest LoRA rank it serves (vLLM's --max-lora-rank); 0 = no limit (or no LoRA, see
     weight_transports).
+    """
+    max_loras: _builtins.int
+    """LoRA adapters it can hold at once (vLLM's --max-loras); 0 = no limit (the hf backend, which
+    serves any number through peft). A LoRA job has up to max_staleness + 1 adapter versions in
+    flight, so the learner refuses one whose max_staleness + 1 is above this.
     """
     @_builtins.property
     def vocab(self) -> _tensor_pb2.VocabInfo:
@@ -685,10 +691,11 @@ class GeneratorInfo(_message.Message):
         weights_fingerprint: _builtins.str = ...,
         weight_transports: _abc.Iterable[_builtins.str] | None = ...,
         max_lora_rank: _builtins.int = ...,
+        max_loras: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vocab", b"vocab"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "max_lora_rank", b"max_lora_rank", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab", "weight_transports", b"weight_transports", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dtype", b"dtype", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras", "model", b"model", "policy_version", b"policy_version", "vocab", b"vocab", "weight_transports", b"weight_transports", "weights_fingerprint", b"weights_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

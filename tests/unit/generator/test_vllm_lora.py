@@ -86,7 +86,7 @@ def test_vllm_serves_each_lora_version_exactly(lora_generator, tiny_student):
         return info, version, first, one, ones_adapter, second, two
 
     info, version, first, one, ones_adapter, second, two = call(lora_generator, steps)
-    assert "lora" in info.weight_transports and info.max_lora_rank == 8
+    assert "lora" in info.weight_transports and info.max_lora_rank == 8 and info.max_loras == 2
     assert [r.policy_version for r in [*first.values(), *second.values()]] == [version,
                                                                                version + 1]
     weights = LoraWeights.of(model, torch.float32)

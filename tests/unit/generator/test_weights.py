@@ -126,6 +126,7 @@ def test_info_says_the_serving_dtype_and_the_transports(tiny_student, tmp_path):
     assert list(with_dir.weight_transports) == ["grpc", "delta", "shared", "broadcast", "lora"]
     assert list(without.weight_transports) == ["grpc", "delta", "broadcast", "lora"]
     assert with_dir.max_lora_rank == 0  # the hf backend serves any rank
+    assert with_dir.max_loras == 0  # ... and any number of adapters at once (peft)
 
 
 def test_a_delta_changes_only_what_it_names(fresh):

@@ -11,8 +11,13 @@ from protege import errors
 from protege.services.common.lora import adapter_tensors
 from protege.services.common.models import load_causal_lm
 from protege.services.learner import checkpoint, lora
-from protege.services.learner.admission import check_lora_transport, check_spec, with_defaults
-from protege.v1 import jobs_pb2
+from protege.services.learner.admission import (
+    check_generator_lora,
+    check_lora_transport,
+    check_spec,
+    with_defaults,
+)
+from protege.v1 import generator_pb2, jobs_pb2
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -122,3 +127,26 @@ def test_transports_that_cannot_carry_an_adapter_are_refused():
         check_lora_transport(ok)
     with pytest.raises(errors.FailedPrecondition, match="'broadcast' cannot carry a LoRA"):
         check_lora_transport("broadcast")
+
+
+def lora_generator_info(max_loras: int) -> generator_pb2.GeneratorInfo:
+    return generator_pb2.GeneratorInfo(backend="vllm", weight_transports=["grpc", "lora"],
+                                       max_lora_rank=8, max_loras=max_loras)
+
+
+@pytest.mark.parametrize(("max_staleness", "max_loras"), [(0, 1), (1, 2), (3, 4), (9, 0)])
+def test_a_generator_holding_every_adapter_in_flight_is_accepted(tiny_student, max_staleness,
+                                                                  max_loras):
+    spec = spec_for(tiny_student)
+    spec.max_staleness = max_staleness
+    check_generator_lora(spec, "gen:1", lora_generator_info(max_loras))  # 0 = no limit (hf)
+
+
+def test_more_adapters_in_flight_than_the_generator_holds_are_refused(tiny_student):
+    spec = spec_for(tiny_student)
+    spec.max_staleness = 2
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        check_generator_lora(spec, "gen:1", lora_generator_info(2))
+    message = str(refused.value)
+    assert "gen:1" in message and "max_staleness 2" in message and "3 adapter versions" in message
+    assert "holds 2 LoRA adapters" in message and "--max-loras >= 3" in message
