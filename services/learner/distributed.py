@@ -245,20 +245,21 @@ def unique_names(root: Root) -> Iterator[tuple[str, torch.Tensor]]:
 def full_weights(root: Root, world: World | None, dtype: torch.dtype | None = None,
                  into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
     """The student's full weights on the leader's CPU (None on followers), gathered one tensor at
-    a time (`DTensor.full_tensor()`, a collective every rank runs) and cast to `dtype` (floating
-    tensors; the generators' serving dtype) before leaving the device, so only one full tensor
-    is ever gathered. `into` (the previous copy) is reused when the layout matches. Tied names
-    are left out: `ModelWeights` sends a tied group once anyway."""
+    a time (`DTensor.full_tensor()`, a collective every rank runs), each shard cast to `dtype`
+    (floating tensors; the generators' serving dtype) before the gather, so a bf16 generator
+    costs half the traffic and only one full bf16 tensor exists at a time. `into` (the previous
+    copy) is reused when the layout matches. Tied names are left out: `ModelWeights` sends a
+    tied group once anyway."""
     from torch.distributed.tensor import DTensor
 
     leader = world is None or world.leader
     out: dict[str, torch.Tensor] = {}
     for name, t in unique_names(root):
-        full = t.full_tensor() if isinstance(t, DTensor) else t
+        t = t.detach()
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        full = t.to(cast).full_tensor() if isinstance(t, DTensor) else t
         if not leader:
             continue
-        full = full.detach()
-        cast = dtype if dtype is not None and full.is_floating_point() else full.dtype
         held = (into or {}).get(name)
         if held is None or held.dtype != cast or held.shape != full.shape:
             pin = full.is_cuda  # pinned host memory: the device-to-host copy runs at full speed

@@ -177,3 +177,40 @@ def test_a_world_refuses_fewer_prompt_groups_than_ranks(monkeypatch):
         admission.check_world(lora)
     monkeypatch.setattr(distributed, "_world", None)
     admission.check_world(jobs_pb2.JobSpec(prompts_per_step=1))
+
+
+_GATHER_RANK = """
+import sys, torch
+from protege.services.common.models import load_causal_lm
+from protege.services.learner import distributed
+
+world = distributed.init_world("cpu", 120.0)
+root = distributed.shard(load_causal_lm(sys.argv[1], "cpu", "float32"), world)
+copy = distributed.full_weights(root, world, torch.bfloat16)
+assert (copy is None) == (world.rank != 0)
+if copy is not None:
+    torch.save(copy, sys.argv[2])
+distributed.close_world()
+"""
+
+
+def test_the_full_copy_gathered_from_two_ranks_equals_the_model(tiny_student, tmp_path):
+    """Two real gloo ranks under torchrun, the student sharded by FSDP2: rank 0's copy (each
+    shard cast to bf16, then gathered) is the unsharded student in bf16, bit for bit."""
+    import subprocess
+    import sys
+
+    from protege.services.common.models import load_causal_lm
+
+    script, out = tmp_path / "gather.py", tmp_path / "copy.pt"
+    script.write_text(_GATHER_RANK)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", "2", str(script), str(tiny_student), str(out)],
+                   check=True, timeout=240)
+    copy = torch.load(out, weights_only=True)
+    model = load_causal_lm(tiny_student, "cpu", "float32")
+    want = dict(distributed.unique_names(distributed.Root(model)))
+    assert copy.keys() == want.keys()
+    for name, t in want.items():
+        assert copy[name].dtype == torch.bfloat16
+        assert torch.equal(copy[name], t.detach().to(torch.bfloat16)), name
