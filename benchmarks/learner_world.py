@@ -1,6 +1,6 @@
-"""A learner world's checkpoint and weight copy: seconds that block training, and rank 0's memory.
+"""A learner world's communication, checkpoint and weight copy: seconds, and rank 0's memory.
 
-    .venv/bin/python benchmarks/world_checkpoint.py [--procs 2] [--repeats 3] [--out FILE.json]
+    .venv/bin/python benchmarks/learner_world.py [--procs 2] [--repeats 3] [--out FILE.json]
 
 Runs itself under `torch.distributed.run --nproc-per-node N` (gloo on CPU, what the tests use):
 the real-vocabulary student (a Llama with hidden 256, 2 layers, V = 151,936, tied embeddings:
@@ -8,6 +8,11 @@ the real-vocabulary student (a Llama with hidden 256, 2 layers, V = 151,936, tie
 `distributed.shard` (FSDP2), and given AdamW state by one step on a random batch. Then, on the
 same world and model, `--repeats` times each (medians):
 
+- **FSDP communication**: `forward+backward` of one step on a batch of 4 x 32 tokens as
+  training runs it (FSDP's collectives inside); `unshard + reshard` the parameters' all-gather
+  of every FSDP unit alone (FSDP runs it in the forward, and again in the backward for the
+  layers it resharded); `reduce-scatter` of one fp32 buffer the size of all gradients (what
+  FSDP's backward sends, unit by unit) over the world's default group;
 - **previous checkpoint**: the path before this change: the full fp32 state dict gathered onto
   rank 0's CPU (`get_model_state_dict(full_state_dict, cpu_offload)`), `save_pretrained` from it,
   and the optimizer's DCP shards with a synchronous `dcp.save`;
@@ -22,7 +27,7 @@ same world and model, `--repeats` times each (medians):
 
 Checkpoints go to a temporary directory on local disk (page cache: the times are CPU and memcpy
 bound, not disk bound). Prints a table and writes JSON (default
-benchmarks/results/world_checkpoint.json). The machine is shared: the JSON records the load.
+benchmarks/results/learner_world.json). The machine is shared: the JSON records the load.
 """
 
 from __future__ import annotations
@@ -92,7 +97,11 @@ def worker(student: Path, work: Path, repeats: int, out: Path) -> None:
     root = distributed.shard(model, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(world.rank))
-    root(lambda lm: lm(input_ids=ids).logits.float().square().mean()).backward()
+
+    def step() -> None:
+        root(lambda lm: lm(input_ids=ids).logits.float().square().mean()).backward()
+
+    step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -121,8 +130,32 @@ def worker(student: Path, work: Path, repeats: int, out: Path) -> None:
         dcp.save({"optim": get_optimizer_state_dict(root, optimizer)},
                  checkpoint_id=str(path / distributed.OPTIMIZER_DIR), process_group=world.control)
 
-    rows: dict[str, list[float]] = {"previous checkpoint": [], "sync shards": [],
-                                    "async shards (blocking)": [], "async shards (complete)": []}
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+    def unshard_all() -> None:
+        for unit in units:
+            unit.unshard()
+        for unit in units:
+            unit.reshard()
+
+    numel = sum(p.numel() for p in model.parameters())  # the global sizes (DTensors)
+    grads = torch.ones(numel - numel % world.size)
+    shard_out = torch.empty(grads.numel() // world.size)
+
+    def reduce_scatter() -> None:
+        dist.reduce_scatter_tensor(shard_out, grads)
+
+    rows: dict[str, list[float]] = {
+        "forward+backward": [], "unshard + reshard (all-gather)": [],
+        "reduce-scatter of the gradients": [], "previous checkpoint": [], "sync shards": [],
+        "async shards (blocking)": [], "async shards (complete)": []}
+    for _ in range(repeats):
+        rows["forward+backward"].append(timed(step))
+        rows["unshard + reshard (all-gather)"].append(timed(unshard_all))
+        rows["reduce-scatter of the gradients"].append(timed(reduce_scatter))
+        optimizer.zero_grad(set_to_none=True)
     for i in range(repeats):
         rows["previous checkpoint"].append(timed(lambda i=i: previous(fresh("previous", i))))
         rows["sync shards"].append(timed(lambda i=i: distributed.save_shards(
@@ -162,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/world_checkpoint.json")
+    parser.add_argument("--out", default="benchmarks/results/learner_world.json")
     parser.add_argument("--worker", nargs=2, metavar=("STUDENT", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -179,10 +212,14 @@ def main() -> None:
                         str(args.procs), "--standalone", __file__, "--repeats",
                         str(args.repeats), "--worker", str(student), str(work)], check=True)
         result = json.loads((work / "result.json").read_text())
-    baseline = result["previous checkpoint"]["s"]
     print(f"\nlearner world of {args.procs} ranks (FSDP2, gloo, CPU), real-vocabulary student "
           f"(~41M parameters), medians of {args.repeats}")
-    print(f"{'':28}{'seconds':>10}{'x previous':>12}")
+    print(f"{'':40}{'seconds':>10}")
+    for name in ("forward+backward", "unshard + reshard (all-gather)",
+                 "reduce-scatter of the gradients"):
+        print(f"{name:40}{result[name]['s']:>10.3f}")
+    baseline = result["previous checkpoint"]["s"]
+    print(f"\n{'':28}{'seconds':>10}{'x previous':>12}")
     for name in ("previous checkpoint", "sync shards", "async shards (blocking)",
                  "async shards (complete)"):
         s = result[name]["s"]
