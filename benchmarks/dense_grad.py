@@ -10,19 +10,20 @@ It prints plain-text tables and writes JSON (default benchmarks/results/dense_gr
 1. Time and peak memory for the dense term's value and gradient w.r.t. the logits at N positions:
    (a) the closed form `dense_kl_grad` (with and without input validation), `DenseKL` forward +
    backward (the logits path) and `dense_kl_grad_hidden`; (b) the fused loss's per-chunk math
-   (services/learner/fused_loss.py, its own functions imported): `fused_eager` (`_eager_dense`, the
-   eager ops) and `fused_compiled` (`_compiled_dense`, the torch.compile kernel that kernel="auto"
-   picks on CPU), run as `fused_hybrid_loss` runs them: chunks of `chunk_rows(V, 512 MiB)` rows,
-   last chunk first, the compiled kernel writing each chunk's dL/dz into one reused [rows, V]
-   buffer; `fused_compiled_validated` adds the reference check fused_loss runs by default (a FULL
-   reference's |logsumexp| <= tol, summed inside the kernel); (c) autograd of the same reverse KL
-   (log_softmax, KL sum, backward), the baseline; (d) autograd of the generalised JSD of GKD
-   (arXiv 2306.13649), written here from its definition with the mixture in log space, at β = 1
-   where it equals the reverse KL. Each shape's cases run round-robin in one fresh subprocess
-   (the same inputs, machine and load for all) and report their median over several rounds; peak
-   RSS (ru_maxrss) above the RSS after the inputs were built comes from one more process per case.
-   A streaming probe (torch.add of logits and reference into a third tensor; copy_) over the same
-   tensors gives the machine's memory bandwidth, so each case also reads as a fraction of it.
+   (services/learner/fused_loss.py and fused_cpu.py, their own functions imported): `fused_eager`
+   (`fused_loss._eager_dense`, the eager ops) and `fused_compiled` (`fused_cpu.compiled_dense`, the
+   torch.compile kernel that kernel="auto" picks on CPU), run as `fused_hybrid_loss` runs them:
+   chunks of `chunk_rows(V, 512 MiB)` rows, last chunk first, the compiled kernel writing each
+   chunk's dL/dz into one reused [rows, V] buffer; `fused_compiled_validated` adds the reference
+   check fused_loss runs by default (a FULL reference's |logsumexp| <= tol, summed inside the
+   kernel); (c) autograd of the same reverse KL (log_softmax, KL sum, backward), the baseline; (d)
+   autograd of the generalised JSD of GKD (arXiv 2306.13649), written here from its definition with
+   the mixture in log space, at β = 1 where it equals the reverse KL. Each shape's cases run
+   round-robin in one fresh subprocess (the same inputs, machine and load for all) and report their
+   median over several rounds; peak RSS (ru_maxrss) above the RSS after the inputs were built comes
+   from one more process per case. A streaming probe (torch.add of logits and reference into a
+   third tensor; copy_) over the same tensors gives the machine's memory bandwidth, so each case
+   also reads as a fraction of it.
 
    Bytes counted: the least DRAM traffic a case must move once, whatever its passes: read the
    [N, V] fp32 logits and reference, write the [N, V] fp32 gradient = 12 bytes per element (for
@@ -54,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from protege.services.learner import fused_loss
+from protege.services.learner import fused_cpu, fused_loss
 from protege.services.learner.objective import (
     DenseKL,
     _norm_tol,
@@ -137,7 +138,7 @@ def _fused_chunks(x: dict[str, Any], kernel: str, validate: bool = False) -> Ten
     for sl in reversed(list(_row_chunks(N, rows))):
         n = sl.stop - sl.start
         if out is not None:
-            dense = fused_loss._compiled_dense(z[sl], ref[sl], y[sl], out[:n], tol=tol)
+            dense = fused_cpu.compiled_dense(z[sl], ref[sl], y[sl], out[:n], tol=tol)
         else:
             dense = fused_loss._eager_dense(z[sl], y[sl], ref[sl])
         assert dense is not None, "finite, normalised inputs never fall back to eager"
@@ -301,7 +302,7 @@ def gradient_agreement(V: int, n: int = 32) -> dict[str, Any]:
     z, lq, y = x["logits"], x["ref"], x["tokens"]
     for name, dense in (("fused_eager", fused_loss._eager_dense(z, y, lq)),
                         ("fused_compiled",
-                         fused_loss._compiled_dense(z, lq, y, torch.empty_like(ref)))):
+                         fused_cpu.compiled_dense(z, lq, y, torch.empty_like(ref)))):
         grads[name] = dense[2](1.0, ref.new_zeros(n, 1), True)[0]
     scale = float(exact.abs().max())
     return {"V": V, "autograd_reverse_kl": float((grads["autograd_reverse_kl"] - ref).abs().max()),
@@ -476,7 +477,7 @@ NOTES = [
     "temporaries and would not fit next to other work at N = 4096 on a 24 GiB box); the closed "
     "form and fused_compiled alone are also timed at N = 4096.",
     "fused_eager / fused_compiled: the fused loss's per-chunk math (`_eager_dense`, "
-    "`_compiled_dense` imported from services/learner/fused_loss.py) over chunks of "
+    "`compiled_dense` imported from services/learner/fused_loss.py, fused_cpu.py) over chunks of "
     "chunk_rows(V, 512 MiB) rows (682 at V = 32k), last chunk first; the dense gradient only "
     "(βw = 1, c = 0: the same passes). fused_compiled's first (warm-up) round compiles; "
     "fused_compiled_validated adds fused_loss's default FULL check (|logsumexp| <= tol), summed "

@@ -33,12 +33,8 @@ from protege import errors
 from protege.services.common.codec import crc32, write_weights_file
 from protege.services.common.lora import Adapter
 from protege.services.learner import lora
-from protege.services.learner.weight_sync import (
-    ModelWeights,
-    TransportOptions,
-    _safe_name,
-    remove_job_dir,
-)
+from protege.services.learner.weight_store import _safe_name, remove_job_dir
+from protege.services.learner.weight_sync import ModelWeights, TransportOptions
 from protege.v1 import generator_pb2
 
 logger = logging.getLogger(__name__)

@@ -33,6 +33,10 @@ The transport is chosen per deployment (LearnerConfig.weight_transport, DESIGN Â
 A LoRA student (JobSpec.lora) sends its adapter every version and its frozen base only to a
 generator that does not hold it, over ``grpc``/``delta`` uploads or ``shared`` files; see
 `lora_sync.py`.
+
+This module holds the model's view (`ModelWeights`), the transports and `WeightSync`. The
+baseline and the delta encoding that ``delta`` and ``shared`` share are in `weight_delta.py`;
+the shared directory's files (`SharedStore`) in `weight_store.py`.
 """
 
 from __future__ import annotations
@@ -41,27 +45,16 @@ import abc
 import asyncio
 import dataclasses
 import logging
-import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from protege import errors
-from protege.services.common.codec import (
-    DEFAULT_CHUNK_BYTES,
-    SPARSE_INDICES,
-    SPARSE_VALUES,
-    changed_elements,
-    crc32,
-    encode,
-    index_dtype,
-    iter_pieces,
-    sparse_bytes,
-    write_weights_file,
-)
+from protege.services.common.codec import DEFAULT_CHUNK_BYTES
 from protege.services.common.models import DTYPES
+from protege.services.learner.weight_delta import Baseline, delta_chunks
+from protege.services.learner.weight_store import SharedStore, _safe_name
 from protege.v1 import generator_pb2
 
 if TYPE_CHECKING:
@@ -138,268 +131,6 @@ def weights_for_generators(model: torch.nn.Module,
         cast = dtype if t.is_floating_point() and dtype else t.dtype
         out[name] = t.detach().to("cpu", dtype=cast, copy=True)
     return out
-
-
-# ---------------------------------------------------------------------------------- deltas
-
-
-@dataclasses.dataclass(frozen=True)
-class Change:
-    """How one tensor travels in a delta: 'dense' (all of it) or 'sparse' (changed elements)."""
-
-    name: str
-    kind: str
-    changed: int  # elements that differ from the baseline
-    nbytes: int  # bytes it takes on the wire or in a file
-    crc: int  # crc32 of the tensor's new bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class Sent:
-    """One planned change as it goes out: the new tensor (dense), or offsets and values."""
-
-    change: Change
-    tensor: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-
-class Baseline:
-    """The weights of the last version pushed, in the serving dtype, that deltas are computed
-    against. `version` is None until a push has gone through whole (or after one broke off).
-
-    `plan` reads the model once; the sparse changes it finds are kept (up to a quarter of the
-    model's bytes) so that `changes` sends them without reading the model again, and only dense
-    tensors are cast a second time."""
-
-    CACHE_FRACTION = 0.25
-
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.version: int | None = None
-        self._sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def plan(self, weights: ModelWeights, cache_bytes: int | None = None) -> list[Change]:
-        """What changed since the baseline (the baseline must be valid). Sparse where that takes
-        fewer bytes than the dense tensor."""
-        budget = int(weights.total_bytes * self.CACHE_FRACTION) if cache_bytes is None \
-            else cache_bytes
-        self._sparse = {}
-        out = []
-        for name in weights:
-            new, old, dense = weights[name], self.tensors.get(name), weights.nbytes(name)
-            if old is None or old.shape != new.shape or old.dtype != new.dtype:
-                out.append(Change(name, "dense", new.numel(), dense, crc32(new)))
-                continue
-            indices = changed_elements(new, old)
-            if indices.numel() == 0:
-                continue
-            sparse = sparse_bytes(indices.numel(), new.numel(), new.element_size())
-            if sparse >= dense:
-                out.append(Change(name, "dense", indices.numel(), dense, crc32(new)))
-                continue
-            out.append(Change(name, "sparse", indices.numel(), sparse, crc32(new)))
-            if sparse <= budget:
-                budget -= sparse
-                self._sparse[name] = (indices.to(index_dtype(new.numel())),
-                                      new.reshape(-1)[indices])
-        return out
-
-    def changes(self, weights: ModelWeights, plan: Sequence[Change]) -> Iterator[Sent]:
-        """What each planned change sends, moving the baseline to the new values as it goes."""
-        for change in plan:
-            base = self.tensors.get(change.name)
-            if change.name in self._sparse:
-                indices, values = self._sparse.pop(change.name)
-                base.view(-1)[indices.long()] = values
-                yield Sent(change, indices=indices, values=values)
-                continue
-            new = weights[change.name]
-            if change.kind == "sparse":
-                indices = changed_elements(new, base)
-                assert indices.numel() == change.changed, f"{change.name} changed during a push"
-                sent = Sent(change, indices=indices.to(index_dtype(new.numel())),
-                            values=new.reshape(-1)[indices])
-            else:
-                sent = Sent(change, tensor=new)
-            self._store(change.name, new)
-            yield sent
-
-    def refresh(self, weights: ModelWeights) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of `weights`, moving the baseline to it as it goes (a full push)."""
-        for name in weights:
-            new = weights[name]
-            self._store(name, new)
-            yield name, new
-
-    def _store(self, name: str, new: torch.Tensor) -> None:
-        old = self.tensors.get(name)
-        if old is None or old.shape != new.shape or old.dtype != new.dtype:
-            self.tensors[name] = new.clone()
-        else:
-            old.copy_(new)
-
-
-def delta_chunks(baseline: Baseline, weights: ModelWeights, plan: Sequence[Change], version: int,
-                 base_version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """A delta upload from `base_version` (the baseline's) to `version`, serialised: the planned
-    tensors dense or sparse, each with its crc32 on its last piece; the baseline moves to the new
-    values as the stream is pulled."""
-    from protege.services.generator.client import encode_chunk
-
-    header = generator_pb2.WeightUploadHeader(
-        total_bytes=sum(c.nbytes for c in plan), tensor_count=len(plan),
-        names=[c.name for c in plan], base_version=base_version)
-    pending, data = generator_pb2.WeightChunk(version=version, header=header), b""
-    for sent in baseline.changes(weights, plan):
-        name = sent.change.name
-        pieces = (_sparse_pieces(name, sent.indices, sent.values, chunk_bytes)
-                  if sent.tensor is None
-                  else ((generator_pb2.WeightChunk(tensor=p), d, p.last)
-                        for p, d in iter_pieces(name, sent.tensor, chunk_bytes)))
-        for chunk, piece_data, last in pieces:
-            if pending.HasField("tensor") or pending.HasField("sparse"):
-                yield encode_chunk(pending, data)
-                pending = chunk
-            else:
-                pending.MergeFrom(chunk)
-            data = piece_data
-            if last:
-                pending.crc32 = sent.change.crc
-    pending.commit = True
-    yield encode_chunk(pending, data)
-
-
-def _sparse_pieces(name: str, indices: torch.Tensor, values: torch.Tensor, chunk_bytes: int
-                   ) -> Iterator[tuple[generator_pb2.WeightChunk, bytes, bool]]:
-    per = max(1, chunk_bytes // (indices.element_size() + values.element_size()))
-    for start in range(0, max(indices.numel(), 1), per):
-        last = start + per >= indices.numel()
-        yield generator_pb2.WeightChunk(sparse=generator_pb2.SparseUpdate(
-            name=name, indices=encode(indices[start:start + per]),
-            values=encode(values[start:start + per]), last=last)), b"", last
-
-
-# --------------------------------------------------------------------------- shared storage
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredVersion:
-    version: int
-    kind: str  # "full" or "delta"
-    file: str  # relative to the store's root
-
-
-def remove_job_dir(root: Path, subdir: str) -> None:
-    """Delete a job's own directory under the shared weights root (never the root itself), with
-    its version files and any half-written temporary left by a killed learner."""
-    if subdir and (root / subdir).resolve().parent == root.resolve():
-        shutil.rmtree(root / subdir, ignore_errors=True)
-
-
-class SharedStore:
-    """Versions in the shared weights directory, each written once (full, or a delta against the
-    version before it) and deleted once a newer full file makes them unnecessary. A job writes
-    under a directory of its own (`subdir`), which it empties first (a resumed job starts with a
-    full file), so jobs sharing generators never meet each other's files."""
-
-    def __init__(self, root: str | Path, full_every: int, subdir: str = ""):
-        self.root = Path(root)
-        self.subdir = subdir
-        (self.root / subdir).mkdir(parents=True, exist_ok=True)
-        for stale in (self.root / subdir).glob("v*.safetensors"):
-            stale.unlink(missing_ok=True)
-        self.full_every = full_every
-        self.baseline = Baseline()
-        self.versions: list[StoredVersion] = []
-
-    def remove(self) -> None:
-        """Delete the job's directory (its job ended; no generator reads it again)."""
-        remove_job_dir(self.root, self.subdir)
-
-    def write(self, weights: ModelWeights, version: int) -> StoredVersion:
-        """Write `version`: a delta when the previous written version is the baseline and the
-        latest full file is fewer than `full_every` versions back, else a full file."""
-        last_full = next((v.version for v in reversed(self.versions) if v.kind == "full"), None)
-        delta = (self.baseline.version is not None and self.versions
-                 and self.versions[-1].version == self.baseline.version
-                 and last_full is not None and version - last_full < self.full_every)
-        base = self.baseline.version
-        self.baseline.version = None  # moving; valid again only once the file is whole
-        if delta:
-            stored = self._write_delta(weights, version, base)
-        else:
-            stored = self._write_full(weights, version)
-        self.baseline.version = version
-        self.versions.append(stored)
-        return stored
-
-    def _write_full(self, weights: ModelWeights, version: int) -> StoredVersion:
-        file = self._name(version, "full")
-        layout = {name: weights.layout(name) for name in weights}
-        # The manifest leads the file and a full file is written in one pass, so it carries no
-        # crc32s: it is checked by its layout (names, shapes, dtypes) and finiteness, as a full
-        # gRPC upload is.
-        write_weights_file(self.root / file, layout, self.baseline.refresh(weights),
-                           {"version": version, "kind": "full", "base_version": 0})
-        return StoredVersion(version, "full", file)
-
-    def _write_delta(self, weights: ModelWeights, version: int, base: int | None
-                     ) -> StoredVersion:
-        file = self._name(version, "delta")
-        plan = self.baseline.plan(weights)
-        layout: dict[str, tuple[torch.dtype, list[int]]] = {}
-        for c in plan:
-            dtype, shape = weights.layout(c.name)
-            if c.kind == "dense":
-                layout[c.name] = (dtype, shape)
-            else:
-                layout[c.name + SPARSE_INDICES] = (index_dtype(_numel(shape)), [c.changed])
-                layout[c.name + SPARSE_VALUES] = (dtype, [c.changed])
-        checksums = {c.name: c.crc for c in plan}  # the manifest leads the file: from the plan
-
-        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for sent in self.baseline.changes(weights, plan):
-                if sent.tensor is not None:
-                    yield sent.change.name, sent.tensor
-                else:
-                    yield sent.change.name + SPARSE_INDICES, sent.indices
-                    yield sent.change.name + SPARSE_VALUES, sent.values
-
-        write_weights_file(self.root / file, layout, tensors(),
-                           {"version": version, "kind": "delta", "base_version": base,
-                            "crc32": checksums})
-        return StoredVersion(version, "delta", file)
-
-    def _name(self, version: int, kind: str) -> str:
-        name = f"v{version:012d}.{kind}.safetensors"
-        return f"{self.subdir}/{name}" if self.subdir else name
-
-    def files_for(self, held: int, version: int) -> list[str]:
-        """Files that take a generator holding `held` to `version` (which must be written)."""
-        upto = [v for v in self.versions if v.version <= version]
-        if not upto or upto[-1].version != version:
-            raise errors.FailedPrecondition(f"version {version} is not in the shared store")
-        if upto[-1].kind == "delta" and len(upto) > 1 and upto[-2].version == held:
-            return [upto[-1].file]
-        start = max(i for i, v in enumerate(upto) if v.kind == "full")
-        return [v.file for v in upto[start:]]
-
-    def collect(self) -> None:
-        """Delete every file older than the latest full one (no generator needs it any more)."""
-        fulls = [i for i, v in enumerate(self.versions) if v.kind == "full"]
-        if not fulls:
-            return
-        for old in self.versions[:fulls[-1]]:
-            (self.root / old.file).unlink(missing_ok=True)
-        self.versions = self.versions[fulls[-1]:]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ------------------------------------------------------------------------------ transports
@@ -606,11 +337,6 @@ class _Counted:
     def __iter__(self) -> Iterator[Any]:
         yield from self._it
         self.done = True
-
-
-def _safe_name(job_id: str) -> str:
-    """A job id as one path component."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id).strip(".")
 
 
 def make_transport(generator: Any, options: TransportOptions, job_id: str = ""

@@ -23,7 +23,8 @@ from protege.services.generator.client import (
 )
 from protege.services.generator.engine import HFEngine
 from protege.services.generator.servicer import SERVICE_NAME, register
-from protege.services.learner.weight_sync import ModelWeights, SharedStore
+from protege.services.learner.weight_store import SharedStore
+from protege.services.learner.weight_sync import ModelWeights
 from protege.v1 import generator_pb2, generator_pb2_grpc
 
 NORM = "model.norm.weight"  # 64 elements

@@ -1,6 +1,7 @@
-"""Tests for services/learner/fused_loss.py: the fused op equals hybrid_loss on the logits its head
-would produce (every encoding and option), stays unbiased on exact enumeration, never builds an
-[N, V] tensor, and refuses heads it cannot reproduce."""
+"""Tests for services/learner/fused_loss.py and its compiled CPU kernel (fused_cpu.py): the fused
+op equals hybrid_loss on the logits its head would produce (every encoding and option), stays
+unbiased on exact enumeration, never builds an [N, V] tensor, and refuses heads it cannot
+reproduce."""
 
 from __future__ import annotations
 
@@ -440,7 +441,8 @@ def test_compiled_dense_matches_fp64(rows: str) -> None:
     """The compiled kernel's sums reach KL and ∂D/∂z as closely as the eager fp32 ops: a row with
     p_m -> 1 needs (E4) at the argmax, tied maxima need the ties summed apart, a HIDDEN teacher's
     logits and a bf16 FULL reference are normalised inside the kernel."""
-    from protege.services.learner.fused_loss import _compiled_dense, _eager_dense
+    from protege.services.learner.fused_cpu import compiled_dense
+    from protege.services.learner.fused_loss import _eager_dense
 
     g = _gen(20)
     n, V = 6, 3000
@@ -461,8 +463,8 @@ def test_compiled_dense_matches_fp64(rows: str) -> None:
     y = torch.randint(0, V, (n, 1), generator=g)
     coef = torch.zeros(n, 1)
     out = torch.empty(n, V)
-    kl, _, finish = _compiled_dense(z, ref, y, out, normalise=normalise,
-                                    tol=1e-2 if rows == "bf16" else None)
+    kl, _, finish = compiled_dense(z, ref, y, out, normalise=normalise,
+                                   tol=1e-2 if rows == "bf16" else None)
     grad, p_sq, grad_sq = finish(1.0, coef, True)
     kl_e, _, finish_e = _eager_dense(z, y, logq.float())
     grad_e, p_sq_e, grad_sq_e = finish_e(1.0, coef, True)
@@ -489,11 +491,8 @@ def test_compiled_kernel_validates_like_eager() -> None:
 
 
 def test_auto_picks_compiled_on_cpu_at_real_vocabularies() -> None:
-    from protege.services.learner.fused_loss import (
-        AUTO_COMPILED_MIN_V,
-        _cpp_compiler,
-        resolve_kernel,
-    )
+    from protege.services.learner.fused_cpu import AUTO_COMPILED_MIN_V, _cpp_compiler
+    from protege.services.learner.fused_loss import resolve_kernel
 
     cpu = torch.device("cpu")
     expected = "compiled" if _cpp_compiler() else "eager"
@@ -505,16 +504,16 @@ def test_auto_picks_compiled_on_cpu_at_real_vocabularies() -> None:
 
 def test_auto_falls_back_to_eager_when_the_kernel_fails_to_compile(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from protege.services.learner import fused_loss
+    from protege.services.learner import fused_cpu, fused_loss
 
     def no_compiler(*_: Any) -> Any:  # inductor wraps it in InductorError, a dynamo exception
         raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: no working C++ compiler")
 
     failed: set[str] = set()
-    monkeypatch.setattr(fused_loss, "_cpp_compiler", lambda: "g++")
-    monkeypatch.setattr(fused_loss, "AUTO_COMPILED_MIN_V", 8)
+    monkeypatch.setattr(fused_cpu, "_cpp_compiler", lambda: "g++")
+    monkeypatch.setattr(fused_cpu, "AUTO_COMPILED_MIN_V", 8)
     monkeypatch.setattr(fused_loss, "_AUTO_FAILED", failed)
-    monkeypatch.setattr(fused_loss, "_compiled", no_compiler)
+    monkeypatch.setattr(fused_cpu, "_compiled", no_compiler)
     case = _case(15, V=40, dtype=torch.float32, encoding="hidden")
     results = []
     for kernel in ("auto", "eager"):

@@ -24,10 +24,10 @@ from protege.services.learner.clients import Clients
 from protege.services.learner.config import LearnerConfig
 from protege.services.learner.outages import Dependency, OutagePolicy
 from protege.services.learner.targets import TargetAllowList
+from protege.services.learner.weight_store import SharedStore
 from protege.services.learner.weight_sync import (
     TRANSPORTS,
     ModelWeights,
-    SharedStore,
     TransportOptions,
     WeightSync,
 )
@@ -363,7 +363,7 @@ def test_shared_transport_is_refused_by_a_generator_without_a_weights_dir(
 def test_a_delta_stream_is_the_same_with_or_without_the_sparse_cache(cache_bytes, tied_student):
     """Sparse changes kept from the plan (None: the default budget) or found again (0: no
     budget) make the same upload and leave the same baseline."""
-    from protege.services.learner.weight_sync import Baseline, delta_chunks
+    from protege.services.learner.weight_delta import Baseline, delta_chunks
     from protege.v1 import generator_pb2
 
     model = load_causal_lm(tied_student)
