@@ -407,6 +407,7 @@ class Engine(abc.ABC):
     weight_spec: WeightSpec  # what a weight upload must contain (set by each backend)
     supports_delta = False  # True when `current_weight` and a partial `load_weights` work
     supports_broadcast = False  # True when weights can be received in this process (weights.py)
+    broadcast_backends = ("nccl", "gloo")  # the JoinWeightGroup backends it can receive on
     supports_lora = False  # True when LoRA adapters can be served (`load_lora`, lora.py)
     max_lora_rank = 0  # the largest LoRA rank served; 0 = no limit
     max_loras = 0  # LoRA adapters held at once (GeneratorInfo.max_loras); 0 = no limit

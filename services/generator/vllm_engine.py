@@ -39,8 +39,11 @@ vLLM is imported inside `VLLMEngine`, so this module imports without it. Tested 
   LoRA job with a larger max_staleness at submit. A base that travels with an adapter is
   loaded as whole weights are.
   `VLLM_ALLOW_RUNTIME_LORA_UPDATING` is not needed: it guards vLLM's HTTP endpoints only.
-- Not done here: the broadcast transport (NCCL into vLLM's workers: vLLM 0.32's own
-  weight-transfer engines, `init_weight_transfer_engine` / `update_weights`, are the way).
+- Broadcast (the learner's `broadcast` transport): received over gloo in this (the server's)
+  process, checked like an upload, then loaded into the workers as above. NCCL is refused: it
+  would receive a second copy of the model into GPU memory beside vLLM's own. NCCL straight into
+  vLLM's workers (vLLM's weight-transfer engines, `init_weight_transfer_engine` /
+  `update_weights`) is not wired: those engines need CUDA, so nothing here could test them.
 """
 
 from __future__ import annotations
@@ -164,6 +167,8 @@ class VLLMEngine(Engine):
 
     backend = "vllm"
     supports_delta = True
+    supports_broadcast = True  # received here over gloo, loaded like an upload
+    broadcast_backends = ("gloo",)
 
     def __init__(self, model_path: str | Path, dtype: str = "bfloat16", max_batch_prompts: int = 64,
                  seed: int = 0, gpu_memory_utilization: float = 0.9, max_model_len: int = 0,

@@ -7,7 +7,7 @@ crc32 checksums, finiteness), then one `Engine.load_weights` that swaps them in 
 the engine's lock. Until that swap nothing served changes, so a failed, partial or corrupt update
 leaves the old version serving. Nothing here imports grpc.
 
-Shared directory layout (written by `protege.services.learner.weight_sync.SharedStore`): one
+Shared directory layout (written by `protege.services.learner.weight_store.SharedStore`): one
 safetensors file per version, `v<version>.full.safetensors` or `v<version>.delta.safetensors`,
 whose metadata holds the manifest (version, base_version, kind, crc32 per tensor). A delta file
 keeps a dense change under the tensor's name and a sparse one as `<name>::indices` and
@@ -210,6 +210,12 @@ class BroadcastReceiver:
         if not group_id or not 0 < port < 65536 or not 0 < timeout_s <= MAX_TIMEOUT_S:
             raise InvalidArgument(f"JoinWeightGroup needs a group_id, a store port in [1, 65535] "
                                   f"and a timeout_s in (0, {MAX_TIMEOUT_S}]")
+        takes = getattr(self.engine, "broadcast_backends", BROADCAST_BACKENDS)
+        if backend not in takes:
+            raise FailedPrecondition(
+                f"the {self.engine.backend} generator receives weight broadcasts on {list(takes)} "
+                f"only, not {backend!r}; set the learner's --weight-broadcast-backend to "
+                f"{takes[0]} or use another weight_transport")
         if backend == "nccl":
             check_nccl()
         self.group, self.group_id = None, ""

@@ -3,7 +3,7 @@
 and the test checks its behaviour log-probs against a transformers forward pass, seeding, stops,
 that weights pushed over gRPC change what it samples, that concurrent calls share AsyncLLM's
 batches, that a weight update waits for the requests in flight (which keep their version), and
-that a delta push reaches vLLM's workers."""
+that delta and broadcast (gloo) pushes reach vLLM's workers."""
 
 from __future__ import annotations
 
@@ -312,8 +312,41 @@ def test_a_delta_push_reaches_vllm(vllm_generator, tiny_student):
         return info, version, after
 
     info, version, after = call(vllm_generator, steps)
-    assert list(info.weight_transports) == ["grpc", "delta"]
+    assert list(info.weight_transports) == ["grpc", "delta", "broadcast"]
     assert {r.policy_version for r in after} == {version + 1}
     full = sum(t.numel() * 4 for t in model.state_dict().values())
     assert sent[0] == full and sent[1] == model.lm_head.weight.shape[0] * (4 + 4)
     check_logprobs(model, after)
+
+
+def test_a_broadcast_push_reaches_vllm_and_nccl_is_refused(vllm_generator, tiny_student):
+    """The learner's broadcast transport (gloo) ends with vLLM sampling from exactly the pushed
+    weights; a group on NCCL is refused with the reason (a second GPU copy beside vLLM's)."""
+    from protege.services.learner.clients import Clients
+    from protege.services.learner.outages import Dependency, OutagePolicy
+    from protege.services.learner.targets import TargetAllowList
+    from protege.services.learner.weight_sync import TransportOptions, WeightSync
+
+    model = load_causal_lm(tiny_student)
+
+    async def steps(client):
+        sync = WeightSync(client, Clients(allowed=TargetAllowList(["*"])), [vllm_generator],
+                          1 << 16, Dependency("job", "generator", vllm_generator,
+                                              OutagePolicy(budget_s=30), lambda _: None),
+                          TransportOptions(transport="broadcast", broadcast_backend="gloo",
+                                           broadcast_timeout_s=60))
+        version = await sync.served_version() + 1
+        with torch.no_grad():
+            model.lm_head.weight[:, 5] += 3.0  # token 5 becomes likely: the samples must show it
+        await sync.push(model, version)
+        after = await client.generate(TEXTS, 2, max_new_tokens=12, seed=4)
+        refused = (await client.join_group({vllm_generator: generator_pb2.JoinWeightGroupRequest(
+            store_host="127.0.0.1", store_port=1, rank=1, world_size=2, backend="nccl",
+            group_id="g", timeout_s=5)}))[vllm_generator]
+        return version, after, refused
+
+    version, after, refused = call(vllm_generator, steps)
+    assert {r.policy_version for r in after} == {version}
+    check_logprobs(model, after)
+    assert isinstance(refused, errors.FailedPrecondition), refused
+    assert "vllm" in str(refused) and "gloo" in str(refused), refused
