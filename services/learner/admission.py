@@ -70,8 +70,6 @@ from protege.v1 import jobs_pb2, reward_pb2, tensor_pb2
 logger = logging.getLogger(__name__)
 
 DRY_RUN_ROWS = 4  # rows the reward scores at submit
-# Weight transports that carry a LoRA adapter (weight_sync.py: 'delta' sends it whole, as 'grpc').
-LORA_TRANSPORTS = ("grpc", "delta", "shared")
 
 # ------------------------------------------------------------------------------- static checks
 
@@ -260,15 +258,6 @@ def check_generator_loras(spec: jobs_pb2.JobSpec, target: str, info: Any) -> Non
             f"{info.max_loras - 1}")
 
 
-def check_lora_transport(transport: str) -> None:
-    """Refuse a LoRA job on a learner whose weight transport cannot carry adapters."""
-    if transport not in LORA_TRANSPORTS:
-        raise errors.FailedPrecondition(
-            f"this learner's weight_transport {transport!r} cannot carry a LoRA adapter; LoRA "
-            f"jobs need one of {list(LORA_TRANSPORTS)} (the adapter is a small fraction of "
-            "the model, so they lose nothing), or leave lora unset")
-
-
 def _same_name(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
@@ -449,7 +438,6 @@ async def validate_spec(spec: jobs_pb2.JobSpec, config: LearnerConfig,
     student = await asyncio.to_thread(student_vocab, spec.student_model)
     layout = await asyncio.to_thread(model_layout, spec.student_model)
     if spec.HasField("lora"):
-        check_lora_transport(config.weight_transport)
         await asyncio.to_thread(lora.check_targets, spec.student_model, spec.lora)
     if spec.reference_encoding == "topk" and not 1 <= spec.top_k <= student.vocab_size:
         raise errors.InvalidJobSpec(f"top_k must be in [1, {student.vocab_size}] (the vocab "

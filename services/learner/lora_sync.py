@@ -14,8 +14,9 @@ full one.
 Transports: ``grpc`` and ``delta`` send LoRA versions as `LoadWeights` uploads (every element of
 A and B changes at every optimizer step, so a sparse delta would save nothing: the adapter is
 the delta). ``shared`` writes the base once per job as a full file and each version's adapter
-as an adapter file (`LoraStore`), and tells each generator which files to load. ``broadcast``
-is refused at submit (admission.LORA_TRANSPORTS): its process group carries whole models.
+as an adapter file (`LoraStore`), and tells each generator which files to load. On a
+``broadcast`` learner a LoRA job's versions travel as ``grpc`` uploads: its process group is
+made for whole models, and an adapter (a few MB) gains nothing from it.
 """
 
 from __future__ import annotations
@@ -148,9 +149,8 @@ class LoraTransport:
 
     def __init__(self, generator: Any, options: TransportOptions, job_id: str = ""):
         if options.transport == "broadcast":
-            raise errors.FailedPrecondition(
-                "weight_transport 'broadcast' cannot carry a LoRA adapter; use 'grpc' or "
-                "'shared' for LoRA jobs")
+            logger.info("a LoRA job on a 'broadcast' learner: its adapters (and base, where "
+                        "missing) travel as LoadWeights uploads")
         self.generator = generator
         self.options = options
         self.pushed: dict[str, int] = {}  # address -> the last version it took from this learner

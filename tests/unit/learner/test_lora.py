@@ -13,7 +13,6 @@ from protege.services.common.models import load_causal_lm
 from protege.services.learner import checkpoint, lora
 from protege.services.learner.admission import (
     check_generator_lora,
-    check_lora_transport,
     check_spec,
     with_defaults,
 )
@@ -120,13 +119,6 @@ def test_target_modules_the_student_lacks_are_refused_with_the_ones_it_has(tiny_
     default = spec_for(tiny_student, target_modules=[])  # PEFT's default for Llama
     assert lora.check_targets(str(tiny_student), default.lora).target_modules == (
         "q_proj", "v_proj")
-
-
-def test_transports_that_cannot_carry_an_adapter_are_refused():
-    for ok in ("grpc", "delta", "shared"):
-        check_lora_transport(ok)
-    with pytest.raises(errors.FailedPrecondition, match="'broadcast' cannot carry a LoRA"):
-        check_lora_transport("broadcast")
 
 
 def lora_generator_info(max_loras: int) -> generator_pb2.GeneratorInfo:

@@ -19,7 +19,6 @@ from protege.services.common.lora import adapter_parameters, adapter_tensors
 from protege.services.common.models import load_causal_lm
 from protege.services.learner import lora
 from protege.services.learner.lora_sync import LoraWeights
-from protege.services.learner.weight_sync import TransportOptions
 from protege.v1 import jobs_pb2
 
 from . import test_weight_sync
@@ -223,21 +222,36 @@ def test_a_failed_or_partial_push_leaves_the_old_version_serving(
     asyncio.run(main())
 
 
-def test_the_broadcast_transport_refuses_a_lora_student(generators, tied_student):
+def test_a_lora_student_on_a_broadcast_learner_travels_as_uploads(generators, tied_student,
+                                                                   tmp_path):
+    """A LoRA job on a learner configured for `broadcast`: its versions go as LoadWeights
+    uploads (base once, then adapters alone), and the generator serves each exactly."""
     gens = generators(1)
     model = lora_student(tied_student)
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, TransportOptions(
-            transport="broadcast", broadcast_backend="gloo"))
+        sync, client = weight_sync(gens.addresses, options("broadcast", tmp_path))
+        sizes: list[int] = []
+        push = client.push_chunks
+
+        async def recording(chunks: Any, addresses: Any = None) -> Any:
+            replies = await push(chunks, addresses)
+            sizes.extend(int(r.bytes) for r in replies.values())
+            return replies
+
+        client.push_chunks = recording
         try:
-            with pytest.raises(errors.FailedPrecondition, match="cannot carry a LoRA"):
-                await sync.push(model, 1)
+            await sync.served_versions()
+            for version in (1, 2):
+                step(model, version)
+                await sync.push(model, version)
+                assert_serving(gens, model, version)
         finally:
             await client.close()
+        adapter = sum(t.numel() * 2 for t in adapter_tensors(model).values())  # bf16 served
+        assert sizes[1] == adapter < sizes[0]  # the base travelled once, with version 1
 
     asyncio.run(main())
-    assert gens.engines[0].policy_version == 0
 
 
 def test_a_lora_job_trains_end_to_end_through_the_sdk(backend, tmp_path):
