@@ -27,7 +27,7 @@ from .test_weight_sync import Generators, options, weight_sync
 # The generator servers and the tied student of the full-model transport tests (fixtures).
 generators, tied_student = test_weight_sync.generators, test_weight_sync.tied_student
 
-LORA_TRANSPORTS = ("grpc", "delta", "shared")
+LORA_TRANSPORTS = ("grpc", "delta", "shared", "broadcast")  # broadcast: as grpc uploads
 
 
 def lora_student(path: Path) -> Any:
