@@ -1,15 +1,23 @@
 """Session fixtures: tiny real models built once per test session and loaded via from_pretrained,
-and throwaway certificate authorities for the TLS tests."""
+throwaway certificate authorities for the TLS tests, `protege up` as a child process, and the
+check that a generator's behaviour log-probs are those of its sampling distribution.
+
+Plain helpers here are imported as `from tests.conftest import ...`: in importlib mode pytest
+names this module after its path from the rootdir."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +77,76 @@ def serve_process():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def protege_up(tmp_path) -> Callable[..., contextlib.AbstractContextManager]:
+    """`protege up` as a user runs it: `with protege_up(student, teacher, *flags) as (env, ends):`
+    starts the CLI in a child process (workdir `tmp_path/up`, contexts in the test's own
+    $PROTEGE_CONFIG, no PROTEGE_TARGET/CONTEXT/TOKEN from the caller), waits up to `timeout` s
+    for its endpoints file and yields the environment for further CLI calls and the endpoints;
+    on exit it sends SIGTERM and waits up to `stop_timeout` s for the suite to stop. A child that
+    exits or is not ready in time fails the test with its stderr."""
+
+    @contextlib.contextmanager
+    def up(student: Path, teacher: Path, *flags: str, timeout: float = 120.0,
+           stop_timeout: float = 60.0) -> Iterator[tuple[dict[str, str], dict]]:
+        env = {**os.environ, "PROTEGE_CONFIG": str(tmp_path / "config.yaml"),
+               "HF_HUB_OFFLINE": "1"}
+        for name in ("PROTEGE_TARGET", "PROTEGE_CONTEXT", "PROTEGE_TOKEN"):
+            env.pop(name, None)
+        endpoints, log = tmp_path / "endpoints.json", tmp_path / "up.err"
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "protege", "up", "--workdir", str(tmp_path / "up"),
+                 "--student", str(student), "--teacher", str(teacher), "--endpoints-file",
+                 str(endpoints), *flags], stdout=subprocess.DEVNULL, stderr=err, env=env)
+            try:
+                deadline = time.monotonic() + timeout
+                while not endpoints.exists():
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+                yield env, json.loads(endpoints.read_text())
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=stop_timeout)
+
+    return up
+
+
+def full_forward_logprobs(model: Any, rollout: Any, temperature: float = 1.0, top_k: int = 0,
+                          top_p: float = 1.0) -> Any:
+    """log pi(y_t | s_t) of each completion token of `rollout` (an engine Completion or a
+    Rollout message), from one unpadded forward of prompt + completion through `model`.
+
+    Untruncated (top_k 0, top_p 1) the expectation is plain softmax(logits / T), independent of
+    the generator's own `process_logits`; truncated, `process_logits` gives the support."""
+    import torch
+    from protege.services.generator.engine import process_logits
+
+    prompt, ids = list(rollout.prompt_token_ids), list(rollout.completion_token_ids)
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([prompt + ids])).logits[0]
+    rows_TV = logits_TV[len(prompt) - 1:len(prompt) - 1 + len(ids)]
+    if top_k == 0 and top_p == 1.0:
+        logprobs_TV = (rows_TV.float() / temperature).log_softmax(-1)
+    else:
+        logprobs_TV = process_logits(rows_TV, temperature, top_k, top_p)
+    return logprobs_TV.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+
+
+def assert_behaviour_logprobs(model: Any, rollouts: Iterable[Any], *, rtol: float, atol: float,
+                              temperature: float = 1.0, top_k: int = 0,
+                              top_p: float = 1.0) -> None:
+    """Each rollout's behaviour log-probs are those of `model`'s sampling distribution (see
+    `full_forward_logprobs`), within the given tolerances."""
+    import torch
+
+    for i, r in enumerate(rollouts):
+        expected = full_forward_logprobs(model, r, temperature, top_k, top_p)
+        torch.testing.assert_close(torch.tensor(list(r.behaviour_logprobs)), expected,
+                                   rtol=rtol, atol=atol, msg=lambda m, i=i: f"rollout {i}: {m}")
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -10,9 +10,10 @@ import json
 import re
 
 import pytest
-import torch
 from protege import Client
 from protege.launcher import Suite
+
+from tests.conftest import assert_behaviour_logprobs
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,6 @@ def test_a_delta_sync_job_runs_end_to_end_through_the_sdk(tiny_pair, tmp_path):
 
     from protege.services.common.models import load_causal_lm
     from protege.services.generator.client import GeneratorClient
-    from protege.services.generator.engine import process_logits
 
     student, teacher = tiny_pair
     rows = [{"prompt": f"{a}+{a + 1}=", "answer": str(2 * a + 1)} for a in range(6)]
@@ -62,11 +62,5 @@ def test_a_delta_sync_job_runs_end_to_end_through_the_sdk(tiny_pair, tmp_path):
     # nearly every value of this tiny student moves by more than its bf16 spacing)
     assert deltas and all(b * 5 < full[1] for _, b in deltas), pushes
     assert info.policy_version == done.last_metrics.policy_version == pushes[-1][0]
-    for r in rollouts:  # the generator serves exactly the job's final weights
-        prompt, ids = list(r.prompt_token_ids), list(r.completion_token_ids)
-        with torch.no_grad():
-            logits_TV = final(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
-        expected = process_logits(logits_TV, 1.0, 0, 1.0).gather(
-            -1, torch.tensor(ids)[:, None]).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(list(r.behaviour_logprobs)), expected,
-                                   rtol=1e-4, atol=1e-4)
+    # the generator serves exactly the job's final weights
+    assert_behaviour_logprobs(final, rollouts, rtol=1e-4, atol=1e-4)

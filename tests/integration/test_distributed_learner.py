@@ -180,35 +180,13 @@ def test_a_killed_rank_restarts_the_world_and_the_job_resumes(one_process, tiny_
         _assert_same(_final(suite, job.id), one_process[0], _initial(student))
 
 
-def test_protege_up_with_two_learner_procs_runs_a_job_through_the_sdk(tiny_pair, tmp_path):
+def test_protege_up_with_two_learner_procs_runs_a_job_through_the_sdk(tiny_pair, protege_up,
+                                                                     tmp_path):
     """`protege up --learner-procs 2` (the CLI, as a user runs it), then a job through the SDK."""
-    import subprocess
-    import sys
-
-    student, teacher = tiny_pair
-    env = {**os.environ, "PROTEGE_CONFIG": str(tmp_path / "config.yaml"), "HF_HUB_OFFLINE": "1"}
-    for name in ("PROTEGE_TARGET", "PROTEGE_CONTEXT", "PROTEGE_TOKEN"):
-        env.pop(name, None)
-    endpoints = tmp_path / "endpoints.json"
-    err = (tmp_path / "up.err").open("w")
-    up = subprocess.Popen([sys.executable, "-m", "protege", "up", "--workdir",
-                           str(tmp_path / "up"), "--student", str(student), "--teacher",
-                           str(teacher), "--endpoints-file", str(endpoints),
-                           "--learner-procs", "2"],
-                          stdout=subprocess.DEVNULL, stderr=err, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while not endpoints.exists():
-            assert up.poll() is None, (tmp_path / "up.err").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "up.err").read_text()
-            time.sleep(0.2)
-        ends = json.loads(endpoints.read_text())
+    with protege_up(*tiny_pair, "--learner-procs", "2", timeout=180,
+                    stop_timeout=120) as (_, ends):
         client = Client(ends["learner"]["grpc"])
-        job = client.submit(_spec(tmp_path, student, ends))
+        job = client.submit(_spec(tmp_path, tiny_pair[0], ends))
         assert client.wait(job.id, timeout=300).state == "SUCCEEDED"
         log = (tmp_path / "up" / "logs" / "learner.log").read_text()
         assert "rank 1 of 2" in log and "--nproc-per-node 2" in log
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(timeout=120)
-        err.close()

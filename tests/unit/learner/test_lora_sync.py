@@ -7,7 +7,6 @@ pushed to by another job catches up; and a LoRA job runs end to end through the 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,16 @@ from protege.services.learner import lora
 from protege.services.learner.lora_sync import LoraWeights
 from protege.v1 import jobs_pb2
 
+from tests.conftest import assert_behaviour_logprobs
+
 from . import test_weight_sync
-from .test_weight_sync import Generators, options, weight_sync
+from .test_weight_sync import (
+    Generators,
+    options,
+    recording,
+    restart_mid_push,
+    weight_sync_to,
+)
 
 # The generator servers and the tied student of the full-model transport tests (fixtures).
 generators, tied_student = test_weight_sync.generators, test_weight_sync.tied_student
@@ -62,20 +69,6 @@ def assert_serving(gens: Generators, model: Any, version: int,
             torch.testing.assert_close(served[name], t.to(torch.bfloat16), rtol=0, atol=0)
 
 
-def recording(client: Any) -> list[dict[str, Any]]:
-    """Every push's replies, by address (LoadWeights and LoadWeightsFromPath alike)."""
-    replies: list[dict[str, Any]] = []
-    for method in ("push_chunks", "load_from_path"):
-        original = getattr(client, method)
-
-        async def record(*args: Any, _original: Any = original, **kw: Any) -> Any:
-            replies.append(await _original(*args, **kw))
-            return replies[-1]
-
-        setattr(client, method, record)
-    return replies
-
-
 @pytest.mark.parametrize("transport", LORA_TRANSPORTS)
 def test_every_lora_transport_leaves_the_generators_with_the_learners_adapter(
         transport, generators, tied_student, tmp_path):
@@ -84,16 +77,12 @@ def test_every_lora_transport_leaves_the_generators_with_the_learners_adapter(
     weights = LoraWeights.of(model, torch.bfloat16)
 
     async def main() -> tuple[list[dict[str, Any]], Any]:
-        sync, client = weight_sync(gens.addresses, options(transport, tmp_path))
-        replies = recording(client)
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options(transport, tmp_path)) as (sync, client):
+            replies = recording(client)
             for version in range(1, 5):
                 step(model, version)
                 await sync.push(model, version)
                 assert_serving(gens, model, version)
-        finally:
-            await client.close()
         return replies, sync
 
     replies, sync = asyncio.run(main())
@@ -114,9 +103,7 @@ def test_a_generator_restarted_or_pushed_to_by_another_job_catches_up(
     model = lora_student(tied_student)
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, options(transport, tmp_path))
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options(transport, tmp_path)) as (sync, _):
             for version in (1, 2):
                 step(model, version)
                 await sync.push(model, version)
@@ -132,8 +119,6 @@ def test_a_generator_restarted_or_pushed_to_by_another_job_catches_up(
             step(model, 5)
             await sync.push(model, 5)  # refused as an adapter alone, then sent with the base
             assert_serving(gens, model, 5)
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -142,25 +127,10 @@ def test_a_generator_restarted_in_the_middle_of_a_push_catches_up(generators, ti
                                                                    tmp_path):
     gens = generators(2)
     model = lora_student(tied_student)
-    restarted = threading.Event()
-
-    def interrupting(chunks: Any) -> Iterator[Any]:
-        for i, chunk in enumerate(chunks):
-            if i == 3 and not restarted.is_set():
-                restarted.set()
-                gens.restart(0)
-            yield chunk
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, options("grpc", tmp_path))
-        push = client.push_chunks
-
-        async def wrapped(chunks: Any, addresses: Any = None) -> Any:
-            return await push(interrupting(chunks), addresses)
-
-        client.push_chunks = wrapped
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options("grpc", tmp_path)) as (sync, client):
+            restarted = restart_mid_push(gens, client)
             step(model, 1)
             await sync.push(model, 1)
             assert restarted.is_set()
@@ -168,8 +138,6 @@ def test_a_generator_restarted_in_the_middle_of_a_push_catches_up(generators, ti
             step(model, 2)
             await sync.push(model, 2)
             assert_serving(gens, model, 2)
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -181,9 +149,7 @@ def test_a_failed_or_partial_push_leaves_the_old_version_serving(
     model = lora_student(tied_student)
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, options(transport, tmp_path))
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options(transport, tmp_path)) as (sync, client):
             step(model, 1)
             await sync.push(model, 1)
             served = {k: v.clone() for k, v in adapter_tensors(model).items()}
@@ -216,8 +182,6 @@ def test_a_failed_or_partial_push_leaves_the_old_version_serving(
             step(model, 3)
             await sync.push(model, 3)
             assert_serving(gens, model, 3)
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -230,24 +194,13 @@ def test_a_lora_student_on_a_broadcast_learner_travels_as_uploads(generators, ti
     model = lora_student(tied_student)
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, options("broadcast", tmp_path))
-        sizes: list[int] = []
-        push = client.push_chunks
-
-        async def recording(chunks: Any, addresses: Any = None) -> Any:
-            replies = await push(chunks, addresses)
-            sizes.extend(int(r.bytes) for r in replies.values())
-            return replies
-
-        client.push_chunks = recording
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options("broadcast", tmp_path)) as (sync, client):
+            replies = recording(client)
             for version in (1, 2):
                 step(model, version)
                 await sync.push(model, version)
                 assert_serving(gens, model, version)
-        finally:
-            await client.close()
+        sizes = [int(r.bytes) for got in replies for r in got.values()]
         adapter = sum(t.numel() * 2 for t in adapter_tensors(model).values())  # bf16 served
         assert sizes[1] == adapter < sizes[0]  # the base travelled once, with version 1
 
@@ -261,7 +214,6 @@ def test_a_lora_job_trains_end_to_end_through_the_sdk(backend, tmp_path):
     bad lora values are refused at submit naming the field."""
     from protege import Client
     from protege.services.generator.client import GeneratorClient
-    from protege.services.generator.engine import process_logits
     from protege.services.learner.__main__ import start
     from protege.services.learner.config import LearnerConfig
     from protege.serving import make_channel
@@ -322,14 +274,7 @@ def test_a_lora_job_trains_end_to_end_through_the_sdk(backend, tmp_path):
     info, rollouts = asyncio.run(served())
     assert info.policy_version == done.last_metrics.policy_version
     assert {r.policy_version for r in rollouts} == {info.policy_version}
-    for r in rollouts:
-        prompt, ids = list(r.prompt_token_ids), list(r.completion_token_ids)
-        with torch.no_grad():
-            logits_TV = final(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
-        expected = process_logits(logits_TV, 1.0, 0, 1.0).gather(
-            -1, torch.tensor(ids)[:, None]).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(list(r.behaviour_logprobs)), expected,
-                                   rtol=1e-4, atol=1e-4)
+    assert_behaviour_logprobs(final, rollouts, rtol=1e-4, atol=1e-4)
     plain = load_causal_lm(backend.student)
     with torch.no_grad():  # it learned: the merged model is not the student any more
         ids = torch.tensor([[5, 6, 7, 8]])

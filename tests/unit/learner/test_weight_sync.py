@@ -6,8 +6,9 @@ files are garbage-collected, and a transport a generator cannot take is refused 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,57 @@ def weight_sync(addresses: list[str], options: TransportOptions) -> tuple[Weight
     return sync, client
 
 
+@contextlib.asynccontextmanager
+async def weight_sync_to(gens: Generators, options: TransportOptions
+                         ) -> AsyncIterator[tuple[WeightSync, Any]]:
+    """(sync, client) for the generators, after the sync has read their served versions (as a
+    job does before its first push); the client is closed on exit."""
+    sync, client = weight_sync(gens.addresses, options)
+    try:
+        await sync.served_versions()
+        yield sync, client
+    finally:
+        await client.close()
+
+
 def options(transport: str, tmp_path: Path, **kw: Any) -> TransportOptions:
     return TransportOptions(transport=transport, shared_dir=str(tmp_path / "shared"),
                             broadcast_backend="gloo", broadcast_timeout_s=30, **kw)
+
+
+def recording(client: Any) -> list[dict[str, Any]]:
+    """Every push's replies, by address (LoadWeights and LoadWeightsFromPath alike)."""
+    replies: list[dict[str, Any]] = []
+    for method in ("push_chunks", "load_from_path"):
+        original = getattr(client, method)
+
+        async def record(*args: Any, _original: Any = original, **kw: Any) -> Any:
+            replies.append(await _original(*args, **kw))
+            return replies[-1]
+
+        setattr(client, method, record)
+    return replies
+
+
+def restart_mid_push(gens: Generators, client: Any, index: int = 0,
+                     at_chunk: int = 3) -> threading.Event:
+    """Generator `index` restarts (as in `Generators.restart`) while the first upload through
+    `client` is being streamed, before chunk `at_chunk` goes out; the event is set once it has."""
+    restarted = threading.Event()
+    push = client.push_chunks
+
+    def interrupting(chunks: Any) -> Iterator[Any]:
+        for i, chunk in enumerate(chunks):
+            if i == at_chunk and not restarted.is_set():
+                restarted.set()
+                gens.restart(index)
+            yield chunk
+
+    async def wrapped(chunks: Any, addresses: Any = None) -> Any:
+        return await push(interrupting(chunks), addresses)
+
+    client.push_chunks = wrapped
+    return restarted
 
 
 def step(model: Any, lr: float, seed: int, fraction: float = 1.0) -> None:
@@ -159,19 +208,10 @@ def test_every_transport_leaves_the_generators_with_the_learners_weights(
 def test_delta_sends_only_the_changed_elements(generators, tied_student, tmp_path):
     gens = generators(2)
     model = load_causal_lm(tied_student)
-    replies: list[dict[str, Any]] = []
 
-    async def main() -> None:
-        sync, client = weight_sync(gens.addresses, options("delta", tmp_path))
-        push = client.push_chunks
-
-        async def recording(chunks: Any, addresses: Any = None) -> Any:
-            replies.append(await push(chunks, addresses))
-            return replies[-1]
-
-        client.push_chunks = recording
-        try:
-            await sync.served_versions()
+    async def main() -> list[dict[str, Any]]:
+        async with weight_sync_to(gens, options("delta", tmp_path)) as (sync, client):
+            replies = recording(client)
             await sync.push(model, 1)  # full: nothing to diff against yet
             with torch.no_grad():
                 model.model.norm.weight[:3] += 0.5  # 3 elements of one tensor change
@@ -179,10 +219,9 @@ def test_delta_sends_only_the_changed_elements(generators, tied_student, tmp_pat
             assert_serving(gens, model, 2)
             await sync.push(model, 3)  # nothing changed: a version bump only
             assert_serving(gens, model, 3)
-        finally:
-            await client.close()
+        return replies
 
-    asyncio.run(main())
+    replies = asyncio.run(main())
     full = ModelWeights(model, torch.bfloat16).total_bytes
     first, delta, empty = ({a: r.bytes for a, r in got.items()} for got in replies)
     assert set(first.values()) == {full}
@@ -197,9 +236,7 @@ def test_a_generator_restarted_between_pushes_catches_up(transport, generators, 
     model = load_causal_lm(tied_student)
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, options(transport, tmp_path))
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options(transport, tmp_path)) as (sync, _):
             for version in (1, 2):
                 step(model, 3e-3, seed=version, fraction=0.05)
                 await sync.push(model, version)
@@ -211,8 +248,6 @@ def test_a_generator_restarted_between_pushes_catches_up(transport, generators, 
             step(model, 3e-3, seed=3, fraction=0.05)
             await sync.push(model, 3)  # one full (restarted), one delta
             assert_serving(gens, model, 3)
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -224,25 +259,10 @@ def test_a_generator_restarted_in_the_middle_of_a_push_catches_up(transport, gen
     through the outage pushes to the restarted one only, and both end on the same weights."""
     gens = generators(2)
     model = load_causal_lm(tied_student)
-    restarted = threading.Event()
-
-    def interrupting(chunks: Any) -> Iterator[Any]:
-        for i, chunk in enumerate(chunks):
-            if i == 3 and not restarted.is_set():
-                restarted.set()
-                gens.restart(0)
-            yield chunk
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, options(transport, tmp_path))
-        push = client.push_chunks
-
-        async def wrapped(chunks: Any, addresses: Any = None) -> Any:
-            return await push(interrupting(chunks), addresses)
-
-        client.push_chunks = wrapped
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options(transport, tmp_path)) as (sync, client):
+            restarted = restart_mid_push(gens, client)
             step(model, 3e-3, seed=1)
             await sync.push(model, 1)
             assert restarted.is_set()
@@ -250,8 +270,6 @@ def test_a_generator_restarted_in_the_middle_of_a_push_catches_up(transport, gen
             step(model, 3e-3, seed=2, fraction=0.05)
             await sync.push(model, 2)
             assert_serving(gens, model, 2)
-        finally:
-            await client.close()
 
     asyncio.run(main())
 
@@ -268,15 +286,12 @@ def test_a_generator_refusing_a_broadcast_does_not_leave_the_learner_waiting(
     step(model, 3e-3, seed=1)
 
     async def main() -> None:
-        sync, client = weight_sync(gens.addresses, TransportOptions(
-            transport="broadcast", broadcast_backend="gloo", broadcast_timeout_s=600))
-        try:
-            await sync.served_versions()
+        broadcast = TransportOptions(transport="broadcast", broadcast_backend="gloo",
+                                     broadcast_timeout_s=600)
+        async with weight_sync_to(gens, broadcast) as (sync, _):
             with pytest.raises(errors.FailedPrecondition, match="not newer than the serving"):
                 # a hang guard only: the group's own timeout is 600 s
                 await asyncio.wait_for(sync.push(model, 1), 120)
-        finally:
-            await client.close()
 
     asyncio.run(main())
     assert gens.engines[0].policy_version == 1 and ahead.policy_version == 9
@@ -290,10 +305,8 @@ def test_shared_files_are_written_once_and_garbage_collected(generators, tied_st
     shared = tmp_path / "shared" / "job"  # each job writes under its own directory
 
     async def main() -> list[list[str]]:
-        sync, client = weight_sync(gens.addresses, options("shared", tmp_path, full_every=3))
-        listings = []
-        try:
-            await sync.served_versions()
+        async with weight_sync_to(gens, options("shared", tmp_path, full_every=3)) as (sync, _):
+            listings = []
             for version in range(1, 8):
                 step(model, 3e-3, seed=version, fraction=0.05)
                 await sync.push(model, version)
@@ -303,8 +316,6 @@ def test_shared_files_are_written_once_and_garbage_collected(generators, tied_st
             sync.discard()  # the job ended: its directory goes, the shared root stays
             assert not shared.exists() and shared.parent.is_dir()
             assert_serving(gens, model, 7)  # the generator holds its weights in memory
-        finally:
-            await client.close()
         return listings
 
     listings = asyncio.run(main())
