@@ -87,7 +87,11 @@ bench: setup $(TRL_VENV)/.installed ## Benchmarks: print tables, write JSON unde
 	$(TRL_VENV)/bin/python benchmarks/peer_trl.py --setup tiny
 	$(PY) benchmarks/step.py --setup real-vocab --steps 3 --warmup 1 --out benchmarks/results/step_real_vocab.json
 	$(TRL_VENV)/bin/python benchmarks/peer_trl.py --setup real-vocab
-	$(PY) benchmarks/weight_sync.py
+	$(PY) benchmarks/weight_sync.py --model real-vocab --generators 1 4
+	# 0.5B, a reduced set: the full table (--model real-vocab 0.5b --generators 1 4) took 8.5 min
+	# here and, with 4 generators' delta copies, up to 23 GB of this 24 GB machine
+	$(PY) benchmarks/weight_sync.py --model 0.5b --generators 1 4 --transports grpc broadcast \
+		lora-grpc --lr 1e-4 --pushes 2 --out benchmarks/results/weight_sync_0.5b.json
 
 demo: setup ## The main job: hybrid vs dense-only vs sparse-only on CPU, report in runs/demo/
 	$(VENV)/bin/protege demo

@@ -1,10 +1,18 @@
-"""Weight sync: seconds, bytes and GB/s per push for each transport, against 1 and 2 generators.
+"""Weight sync: seconds, bytes and GB/s per push for each transport, against 1 and 4 generators.
 
-    .venv/bin/python benchmarks/weight_sync.py [--pushes 5] [--lr 1e-4 1e-6] [--out FILE.json]
+    .venv/bin/python benchmarks/weight_sync.py --model real-vocab 0.5b --generators 1 4 \
+        [--pushes N] [--lr 1e-4 1e-6] [--transports grpc ...] [--out FILE.json]
 
-Setup: the real-vocabulary student (a Llama with hidden 256, 2 layers, V = 151,936, tied
-embeddings: ~41M parameters, 164 MB in fp32) built here and saved with `save_pretrained`; the
-learner holds it in fp32 and the generators serve it in bf16 (82 MB), each generator a real
+Models, each built once with `save_pretrained` into `--cache-dir` (default
+~/.cache/protege-bench) and loaded back with `from_pretrained`:
+
+- **real-vocab**: a Llama with hidden 256, 2 layers, V = 151,936, tied embeddings: ~41M
+  parameters, 164 MB in fp32, 82 MB in bf16. 5 pushes per row by default.
+- **0.5b**: Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
+  V = 151,936, tied embeddings): ~494M parameters, 2 GB in fp32, 988 MB in bf16, random weights.
+  3 pushes per row by default.
+
+The learner holds the student in fp32 and the generators serve it in bf16, each generator a real
 `python -m protege.services.generator` process on 127.0.0.1. Before each timed push the learner
 takes a simulated AdamW step: every element of the body and 2,048 rows of the tied embedding (the
 distinct tokens of a step's batch; rows no token used get no gradient) move by `lr` (the size of
@@ -31,15 +39,21 @@ Rows (same run, same generators, same model):
 file's tensor bytes). `GB/s` is the effective rate: the serving-dtype model bytes times the number
 of generators, over the push's seconds (a delta that moves 10x fewer bytes in the same time counts
 10x). `x baseline` is the baseline's median seconds over the row's. Medians over `--pushes`. The
-machine is shared (2 cores): timings are noisy; the JSON records the load average.
+machine is shared (2 cores): timings are noisy; the JSON records the load average before and
+after each generator count, and the peak resident memory of the learner (this process) and of
+each generator (VmHWM).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,29 +68,50 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 V = 151_936
-HIDDEN, LAYERS, HEADS, INTERMEDIATE = 256, 2, 4, 1024
 TRANSPORTS = ("baseline", "grpc", "delta", "shared", "broadcast", "lora-grpc", "lora-shared")
 LORA_RANK, LORA_TARGETS = 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj"]
 ROWS_TOUCHED = 2048  # distinct tokens in a step's batch (32 sequences x ~64 tokens)
 
 
-def build_student(out: Path) -> Path:
-    """The ~41M-parameter real-vocabulary student (character tokenizer, padded vocabulary)."""
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A benchmark student: a transformers architecture and its sizes (vocabulary V, tied)."""
+
+    family: str  # "llama" or "qwen2"
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    pushes: int  # timed pushes per row unless --pushes says otherwise
+    save_dtype: torch.dtype = torch.float32  # on disk; the learner loads fp32 either way
+
+
+MODELS = {
+    "real-vocab": Shape("llama", 256, 2, 4, 4, 1024, pushes=5),
+    "0.5b": Shape("qwen2", 896, 24, 14, 2, 4864, pushes=3, save_dtype=torch.bfloat16),
+}
+
+
+def build_student(out: Path, shape: Shape) -> Path:
+    """The student (character tokenizer, padded vocabulary), built once into `out`."""
     from protege.services.common.tiny import build_char_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if (out / "config.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_char_tokenizer(out)
-    config = LlamaConfig(vocab_size=V, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                         intermediate_size=INTERMEDIATE, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[shape.family]
+    config = config_cls(vocab_size=V, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                        intermediate_size=shape.intermediate, max_position_embeddings=256,
+                        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
+    model_cls(config).to(shape.save_dtype).save_pretrained(str(out))
     return out
 
 
@@ -156,13 +191,30 @@ async def legacy_push(model: Any, addresses: list[str], version: int, chunk_byte
 # ----------------------------------------------------------------------------------- the run
 
 
+def random_sign(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """+1 or -1 per element, in p's dtype."""
+    return torch.randint(0, 2, p.shape, generator=g, dtype=p.dtype).mul_(2).sub_(1)
+
+
+@contextlib.contextmanager
+def all_threads() -> Iterator[None]:
+    """Every core for the untimed simulated step (pushes run on one thread, as a learner's
+    push thread does): 494M parameters take seconds per step otherwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def simulated_step(model: Any, lr: float, seed: int) -> None:
     """Adam's first step moves a parameter by lr in the direction of -sign(grad): every element
     of the body, and `ROWS_TOUCHED` rows of the (tied) embedding, the tokens a step's batch saw."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), all_threads():
         for p in model.parameters():
-            sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype).mul_(2).sub_(1)
+            sign = random_sign(p, g)
             if p.shape[0] == V:
                 rows = torch.zeros(V, 1, dtype=p.dtype)
                 rows[torch.randperm(V, generator=g)[:ROWS_TOUCHED]] = 1.0
@@ -183,11 +235,10 @@ def lora_student(model_dir: Path) -> Any:
 def lora_step(model: Any, lr: float, seed: int) -> None:
     """Every element of the adapter moves (the base is frozen)."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), all_threads():
         for p in model.parameters():
             if p.requires_grad:
-                sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype).mul_(2).sub_(1)
-                p.add_(sign, alpha=lr)
+                p.add_(random_sign(p, g), alpha=lr)
 
 
 class Pusher:
@@ -258,45 +309,65 @@ def serving_bytes(model: Any) -> int:
     return ModelWeights(model, torch.bfloat16).total_bytes
 
 
+def plan(transports: list[str], lrs: list[float]) -> list[tuple[str, float]]:
+    """(transport, lr) rows in table order: full and LoRA pushes do not depend on the learning
+    rate, so they run at the first one only."""
+    once = ("baseline", "grpc", "lora-grpc", "lora-shared")
+    return [(t, lr) for lr in lrs for t in transports if lr == lrs[0] or t not in once]
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory in MB: this process (getrusage), or a child still running (VmHWM)."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 async def run_config(model: Any, model_dir: Path, count: int, work: Path, args: Any,
-                     version: int) -> tuple[list[dict[str, Any]], int]:
+                     pushes: int, version: int) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    """Every transport's rows against `count` generators; also their peak RSS."""
     procs, addresses = start_generators(model_dir, count, work)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         model_bytes = serving_bytes(model)
-        adapted = lora_student(model_dir)
-        for lr in args.lr:
-            results: dict[str, dict[str, Any]] = {}
-            for transport in TRANSPORTS:
-                if transport in ("baseline", "grpc", "lora-grpc", "lora-shared") and \
-                        lr != args.lr[0]:
-                    continue  # full and LoRA pushes do not depend on the learning rate
-                student = adapted if transport.startswith("lora") else model
-                results[transport], version = await measure(
-                    student, transport, addresses, work / "shared", args.pushes, lr, version,
-                    args.chunk_mb << 20)
-                print(f"  {count} generator(s), {transport}, lr {lr:g}: "
-                      f"{results[transport]['seconds']:.3f} s/push", flush=True)
-            for transport, r in results.items():
-                rows.append({
-                    "generators": count, "transport": transport, "lr": lr,
-                    "seconds": r["seconds"], "all_seconds": r["all_seconds"],
-                    "wire_mb": r["wire_bytes"] / 1e6,
-                    "effective_gb_s": model_bytes * count / r["seconds"] / 1e9,
-                    "bytes_vs_full": r["wire_bytes"] / model_bytes})
+        for transport, lr in plan(args.transports, args.lr):
+            student = lora_student(model_dir) if transport.startswith("lora") else model
+            r, version = await measure(student, transport, addresses, work / "shared", pushes,
+                                       lr, version, args.chunk_mb << 20)
+            del student
+            gc.collect()  # the pusher's baseline and a LoRA student's second copy go now
+            print(f"  {count} generator(s), {transport}, lr {lr:g}: {r['seconds']:.3f} s/push",
+                  flush=True)
+            rows.append({
+                "generators": count, "transport": transport, "lr": lr,
+                "seconds": r["seconds"], "all_seconds": r["all_seconds"],
+                "wire_mb": r["wire_bytes"] / 1e6,
+                "effective_gb_s": model_bytes * count / r["seconds"] / 1e9,
+                "bytes_vs_full": r["wire_bytes"] / model_bytes})
+        generators_mb = [peak_rss_mb(p.pid) for p in procs]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    return rows, version
+        stop(procs)
+    memory = {"generators": count, "generator_peak_rss_mb": generators_mb,
+              "learner_peak_rss_mb": peak_rss_mb()}
+    return rows, memory, version
 
 
-def print_table(rows: list[dict[str, Any]], baselines: dict[int, float]) -> None:
+def print_table(rows: list[dict[str, Any]]) -> None:
+    baselines = {r["generators"]: r["seconds"] for r in rows if r["transport"] == "baseline"}
     print(f"{'gens':>4} {'transport':<11} {'lr':>7} {'s/push':>8} {'wire MB':>9} "
           f"{'bytes/full':>10} {'GB/s':>7} {'x baseline':>10}")
     for r in rows:
@@ -305,48 +376,77 @@ def print_table(rows: list[dict[str, Any]], baselines: dict[int, float]) -> None
         print(f"{r['generators']:>4} {r['transport']:<11} {r['lr']:>7.0e} {r['seconds']:>8.3f} "
               f"{r['wire_mb']:>9.2f} {r['bytes_vs_full']:>10.4f} {r['effective_gb_s']:>7.2f} "
               f"{ratio:>10.2f}")
+    for r in rows:
+        grpc = next((g for g in rows if g["transport"] == "grpc"
+                     and g["generators"] == r["generators"]), None)
+        if r["transport"].startswith("lora") and grpc is not None:
+            print(f"{r['transport']}, {r['generators']} generator(s): "
+                  f"{1 / r['bytes_vs_full']:.0f}x fewer bytes and "
+                  f"{grpc['seconds'] / r['seconds']:.1f}x less time per step than a full grpc push")
+
+
+def run_model(name: str, args: Any, cache: Path, work: Path) -> dict[str, Any]:
+    """Build (once) and load one student, then every generator count's rows."""
+    from protege.services.common.models import load_causal_lm
+
+    shape = MODELS[name]
+    model_dir = build_student(cache / name, shape)
+    model = load_causal_lm(model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    pushes = args.pushes or shape.pushes
+    print(f"{name}: {params / 1e6:.1f}M parameters, {serving_bytes(model) / 1e6:.1f} MB in bf16 "
+          f"(tied head sent once), {pushes} pushes per row", flush=True)
+    rows: list[dict[str, Any]] = []
+    memory: list[dict[str, Any]] = []
+    version, load = 0, [os.getloadavg()]
+    for count in args.generators:
+        got, mem, version = asyncio.run(
+            run_config(model, model_dir, count, work, args, pushes, version))
+        rows.extend(got)
+        memory.append(mem)
+        load.append(os.getloadavg())
+    baselines = {r["generators"]: r["seconds"] for r in rows if r["transport"] == "baseline"}
+    for r in rows:
+        r["model"] = name
+        if r["generators"] in baselines:
+            r["x_baseline"] = baselines[r["generators"]] / r["seconds"]
+    print(f"\n{name}: {params / 1e6:.1f}M parameters, {serving_bytes(model) / 1e6:.1f} MB in bf16; "
+          f"load average {[tuple(round(x, 2) for x in la) for la in load]}")
+    print_table(rows)
+    for m in memory:
+        print(f"peak RSS with {m['generators']} generator(s): learner "
+              f"{m['learner_peak_rss_mb']:.0f} MB, generators "
+              f"{', '.join(f'{g:.0f}' for g in m['generator_peak_rss_mb'])} MB")
+    return {"model": name, "params": params, "serving_bytes": serving_bytes(model),
+            "pushes": pushes, "loadavg": load, "memory": memory, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pushes", type=int, default=5)
+    parser.add_argument("--model", nargs="+", choices=list(MODELS), default=["real-vocab"],
+                        help="students to measure, one after the other")
+    parser.add_argument("--pushes", type=int, default=0,
+                        help="timed pushes per row (default: 5 for real-vocab, 3 for 0.5b)")
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-6],
                         help="simulated step sizes (the JobSpec default, then an RL-scale one)")
-    parser.add_argument("--generators", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--generators", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     parser.add_argument("--chunk-mb", type=int, default=4)
+    parser.add_argument("--cache-dir", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "protege-bench"),
+        help="where the students are built once (save_pretrained) and loaded from")
     parser.add_argument("--out", default="benchmarks/results/weight_sync.json")
     args = parser.parse_args()
-    from protege.services.common.models import load_causal_lm
 
     torch.set_num_threads(1)
+    runs = []
     with tempfile.TemporaryDirectory(prefix="protege-wsync-") as tmp:
-        work = Path(tmp)
-        model_dir = build_student(work / "student")
-        model = load_causal_lm(model_dir)
-        params = sum(p.numel() for p in model.parameters())
-        rows: list[dict[str, Any]] = []
-        version, load = 0, [os.getloadavg()]
-        for count in args.generators:
-            got, version = asyncio.run(run_config(model, model_dir, count, work, args, version))
-            rows.extend(got)
-            load.append(os.getloadavg())
-    baselines = {r["generators"]: r["seconds"] for r in rows if r["transport"] == "baseline"}
-    for r in rows:
-        r["x_baseline"] = baselines[r["generators"]] / r["seconds"]
-    print(f"student: {params / 1e6:.1f}M parameters, {serving_bytes(model) / 1e6:.1f} MB in bf16 "
-          "(tied head sent once)")
-    print_table(rows, baselines)
-    for r in rows:
-        if r["transport"].startswith("lora"):
-            grpc = next(g for g in rows if g["transport"] == "grpc"
-                        and g["generators"] == r["generators"])
-            print(f"{r['transport']}, {r['generators']} generator(s): "
-                  f"{1 / r['bytes_vs_full']:.0f}x fewer bytes and "
-                  f"{grpc['seconds'] / r['seconds']:.1f}x less time per step than a full grpc push")
+        for name in args.model:
+            runs.append(run_model(name, args, Path(args.cache_dir), Path(tmp)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"params": params, "serving_bytes": serving_bytes(model),
-                               "pushes": args.pushes, "loadavg": load, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"runs": runs, "rows": [r for run in runs for r in run["rows"]],
+                               "learner_peak_rss_mb": peak_rss_mb()}, indent=2))
     print(f"wrote {out}")
 
 

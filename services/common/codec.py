@@ -2,17 +2,17 @@
 
 Raw little-endian bytes travel, never repeated floats. bf16 travels as its 2 raw bytes. Encoding a
 contiguous CPU tensor reuses its memory (one copy into the protobuf bytes field, which protobuf
-needs
-anyway); decoding uses `torch.frombuffer` over the received bytes (zero copy; the result is
-read-only
-until cloned). Tensors larger than a message limit go out as `TensorChunk` pieces and are
-reassembled
-with checks on every piece.
+needs anyway); decoding uses `torch.frombuffer` over the received bytes (zero copy; the result is
+read-only until cloned). Tensors larger than a message limit go out as `TensorChunk` pieces and
+are reassembled with checks on every piece, each piece copied once, as it arrives, into a buffer
+backed by huge pages where the OS offers them (`staging_buffer`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import sys
 import warnings
@@ -123,23 +123,72 @@ def iter_chunks(name: str, t: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYT
         yield piece
 
 
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def staging_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 buffer that a received tensor is copied into. Past a few huge
+    pages it asks Linux for transparent huge pages (madvise; the default THP mode of most
+    distributions), aligning the buffer to one: the first write then takes one page fault per
+    2 MiB instead of per 4 KiB, which made copying 78 MB into fresh memory about 4x faster here
+    (page faults were the largest single cost of receiving an upload in a profile of the
+    generator). Elsewhere a plain buffer."""
+    if nbytes < 4 * HUGE_PAGE or not sys.platform.startswith("linux"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    buffer = raw[start:start + nbytes]
+    _advise_huge_pages(buffer.data_ptr(), nbytes - nbytes % HUGE_PAGE)
+    return buffer
+
+
+def _advise_huge_pages(address: int, length: int) -> None:
+    madvise = _madvise()
+    if madvise is not None:
+        madvise(address, length, _MADV_HUGEPAGE)  # a refusal (THP off) changes nothing
+
+
+@functools.cache
+def _madvise() -> Any:
+    """libc's madvise, or None where it cannot be loaded."""
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
 class ChunkAssembler:
-    """Reassembles TensorChunk pieces into named tensors, checking order, dtype, shape and size."""
+    """Reassembles TensorChunk pieces into named tensors, checking order, dtype, shape and size.
+
+    A tensor that arrives in one piece is a zero-copy view of that piece's bytes (read-only until
+    cloned, as `decode`). One in several pieces is copied, piece by piece as they arrive, into a
+    buffer of its declared size (allocated at its second piece), so the copy overlaps the transfer
+    instead of waiting for a join of every piece at the end; that tensor is writable."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.bytes = 0
         self._name: str | None = None
-        self._parts: list[bytes] = []
-        self._received = 0
         self._head: tensor_pb2.TensorChunk | None = None
+        self._first: bytes = b""  # the first piece, until a second one says a buffer is needed
+        self._buffer: torch.Tensor | None = None
+        self._received = 0
 
     @property
     def pending(self) -> str | None:
         """Name of a tensor whose last piece has not arrived (None when all are complete)."""
         return self._name
 
-    def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+    def add(self, chunk: tensor_pb2.TensorChunk, data: bytes | None = None) -> None:
+        """Take one piece. `data` is the piece's bytes when the caller already read them
+        (`chunk.data` copies the bytes out of the message on every access)."""
+        if data is None:
+            data = chunk.data
         if self._name is None:
             self._start(chunk)
         elif chunk.name != self._name:
@@ -153,9 +202,12 @@ class ChunkAssembler:
             raise InvalidTensor(
                 f"'{chunk.name}': piece at byte offset {chunk.offset}, expected {self._received}; "
                 "pieces must arrive in order without gaps")
-        self._parts.append(chunk.data)
-        self._received += len(chunk.data)
-        self.bytes += len(chunk.data)
+        if self._received == 0:
+            self._first = data
+        else:
+            self._copy_in(data)
+        self._received += len(data)
+        self.bytes += len(data)
         if chunk.last:
             self._finish()
 
@@ -164,14 +216,46 @@ class ChunkAssembler:
             raise InvalidTensor("TensorChunk.name is empty; name every tensor")
         if chunk.name in self.tensors:
             raise InvalidTensor(f"tensor '{chunk.name}' was sent twice in one stream")
-        self._name, self._head, self._parts, self._received = chunk.name, chunk, [], 0
+        self._name, self._head, self._first, self._buffer = chunk.name, chunk, b"", None
+        self._received = 0
+
+    def _copy_in(self, data: bytes) -> None:
+        """Copy a piece after the first into the tensor's buffer (made at the second piece)."""
+        head, name = self._head, self._name
+        dtype = torch_dtype(head.dtype, name)
+        expected = _numel(head.shape, name) * dtype.itemsize
+        end = self._received + len(data)
+        if end > expected:
+            raise InvalidTensor(
+                f"{name}: {end} bytes do not match dtype {dtype} and shape {list(head.shape)} "
+                f"(expected {expected} bytes); re-encode the tensor")
+        if self._buffer is None:
+            try:
+                self._buffer = staging_buffer(expected)
+            except RuntimeError as e:  # a shape no memory holds
+                raise InvalidTensor(f"{name}: shape {list(head.shape)} ({expected} bytes) "
+                                    f"cannot be allocated: {e}") from e
+            self._write(0, self._first)
+            self._first = b""
+        self._write(self._received, data)
+
+    def _write(self, offset: int, data: bytes) -> None:
+        if data:
+            memoryview(self._buffer.numpy())[offset:offset + len(data)] = data
 
     def _finish(self) -> None:
         head, name = self._head, self._name
-        data = b"".join(self._parts)
         dtype = torch_dtype(head.dtype, name)
-        self.tensors[name] = from_bytes(data, dtype, list(head.shape), name)
-        self._name, self._head, self._parts = None, None, []
+        if self._buffer is None:
+            self.tensors[name] = from_bytes(self._first, dtype, list(head.shape), name)
+        else:
+            if self._received != self._buffer.numel():
+                raise InvalidTensor(
+                    f"{name}: {self._received} bytes do not match dtype {dtype} and shape "
+                    f"{list(head.shape)} (expected {self._buffer.numel()} bytes); re-encode the "
+                    "tensor")
+            self.tensors[name] = self._buffer.view(dtype).view(list(head.shape))
+        self._name, self._head, self._first, self._buffer = None, None, b"", None
 
     def finish(self) -> dict[str, torch.Tensor]:
         """All tensors; raises if the stream ended in the middle of one."""
@@ -199,20 +283,14 @@ def crc32(t: torch.Tensor) -> int:
     return zlib.crc32(t.view(-1).view(torch.uint8).numpy())
 
 
-_EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-             torch.float32: (torch.int32, 0x7F800000),
-             torch.float64: (torch.int64, 0x7FF0000000000000)}
-
-
 def has_nonfinite(t: torch.Tensor) -> bool:
-    """True when a float tensor holds a NaN or an infinity: an all-ones exponent, found on the
-    bits with one masked max (about 8x faster than isfinite on bf16 here)."""
-    if t.dtype not in _EXPONENT:
-        return bool(t.is_floating_point() and not torch.isfinite(t).all())
-    if t.numel() == 0:
+    """True when a float tensor holds a NaN or an infinity: one min/max pass, no temporary
+    (aminmax propagates NaN, and an infinity is the min or the max; about 8x faster than the
+    masked-exponent max it replaces and 30x faster than isfinite on bf16 here)."""
+    if not t.is_floating_point() or t.numel() == 0:
         return False
-    bits, mask = _EXPONENT[t.dtype]
-    return int((t.reshape(-1).view(bits) & mask).max()) == mask
+    low, high = torch.aminmax(t.detach().reshape(-1))
+    return not (math.isfinite(float(low)) and math.isfinite(float(high)))
 
 
 def index_dtype(numel: int) -> torch.dtype:

@@ -169,8 +169,9 @@ async def _receive_piece(piece: tensor_pb2.TensorChunk, check: UploadCheck,
                          assembler: ChunkAssembler, crc: int | None) -> None:
     if not piece.name:
         raise InvalidArgument("TensorChunk.name is empty; name every tensor")
-    check.piece(piece.name, torch_dtype(piece.dtype, piece.name), piece.shape, len(piece.data))
-    assembler.add(piece)
+    data = piece.data  # read once: every read of a bytes field copies it out of the message
+    check.piece(piece.name, torch_dtype(piece.dtype, piece.name), piece.shape, len(data))
+    assembler.add(piece, data)
     if piece.last:
         await asyncio.to_thread(check.tensor, piece.name, assembler.tensors[piece.name], crc)
     elif crc is not None:

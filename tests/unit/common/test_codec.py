@@ -83,3 +83,60 @@ def test_chunk_errors():
         asm2.add(p)
     with pytest.raises(InvalidTensor, match="sent twice"):
         asm2.add(next(codec.iter_chunks("v", torch.randn(2))))
+
+
+def test_a_tensor_in_several_pieces_is_copied_once_into_a_writable_buffer():
+    t = torch.randn(5000).bfloat16()
+    pieces = list(codec.iter_chunks("w", t, chunk_bytes=4096))
+    asm = codec.ChunkAssembler()
+    for piece in pieces[:-1]:
+        asm.add(piece, piece.data)  # the caller's one read of the bytes
+    asm.add(pieces[-1])
+    out = asm.finish()["w"]
+    assert torch.equal(out, t) and out.dtype == torch.bfloat16
+    out[0] = 1.0  # a buffer of its own, not a view of the (immutable) message bytes
+    assert asm.bytes == t.numel() * t.element_size()
+
+
+def test_pieces_past_the_declared_size_are_refused_before_they_are_copied():
+    pieces = list(codec.iter_chunks("w", torch.randn(300), chunk_bytes=512))
+    pieces[-1].shape[:] = [256]  # declares 1024 bytes; 1200 arrive
+    for p in pieces:
+        p.shape[:] = [256]
+    asm = codec.ChunkAssembler()
+    asm.add(pieces[0])
+    asm.add(pieces[1])
+    with pytest.raises(InvalidTensor, match="expected 1024 bytes"):
+        asm.add(pieces[2])
+    short = list(codec.iter_chunks("v", torch.randn(300), chunk_bytes=512))
+    for p in short:
+        p.shape[:] = [400]
+    asm = codec.ChunkAssembler()
+    for p in short[:-1]:
+        asm.add(p)
+    with pytest.raises(InvalidTensor, match="do not match dtype"):
+        asm.add(short[-1])
+
+
+def test_staging_buffer_is_aligned_to_a_huge_page_when_large():
+    big = codec.staging_buffer(9 << 20)
+    assert big.numel() == 9 << 20 and big.dtype == torch.uint8
+    assert big.data_ptr() % codec.HUGE_PAGE == 0 or not codec.sys.platform.startswith("linux")
+    big.fill_(7)
+    assert int(big.sum()) == 7 * (9 << 20)
+    assert codec.staging_buffer(10).numel() == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_has_nonfinite_finds_nan_and_infinities_anywhere(dtype):
+    x = torch.randn(4097).to(dtype)
+    assert not codec.has_nonfinite(x)
+    assert not codec.has_nonfinite(torch.full((9,), torch.finfo(dtype).max, dtype=dtype))
+    assert not codec.has_nonfinite(torch.empty(0, dtype=dtype))
+    for where in (0, 2048, 4096):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[where] = bad
+            assert codec.has_nonfinite(y), (where, bad)
+            assert codec.has_nonfinite(y.view(1, -1)[:, :].t())  # any layout
+    assert not codec.has_nonfinite(torch.arange(5))
