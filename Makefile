@@ -84,6 +84,7 @@ bench: setup $(TRL_VENV)/.installed ## Benchmarks: print tables, write JSON unde
 	$(PY) benchmarks/loss.py
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/step.py --learner-procs 2 --rounds 2 --steps 5 --out benchmarks/results/step_procs2.json
+	$(PY) benchmarks/learner_world.py
 	$(TRL_VENV)/bin/python benchmarks/peer_trl.py --setup tiny
 	$(PY) benchmarks/step.py --setup real-vocab --steps 3 --warmup 1 --out benchmarks/results/step_real_vocab.json
 	$(TRL_VENV)/bin/python benchmarks/peer_trl.py --setup real-vocab
