@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from protege import errors
 from protege.services.learner import checkpoint
+from protege.services.learner.weight_sync import untied
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -235,11 +236,7 @@ def shard(model: nn.Module, world: World, activation_checkpointing: bool = False
 def unique_names(root: Root) -> Iterator[tuple[str, torch.Tensor]]:
     """The student's (name, tensor) pairs with one name per tied group (a tied LM head is its
     embedding), as `save_pretrained` writes them; names as in the unwrapped student."""
-    seen: set[int] = set()
-    for name, t in root.lm.state_dict(keep_vars=True).items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield name, t
+    return untied(root.lm.state_dict(keep_vars=True).items())
 
 
 def full_weights(root: Root, world: World | None, dtype: torch.dtype | None = None,
@@ -303,9 +300,8 @@ def save_shards(path: Path, root: Root, optimizer: torch.optim.Optimizer, world:
     )
 
     sharded = get_model_state_dict(root)
-    weights = {name: sharded[ROOT_PREFIX + name] for name, _ in unique_names(root)}
     writes = [
-        ({name: t.detach() for name, t in weights.items()},
+        ({name: sharded[ROOT_PREFIX + name].detach() for name, _ in unique_names(root)},
          HuggingFaceStorageWriter(str(path), save_distributed=True, enable_consolidation=True)),
         ({"optim": get_optimizer_state_dict(root, optimizer)},
          FileSystemWriter(str(path / OPTIMIZER_DIR))),

@@ -75,6 +75,16 @@ DEFAULT_TRANSPORT = "grpc"  # works against every generator and costs the learne
 Weights = torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
 
 
+def untied(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs with one name per tied group: the first name of a tensor that
+    several names share (a tied LM head is its embedding), as `save_pretrained` keeps them."""
+    seen: set[int] = set()
+    for name, t in named:
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
+
+
 class ModelWeights(Mapping[str, torch.Tensor]):
     """The model's state_dict as generators take it: floating tensors cast to `dtype` (when
     given) on access, one tensor at a time, and one name per tied group (a tied LM head is sent
@@ -83,14 +93,9 @@ class ModelWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, model: Weights, dtype: torch.dtype | None):
         self.dtype = dtype
-        seen: set[int] = set()
-        self._tensors: dict[str, torch.Tensor] = {}
         named = (model.state_dict(keep_vars=True).items() if isinstance(model, torch.nn.Module)
                  else model)
-        for name, t in named:
-            if id(t) not in seen:
-                seen.add(id(t))
-                self._tensors[name] = t
+        self._tensors: dict[str, torch.Tensor] = dict(untied(named))
 
     def _cast(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if t.is_floating_point() and self.dtype else t.dtype
