@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +77,21 @@ def _numel(shape: Iterable[int], what: str) -> int:
     return n
 
 
+def _size_mismatch(what: str, got: int, dtype: torch.dtype, shape: Sequence[int]
+                   ) -> InvalidTensor:
+    n = _numel(shape, what)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return InvalidTensor(
+        f"{what}: {got} bytes do not match dtype {dtype} and shape {list(shape)} "
+        f"(expected {n * itemsize} bytes = {n} elements x {itemsize}); re-encode the tensor")
+
+
 def from_bytes(data: bytes, dtype: torch.dtype, shape: list[int], what: str) -> torch.Tensor:
     """Bytes plus dtype/shape as a tensor; a length mismatch is a clear InvalidTensor."""
     n = _numel(shape, what)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(data) != n * itemsize:
-        raise InvalidTensor(
-            f"{what}: {len(data)} bytes do not match dtype {dtype} and shape {list(shape)} "
-            f"(expected {n * itemsize} bytes = {n} elements x {itemsize}); re-encode the tensor")
+        raise _size_mismatch(what, len(data), dtype, shape)
     if n == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():
@@ -220,16 +227,13 @@ class ChunkAssembler:
         self._received = 0
 
     def _copy_in(self, data: bytes) -> None:
-        """Copy a piece after the first into the tensor's buffer (made at the second piece)."""
+        """Copy a piece after the first into the tensor's buffer (made at the second piece, of
+        the declared size, which later pieces are checked against)."""
         head, name = self._head, self._name
-        dtype = torch_dtype(head.dtype, name)
-        expected = _numel(head.shape, name) * dtype.itemsize
-        end = self._received + len(data)
-        if end > expected:
-            raise InvalidTensor(
-                f"{name}: {end} bytes do not match dtype {dtype} and shape {list(head.shape)} "
-                f"(expected {expected} bytes); re-encode the tensor")
         if self._buffer is None:
+            expected = _numel(head.shape, name) * torch_dtype(head.dtype, name).itemsize
+            if self._received + len(data) > expected:
+                raise self._mismatch(self._received + len(data))
             try:
                 self._buffer = staging_buffer(expected)
             except RuntimeError as e:  # a shape no memory holds
@@ -237,7 +241,14 @@ class ChunkAssembler:
                                     f"cannot be allocated: {e}") from e
             self._write(0, self._first)
             self._first = b""
+        elif self._received + len(data) > self._buffer.numel():
+            raise self._mismatch(self._received + len(data))
         self._write(self._received, data)
+
+    def _mismatch(self, got: int) -> InvalidTensor:
+        head = self._head
+        return _size_mismatch(self._name, got, torch_dtype(head.dtype, self._name),
+                              list(head.shape))
 
     def _write(self, offset: int, data: bytes) -> None:
         if data:
@@ -250,10 +261,7 @@ class ChunkAssembler:
             self.tensors[name] = from_bytes(self._first, dtype, list(head.shape), name)
         else:
             if self._received != self._buffer.numel():
-                raise InvalidTensor(
-                    f"{name}: {self._received} bytes do not match dtype {dtype} and shape "
-                    f"{list(head.shape)} (expected {self._buffer.numel()} bytes); re-encode the "
-                    "tensor")
+                raise self._mismatch(self._received)
             self.tensors[name] = self._buffer.view(dtype).view(list(head.shape))
         self._name, self._head, self._first, self._buffer = None, None, b"", None
 
