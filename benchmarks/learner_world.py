@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from step import peak_rss_mib, reset_peak_rss  # noqa: E402 - benchmarks/ is the script's own directory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,25 +58,6 @@ def build_student(out: Path) -> Path:
     return ensure_tiny_model(out, TinyLlamaSpec(
         hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=HEADS,
         intermediate_size=INTERMEDIATE, tie_word_embeddings=True, vocab_size=V))
-
-
-def rss_mib() -> float:
-    return _status("VmRSS")
-
-
-def peak_mib() -> float:
-    return _status("VmHWM")
-
-
-def _status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 # ------------------------------------------------------------------------------ a world rank
@@ -174,11 +156,11 @@ def worker(student: Path, work: Path, repeats: int, out: Path) -> None:
     for label, dtype in (("gather fp32", None), ("gather bf16", torch.bfloat16)):
         seconds, growth = [], []
         for _ in range(repeats):
-            before = rss_mib()
-            reset_peak()
+            reset_peak_rss(os.getpid())
+            before = peak_rss_mib()  # just reset: the resident set now
             seconds.append(timed(lambda dtype=dtype: distributed.full_weights(root, world,
                                                                                dtype)))
-            growth.append(peak_mib() - before)
+            growth.append(peak_rss_mib() - before)
         gathers[label] = {"s": statistics.median(seconds),
                           "peak_growth_mib": statistics.median(growth)}
     if world.leader:

@@ -53,7 +53,6 @@ import dataclasses
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from typing import Any
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
+from step import peak_rss_mib  # noqa: E402 - benchmarks/ is the script's own directory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -319,16 +319,6 @@ def plan(transports: list[str], lrs: list[float]) -> list[tuple[str, float]]:
     return [(t, lr) for lr in lrs for t in transports if lr == lrs[0] or t not in once]
 
 
-def peak_rss_mb(pid: int | None = None) -> float:
-    """Peak resident memory in MB: this process (getrusage), or a child still running (VmHWM)."""
-    if pid is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.terminate()
@@ -361,11 +351,11 @@ async def run_config(model: Any, model_dir: Path, count: int, work: Path, args: 
                 "wire_mb": r["wire_bytes"] / 1e6,
                 "effective_gb_s": model_bytes * count / r["seconds"] / 1e9,
                 "bytes_vs_full": r["wire_bytes"] / model_bytes})
-        generators_mb = [peak_rss_mb(p.pid) for p in procs]
+        generators_mb = [peak_rss_mib(p.pid) for p in procs]
     finally:
         stop(procs)
     memory = {"generators": count, "generator_peak_rss_mb": generators_mb,
-              "learner_peak_rss_mb": peak_rss_mb()}
+              "learner_peak_rss_mb": peak_rss_mib()}
     return rows, memory, version
 
 
@@ -449,7 +439,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs, "rows": [r for run in runs for r in run["rows"]],
-                               "learner_peak_rss_mb": peak_rss_mb()}, indent=2))
+                               "learner_peak_rss_mb": peak_rss_mib()}, indent=2))
     print(f"wrote {out}")
 
 
